@@ -1,0 +1,9 @@
+//! shadowsync: keeps a green PostgreSQL database in sync with a blue one during a blue-green
+//! migration, exactly once, through SQL transform rules evaluated by green.
+//!
+//! Pipeline: `source` (replication connection) -> `decode` (pgoutput) -> `transform` (mapping
+//! of source rows to target statements) -> `apply` (set-based, group-committed writes to green,
+//! with `progress` in the same transaction) -> acknowledgement to blue. `metrics` and `admin`
+//! observe and steer it; `pipeline` wires the stages together.
+
+pub mod decode;
