@@ -4,6 +4,18 @@
 //! Pipeline: `source` (replication connection) -> `decode` (pgoutput) -> `transform` (mapping
 //! of source rows to target statements) -> `apply` (set-based, group-committed writes to green,
 //! with `progress` in the same transaction) -> acknowledgement to blue. `metrics` and `admin`
-//! observe and steer it; `pipeline` wires the stages together.
+//! observe and steer it; `pipeline` wires the stages together; `cluster` starts throwaway
+//! PostgreSQL servers for tests and `demo`.
 
+pub mod admin;
+pub mod apply;
+pub mod cluster;
+pub mod config;
 pub mod decode;
+pub mod demo;
+pub mod logging;
+pub mod metrics;
+pub mod pipeline;
+pub mod progress;
+pub mod source;
+pub mod transform;

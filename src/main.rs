@@ -1,1 +1,100 @@
-fn main() {}
+//! Command line: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "shadowsync",
+    version,
+    about = "Keeps a green PostgreSQL database in sync with blue during a blue-green migration"
+)]
+struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream blue into green until stopped (SIGTERM/SIGINT) or, with --drain, until caught up.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Apply everything committed on blue before now, confirm it, print the report, exit 0.
+        #[arg(long)]
+        drain: bool,
+    },
+    /// Ask a running sidecar (same config) to drain, wait for it, print its report.
+    Drain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Give up after this long (e.g. 30s, 5m); the sidecar keeps draining.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Throwaway blue and green clusters, a workload, live progress, drain and a report.
+    Demo {
+        /// Seconds of workload before draining.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (num, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| text.split_at(i))
+        .unwrap_or((text, "s"));
+    let n: u64 = num.parse().map_err(|_| format!("not a duration: {text}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("unknown unit in {text}: use ms, s, m or h")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    shadowsync::logging::init(cli.log_json);
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config, drain } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            let opts = shadowsync::pipeline::RunOptions { drain };
+            let report =
+                shadowsync::pipeline::run(cfg, opts, shadowsync::logging::shutdown_signal())
+                    .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Drain { config, timeout } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            let report = shadowsync::admin::request_drain(cfg.listen_addr()?, timeout)
+                .await
+                .context("drain")?;
+            println!("{report}");
+        }
+        Command::Demo { seconds } => {
+            shadowsync::demo::run(Duration::from_secs(seconds)).await?;
+        }
+    }
+    Ok(())
+}

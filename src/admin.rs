@@ -1,0 +1,169 @@
+//! HTTP listener: `/metrics` (Prometheus), `/healthz`, `/readyz`, `/status`, and the admin call
+//! `POST /drain` used by `shadowsync drain`; plus the small client that calls it.
+//!
+//! Invariant: nothing served here reveals row values; `/drain` only asks the supervisor, which
+//! alone decides when the drain is complete.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State as AxumState;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Shared;
+use crate::pipeline::DrainRequest;
+use crate::progress::format_lsn;
+
+#[derive(Clone)]
+struct AppState {
+    shared: Arc<Shared>,
+    drain: mpsc::Sender<DrainRequest>,
+}
+
+/// Serves until the process exits.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    drain: mpsc::Sender<DrainRequest>,
+) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/status", get(status))
+        .route("/drain", post(drain_handler))
+        .with_state(AppState { shared, drain });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "http listener failed");
+    }
+}
+
+async fn metrics(AxumState(s): AxumState<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.shared.encode(),
+    )
+        .into_response()
+}
+
+fn status_json(shared: &Shared) -> serde_json::Value {
+    use std::sync::atomic::Ordering::Relaxed;
+    serde_json::json!({
+        "state": shared.state(),
+        "ready": shared.ready(),
+        "blue_connected": shared.blue_connected.load(Relaxed),
+        "green_connected": shared.green_connected.load(Relaxed),
+        "streaming": shared.streaming.load(Relaxed),
+        "confirmed_lsn": format_lsn(shared.confirmed_lsn.load(Relaxed)),
+        "blue_wal_lsn": format_lsn(shared.blue_wal_lsn.load(Relaxed)),
+        "lag_bytes": shared.lag_bytes(),
+        "lag_seconds": shared.lag_seconds(),
+        "applied": shared.applied(),
+    })
+}
+
+async fn readyz(AxumState(s): AxumState<AppState>) -> Response {
+    let code = if s.shared.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(status_json(&s.shared))).into_response()
+}
+
+async fn status(AxumState(s): AxumState<AppState>) -> Response {
+    axum::Json(status_json(&s.shared)).into_response()
+}
+
+async fn drain_handler(AxumState(s): AxumState<AppState>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if s.drain.send(DrainRequest { reply }).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response();
+    }
+    match rx.await {
+        Ok(Ok(report)) => axum::Json(report).into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "pipeline stopped before the drain finished\n",
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "cannot reach the sidecar at {addr} (metrics.listen): {source}; is `shadowsync run` running with this config?"
+    )]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "the drain did not finish within {0:?}; the sidecar keeps draining: check /status and lag, then call drain again"
+    )]
+    Timeout(Duration),
+    #[error("the sidecar answered {status}: {body}")]
+    Refused { status: String, body: String },
+}
+
+/// Asks a running sidecar to drain; returns the JSON report it printed.
+pub async fn request_drain(addr: SocketAddr, timeout: Duration) -> Result<String, AdminError> {
+    let call = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| AdminError::Connect { addr, source })?;
+        let request = format!(
+            "POST /drain HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let io = |source| AdminError::Connect { addr, source };
+        stream.write_all(request.as_bytes()).await.map_err(io)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.map_err(io)?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status = head.lines().next().unwrap_or("").to_string();
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        if status.split_whitespace().nth(1) == Some("200") {
+            Ok(body)
+        } else {
+            Err(AdminError::Refused { status, body })
+        }
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| AdminError::Timeout(timeout))?
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}

@@ -1,0 +1,609 @@
+//! A batch: the row changes of one or more blue transactions, coalesced per key, waiting to be
+//! written to green as a handful of set-based statements.
+//!
+//! Invariants:
+//! - Applying a batch's ops (per table: deletes, then upserts, then partial updates) leaves each
+//!   key in the state the last change for it in LSN order left it in blue: each key holds exactly
+//!   one pending op, so the order between keys of one table does not matter.
+//! - Keyless tables are never coalesced: their changes stay in arrival order, as runs.
+//! - An unchanged-TOAST column (`Datum::UnchangedToast`) is never written: it is filled from an
+//!   earlier full image of the same row in the batch, or the op stays a partial update that
+//!   leaves green's value alone.
+//! - Memory is counted as it arrives (`rows`, `bytes`), so the caller can flush before limits
+//!   are passed, whatever the size of a blue transaction.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::decode::{Datum, OldTuple, Tuple};
+use crate::transform::TableMap;
+
+/// Values of a row's key columns (`TableMap::row_key`), as blue printed them.
+pub type Key = Box<[Option<Bytes>]>;
+
+/// The final pending change of one key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyedOp {
+    /// Full row image: insert, or overwrite.
+    Upsert(Tuple),
+    /// Row image with some `UnchangedToast` columns: update the others, keep green's values.
+    Update(Tuple),
+    /// Delete; the tuple carries at least the key columns.
+    Delete(Tuple),
+}
+
+/// Changes of a keyless table, kept in order as runs of one kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeylessRun {
+    Insert(Vec<Tuple>),
+    /// Delete one row matching each full old image.
+    Delete(Vec<Tuple>),
+}
+
+/// A primary-key change whose new image lacks unchanged-TOAST values: green must move the row
+/// itself, keeping those values. The caller flushes the batch, then applies it alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowMove {
+    pub map: Arc<TableMap>,
+    pub old_key: Tuple,
+    pub new: Tuple,
+    pub lsn: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BatchError {
+    #[error(
+        "table {table}: key column {column} arrived as an unchanged TOAST value at LSN {lsn}, so the row cannot be identified; set REPLICA IDENTITY FULL on blue for this table"
+    )]
+    ToastedKey {
+        table: String,
+        column: String,
+        lsn: String,
+    },
+    #[error(
+        "table {table}: an update or delete at LSN {lsn} carries no old row, and green's table has no key to match it; set REPLICA IDENTITY FULL on blue or add a primary key on green"
+    )]
+    NoOldRow { table: String, lsn: String },
+    #[error(
+        "table {table}: a row at LSN {lsn} has {got} columns where the relation announced {expected}"
+    )]
+    Arity {
+        table: String,
+        lsn: String,
+        got: usize,
+        expected: usize,
+    },
+}
+
+/// Pending changes of one target table.
+#[derive(Debug)]
+pub struct TableOps {
+    pub map: Arc<TableMap>,
+    /// Keyed tables: one op per key, in first-touch order (`order` indexes `ops`).
+    pub ops: HashMap<Key, KeyedOp>,
+    /// Keyless tables: runs in arrival order.
+    pub runs: Vec<KeylessRun>,
+    /// Changes received, by operation (for metrics): insert, update, delete.
+    pub counts: [u64; 3],
+}
+
+impl TableOps {
+    fn new(map: Arc<TableMap>) -> Self {
+        TableOps {
+            map,
+            ops: HashMap::new(),
+            runs: Vec::new(),
+            counts: [0; 3],
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.runs.is_empty()
+    }
+
+    fn push_run(&mut self, insert: bool, t: Tuple) {
+        match (self.runs.last_mut(), insert) {
+            (Some(KeylessRun::Insert(v)), true) | (Some(KeylessRun::Delete(v)), false) => v.push(t),
+            (_, true) => self.runs.push(KeylessRun::Insert(vec![t])),
+            (_, false) => self.runs.push(KeylessRun::Delete(vec![t])),
+        }
+    }
+}
+
+/// Operation index in `TableOps::counts`.
+pub const OP_INSERT: usize = 0;
+pub const OP_UPDATE: usize = 1;
+pub const OP_DELETE: usize = 2;
+pub const OP_NAMES: [&str; 3] = ["insert", "update", "delete"];
+
+/// Coalesced pending changes across tables, with memory accounting.
+#[derive(Debug, Default)]
+pub struct Batch {
+    tables: Vec<TableOps>,
+    by_target: HashMap<String, usize>,
+    /// Row changes received since the last `take` (not after coalescing: a memory bound).
+    pub rows: usize,
+    /// Column payload bytes received since the last `take`.
+    pub bytes: usize,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.tables.iter().all(TableOps::is_empty)
+    }
+
+    /// Hands the pending ops over for writing and resets the accounting.
+    pub fn take(&mut self) -> Vec<TableOps> {
+        self.by_target.clear();
+        self.rows = 0;
+        self.bytes = 0;
+        std::mem::take(&mut self.tables)
+    }
+
+    fn table(&mut self, map: &Arc<TableMap>) -> &mut TableOps {
+        let idx = match self.by_target.get(&map.label) {
+            // A relation re-described mid-batch (e.g. a column added) gets its own entry,
+            // so one statement never mixes two row layouts.
+            Some(&i) if Arc::ptr_eq(&self.tables[i].map, map) || *self.tables[i].map == **map => i,
+            _ => {
+                self.tables.push(TableOps::new(map.clone()));
+                let i = self.tables.len() - 1;
+                self.by_target.insert(map.label.clone(), i);
+                i
+            }
+        };
+        &mut self.tables[idx]
+    }
+
+    fn account(&mut self, t: &Tuple) {
+        self.rows += 1;
+        self.bytes += t.payload_bytes() + 16 * t.0.len();
+    }
+
+    pub fn insert(&mut self, map: &Arc<TableMap>, new: Tuple, lsn: u64) -> Result<(), BatchError> {
+        check_arity(map, &new, lsn)?;
+        self.account(&new);
+        let ops = self.table(map);
+        ops.counts[OP_INSERT] += 1;
+        if !map.is_keyed() {
+            ops.push_run(true, new);
+            return Ok(());
+        }
+        let key = key_of(map, &new, lsn)?;
+        ops.ops.insert(key, KeyedOp::Upsert(new));
+        Ok(())
+    }
+
+    pub fn delete(
+        &mut self,
+        map: &Arc<TableMap>,
+        old: OldTuple,
+        lsn: u64,
+    ) -> Result<(), BatchError> {
+        let old = match old {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        };
+        check_arity(map, &old, lsn)?;
+        self.account(&old);
+        let ops = self.table(map);
+        ops.counts[OP_DELETE] += 1;
+        if !map.is_keyed() {
+            ops.push_run(false, old);
+            return Ok(());
+        }
+        let key = key_of(map, &old, lsn)?;
+        ops.ops.insert(key, KeyedOp::Delete(old));
+        Ok(())
+    }
+
+    /// Adds an update. Returns a [`RowMove`] when green must move a row itself (see there);
+    /// the caller then flushes this batch and applies the move before anything else.
+    pub fn update(
+        &mut self,
+        map: &Arc<TableMap>,
+        old: Option<OldTuple>,
+        mut new: Tuple,
+        lsn: u64,
+    ) -> Result<Option<RowMove>, BatchError> {
+        check_arity(map, &new, lsn)?;
+        self.account(&new);
+        let (old_key_tuple, old_full) = match old {
+            Some(OldTuple::Full(t)) => {
+                check_arity(map, &t, lsn)?;
+                (Some(t.clone()), Some(t))
+            }
+            Some(OldTuple::Key(t)) => {
+                check_arity(map, &t, lsn)?;
+                (Some(t), None)
+            }
+            None => (None, None),
+        };
+        let ops = self.table(map);
+        ops.counts[OP_UPDATE] += 1;
+        if !map.is_keyed() {
+            // Keyless: delete one row equal to the old image, append the new one.
+            let Some(old_full) = old_full else {
+                return Err(BatchError::NoOldRow {
+                    table: map.label.clone(),
+                    lsn: crate::progress::format_lsn(lsn),
+                });
+            };
+            fill_unchanged(&mut new, &old_full);
+            ops.push_run(false, old_full);
+            ops.push_run(true, new);
+            return Ok(None);
+        }
+        // The old image (with FULL identity) completes unchanged-TOAST columns for free.
+        if let Some(full) = &old_full {
+            fill_unchanged(&mut new, full);
+        }
+        let new_key = key_of(map, &new, lsn)?;
+        let old_key = match &old_key_tuple {
+            Some(t) => Some(key_of(map, t, lsn)?),
+            None => None,
+        };
+        let moved = old_key.as_ref().is_some_and(|k| *k != new_key);
+        if moved {
+            let old_key = old_key.expect("moved implies an old key");
+            let prev = ops.ops.remove(&old_key);
+            if has_unchanged(&new) {
+                match &prev {
+                    Some(KeyedOp::Upsert(p)) => fill_unchanged(&mut new, p),
+                    Some(KeyedOp::Update(p)) => fill_unchanged(&mut new, p),
+                    _ => {}
+                }
+            }
+            if has_unchanged(&new) {
+                // Green holds the only copy of the missing values: restore what was pending
+                // for the old key (the caller flushes it first) and let green move the row.
+                if let Some(p) = prev {
+                    ops.ops.insert(old_key, p);
+                }
+                return Ok(Some(RowMove {
+                    map: map.clone(),
+                    old_key: old_key_tuple.expect("moved implies an old key"),
+                    new,
+                    lsn,
+                }));
+            }
+            let old_tuple = old_key_tuple.expect("moved implies an old key");
+            ops.ops.insert(old_key, KeyedOp::Delete(old_tuple));
+            ops.ops.insert(new_key, KeyedOp::Upsert(new));
+            return Ok(None);
+        }
+        let op = match ops.ops.entry(new_key) {
+            Entry::Vacant(v) => v.insert(KeyedOp::Update(Tuple::default())),
+            Entry::Occupied(o) => o.into_mut(),
+        };
+        let merged = match std::mem::replace(op, KeyedOp::Update(Tuple::default())) {
+            KeyedOp::Upsert(prev) => {
+                fill_unchanged(&mut new, &prev);
+                new
+            }
+            KeyedOp::Update(prev) if !prev.0.is_empty() => {
+                fill_unchanged(&mut new, &prev);
+                new
+            }
+            _ => new,
+        };
+        *op = if has_unchanged(&merged) {
+            KeyedOp::Update(merged)
+        } else {
+            KeyedOp::Upsert(merged)
+        };
+        Ok(None)
+    }
+}
+
+fn check_arity(map: &TableMap, t: &Tuple, lsn: u64) -> Result<(), BatchError> {
+    if t.0.len() != map.source_columns.len() {
+        return Err(BatchError::Arity {
+            table: map.label.clone(),
+            lsn: crate::progress::format_lsn(lsn),
+            got: t.0.len(),
+            expected: map.source_columns.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Key of a row image; `None` entries are SQL NULLs (possible only in a keyless mapping).
+pub fn key_of(map: &TableMap, t: &Tuple, lsn: u64) -> Result<Key, BatchError> {
+    map.row_key
+        .iter()
+        .map(|&i| match &t.0[i] {
+            Datum::Null => Ok(None),
+            Datum::Text(b) | Datum::Binary(b) => Ok(Some(b.clone())),
+            Datum::UnchangedToast => Err(BatchError::ToastedKey {
+                table: map.label.clone(),
+                column: map.source_columns[i].name.clone(),
+                lsn: crate::progress::format_lsn(lsn),
+            }),
+        })
+        .collect()
+}
+
+fn has_unchanged(t: &Tuple) -> bool {
+    t.0.iter().any(|d| matches!(d, Datum::UnchangedToast))
+}
+
+/// Replaces each unchanged-TOAST datum of `new` with `from`'s value for that column.
+fn fill_unchanged(new: &mut Tuple, from: &Tuple) {
+    for (d, f) in new.0.iter_mut().zip(from.0.iter()) {
+        if matches!(d, Datum::UnchangedToast) {
+            *d = f.clone();
+        }
+    }
+}
+
+/// Which columns of a partial image are unchanged TOAST (bit i = column i), for grouping
+/// partial updates that can share one statement. Tables wider than 128 columns share a mask
+/// per distinct pattern anyway: the caller groups by the full vector.
+pub fn unchanged_mask(t: &Tuple) -> Vec<bool> {
+    t.0.iter()
+        .map(|d| matches!(d, Datum::UnchangedToast))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::ReplicaIdentity;
+    use crate::transform::{QualifiedName, SourceColumn, TargetColumn};
+
+    fn map(keyed: bool) -> Arc<TableMap> {
+        let cols = ["id", "a", "big"];
+        Arc::new(TableMap {
+            source: QualifiedName::new("public", "t"),
+            target: QualifiedName::new("public", "t"),
+            source_columns: cols
+                .iter()
+                .map(|c| SourceColumn {
+                    name: c.to_string(),
+                    sql_type: "text".into(),
+                })
+                .collect(),
+            columns: cols
+                .iter()
+                .enumerate()
+                .map(|(i, c)| TargetColumn {
+                    name: c.to_string(),
+                    sql_type: "text".into(),
+                    expr: format!("src.\"{c}\""),
+                    inputs: vec![i],
+                })
+                .collect(),
+            key: if keyed { vec![0] } else { vec![] },
+            row_key: if keyed { vec![0] } else { vec![] },
+            replica_identity: if keyed {
+                ReplicaIdentity::Default
+            } else {
+                ReplicaIdentity::Full
+            },
+            label: "public.t".into(),
+        })
+    }
+
+    fn t(vals: &[Option<&str>]) -> Tuple {
+        Tuple(
+            vals.iter()
+                .map(|v| match v {
+                    Some("<u>") => Datum::UnchangedToast,
+                    Some(s) => Datum::Text(Bytes::copy_from_slice(s.as_bytes())),
+                    None => Datum::Null,
+                })
+                .collect(),
+        )
+    }
+
+    fn key(s: &str) -> Key {
+        vec![Some(Bytes::copy_from_slice(s.as_bytes()))].into_boxed_slice()
+    }
+
+    fn only_table(b: &mut Batch) -> TableOps {
+        let mut tables = b.take();
+        assert_eq!(tables.len(), 1);
+        tables.pop().unwrap()
+    }
+
+    #[test]
+    fn insert_then_update_coalesces_to_one_upsert() {
+        let m = map(true);
+        let mut b = Batch::default();
+        b.insert(&m, t(&[Some("1"), Some("x"), Some("big")]), 10)
+            .unwrap();
+        b.update(&m, None, t(&[Some("1"), Some("y"), Some("<u>")]), 20)
+            .unwrap();
+        assert_eq!(b.rows, 2);
+        let ops = only_table(&mut b);
+        assert_eq!(
+            ops.ops[&key("1")],
+            KeyedOp::Upsert(t(&[Some("1"), Some("y"), Some("big")]))
+        );
+        assert_eq!(ops.counts, [1, 1, 0]);
+    }
+
+    #[test]
+    fn unchanged_toast_without_earlier_image_stays_partial() {
+        let m = map(true);
+        let mut b = Batch::default();
+        b.update(&m, None, t(&[Some("1"), Some("y"), Some("<u>")]), 20)
+            .unwrap();
+        b.update(&m, None, t(&[Some("1"), Some("z"), Some("<u>")]), 30)
+            .unwrap();
+        let ops = only_table(&mut b);
+        assert_eq!(
+            ops.ops[&key("1")],
+            KeyedOp::Update(t(&[Some("1"), Some("z"), Some("<u>")]))
+        );
+    }
+
+    #[test]
+    fn partial_then_full_update_becomes_upsert() {
+        let m = map(true);
+        let mut b = Batch::default();
+        b.update(&m, None, t(&[Some("1"), Some("y"), Some("<u>")]), 20)
+            .unwrap();
+        b.update(&m, None, t(&[Some("1"), Some("z"), Some("new")]), 30)
+            .unwrap();
+        let ops = only_table(&mut b);
+        assert_eq!(
+            ops.ops[&key("1")],
+            KeyedOp::Upsert(t(&[Some("1"), Some("z"), Some("new")]))
+        );
+    }
+
+    #[test]
+    fn delete_wins_and_reinsert_wins_over_delete() {
+        let m = map(true);
+        let mut b = Batch::default();
+        b.insert(&m, t(&[Some("1"), Some("x"), None]), 1).unwrap();
+        b.delete(&m, OldTuple::Key(t(&[Some("1"), None, None])), 2)
+            .unwrap();
+        b.insert(&m, t(&[Some("2"), Some("x"), None]), 3).unwrap();
+        b.delete(&m, OldTuple::Key(t(&[Some("2"), None, None])), 4)
+            .unwrap();
+        b.insert(&m, t(&[Some("2"), Some("again"), None]), 5)
+            .unwrap();
+        let ops = only_table(&mut b);
+        assert!(matches!(ops.ops[&key("1")], KeyedOp::Delete(_)));
+        assert_eq!(
+            ops.ops[&key("2")],
+            KeyedOp::Upsert(t(&[Some("2"), Some("again"), None]))
+        );
+    }
+
+    #[test]
+    fn key_change_moves_the_row() {
+        let m = map(true);
+        let mut b = Batch::default();
+        let mv = b
+            .update(
+                &m,
+                Some(OldTuple::Key(t(&[Some("1"), None, None]))),
+                t(&[Some("2"), Some("x"), Some("v")]),
+                5,
+            )
+            .unwrap();
+        assert!(mv.is_none());
+        let ops = only_table(&mut b);
+        assert!(matches!(ops.ops[&key("1")], KeyedOp::Delete(_)));
+        assert!(matches!(ops.ops[&key("2")], KeyedOp::Upsert(_)));
+    }
+
+    #[test]
+    fn key_swap_through_a_third_key_ends_right() {
+        let m = map(true);
+        let mut b = Batch::default();
+        let k = |s: &str| Some(OldTuple::Key(t(&[Some(s), None, None])));
+        b.update(&m, k("1"), t(&[Some("3"), Some("one"), None]), 1)
+            .unwrap();
+        b.update(&m, k("2"), t(&[Some("1"), Some("two"), None]), 2)
+            .unwrap();
+        b.update(&m, k("3"), t(&[Some("2"), Some("one"), None]), 3)
+            .unwrap();
+        let ops = only_table(&mut b);
+        assert!(matches!(ops.ops[&key("3")], KeyedOp::Delete(_)));
+        assert_eq!(
+            ops.ops[&key("1")],
+            KeyedOp::Upsert(t(&[Some("1"), Some("two"), None]))
+        );
+        assert_eq!(
+            ops.ops[&key("2")],
+            KeyedOp::Upsert(t(&[Some("2"), Some("one"), None]))
+        );
+    }
+
+    #[test]
+    fn key_change_with_unchanged_toast_asks_green_to_move_the_row() {
+        let m = map(true);
+        let mut b = Batch::default();
+        b.update(&m, None, t(&[Some("1"), Some("y"), Some("<u>")]), 1)
+            .unwrap();
+        let mv = b
+            .update(
+                &m,
+                Some(OldTuple::Key(t(&[Some("1"), None, None]))),
+                t(&[Some("2"), Some("x"), Some("<u>")]),
+                5,
+            )
+            .unwrap()
+            .expect("a move");
+        assert_eq!(mv.lsn, 5);
+        // The pending partial update of key 1 is still there, to be flushed before the move.
+        let ops = only_table(&mut b);
+        assert!(matches!(ops.ops[&key("1")], KeyedOp::Update(_)));
+    }
+
+    #[test]
+    fn key_change_with_unchanged_toast_known_in_batch_is_an_upsert() {
+        let m = map(true);
+        let mut b = Batch::default();
+        b.insert(&m, t(&[Some("1"), Some("x"), Some("big")]), 1)
+            .unwrap();
+        let mv = b
+            .update(
+                &m,
+                Some(OldTuple::Key(t(&[Some("1"), None, None]))),
+                t(&[Some("2"), Some("x"), Some("<u>")]),
+                5,
+            )
+            .unwrap();
+        assert!(mv.is_none());
+        let ops = only_table(&mut b);
+        assert_eq!(
+            ops.ops[&key("2")],
+            KeyedOp::Upsert(t(&[Some("2"), Some("x"), Some("big")]))
+        );
+    }
+
+    #[test]
+    fn keyless_changes_stay_in_order_as_runs() {
+        let m = map(false);
+        let mut b = Batch::default();
+        b.insert(&m, t(&[Some("1"), Some("x"), None]), 1).unwrap();
+        b.insert(&m, t(&[Some("1"), Some("x"), None]), 2).unwrap();
+        b.update(
+            &m,
+            Some(OldTuple::Full(t(&[Some("1"), Some("x"), Some("big")]))),
+            t(&[Some("1"), Some("y"), Some("<u>")]),
+            3,
+        )
+        .unwrap();
+        b.delete(&m, OldTuple::Full(t(&[Some("1"), Some("x"), None])), 4)
+            .unwrap();
+        let ops = only_table(&mut b);
+        assert_eq!(
+            ops.runs,
+            vec![
+                KeylessRun::Insert(vec![t(&[Some("1"), Some("x"), None]); 2]),
+                KeylessRun::Delete(vec![t(&[Some("1"), Some("x"), Some("big")])]),
+                KeylessRun::Insert(vec![t(&[Some("1"), Some("y"), Some("big")])]),
+                KeylessRun::Delete(vec![t(&[Some("1"), Some("x"), None])]),
+            ]
+        );
+    }
+
+    #[test]
+    fn keyless_update_without_old_row_is_a_clear_error() {
+        let m = map(false);
+        let mut b = Batch::default();
+        let err = b
+            .update(&m, None, t(&[Some("1"), None, None]), 0x10)
+            .unwrap_err();
+        assert!(err.to_string().contains("REPLICA IDENTITY FULL"), "{err}");
+    }
+
+    #[test]
+    fn toasted_key_is_a_clear_error() {
+        let m = map(true);
+        let mut b = Batch::default();
+        let err = b
+            .update(&m, None, t(&[Some("<u>"), None, None]), 0x10)
+            .unwrap_err();
+        assert!(err.to_string().contains("key column id"), "{err}");
+    }
+}

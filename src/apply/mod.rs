@@ -1,0 +1,492 @@
+//! Apply stage: writes coalesced batches to green, set-based, and commits them together with the
+//! progress row.
+//!
+//! Invariants:
+//! - Green commits only at blue commit boundaries, and every commit carries the progress row of
+//!   the last blue commit it contains (exactly once, see `progress`).
+//! - No per-row round trips: a batch is a few statements per table, all sent pipelined (BEGIN,
+//!   statements, progress, COMMIT in one round trip); a failed statement aborts the
+//!   transaction, so COMMIT turns into a rollback and the error reaches the caller.
+//! - Green runs with `session_replication_role = replica` when allowed, as PostgreSQL's own
+//!   apply worker does: foreign keys between replicated tables are consistent at each commit
+//!   boundary, not after every coalesced statement.
+
+pub mod batch;
+pub mod sql;
+pub mod stage;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_postgres::{Client, Statement};
+use tracing::{info, warn};
+
+use crate::config::Dsn;
+use crate::decode::{Datum, Tuple};
+use crate::transform::{MapError, TableMap};
+use batch::{BatchError, KeyedOp, KeylessRun, RowMove, TableOps};
+use sql::TextArray;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(
+        "cannot connect to green ({dsn}): {source}; check green.dsn, that green is up, and the password (SHADOWSYNC_GREEN_PASSWORD or pgpass)"
+    )]
+    Connect {
+        dsn: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("green rejected {what} for table {table} (blue LSN {lsn}): {message}{hint}")]
+    Statement {
+        what: &'static str,
+        table: String,
+        lsn: String,
+        message: String,
+        hint: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error("green: {context}: {source}")]
+    Green {
+        context: &'static str,
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+    #[error(
+        "blue sent a change for relation OID {oid} at LSN {lsn} before describing it; this is a protocol error, restart shadowsync"
+    )]
+    UnknownRelation { oid: u32, lsn: String },
+    #[error(
+        "green has foreign key {constraint} on {table}, but user {user} may not set session_replication_role; grant it (GRANT SET ON PARAMETER session_replication_role TO {user}) or run as a superuser, as PostgreSQL's own subscriptions do"
+    )]
+    NeedsReplicaRole {
+        constraint: String,
+        table: String,
+        user: String,
+    },
+}
+
+impl ApplyError {
+    /// The one place deciding whether a failure is worth a reconnect and retry.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ApplyError::Connect { .. } => true,
+            ApplyError::Statement { source, .. } | ApplyError::Green { source, .. } => {
+                retryable_pg(source)
+            }
+            ApplyError::Map(_)
+            | ApplyError::Batch(_)
+            | ApplyError::UnknownRelation { .. }
+            | ApplyError::NeedsReplicaRole { .. } => false,
+        }
+    }
+}
+
+/// Connection trouble, serialization failures, deadlocks, resource shortages and server
+/// shutdowns pass with time; data and schema errors do not.
+pub fn retryable_pg(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        None => true,
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08")
+                || c.starts_with("40")
+                || c.starts_with("53")
+                || c.starts_with("57P")
+                || c.starts_with("58")
+        }
+    }
+}
+
+fn green_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+    move |source| ApplyError::Green { context, source }
+}
+
+/// What a statement failure most likely means for the operator.
+fn hint_for(e: &tokio_postgres::Error) -> &'static str {
+    match e.code().map(|c| c.code()) {
+        Some(c) if c.starts_with("22") => {
+            "; a blue value does not fit green's column type: align the column types (or add a transform rule), then restart"
+        }
+        Some(c) if c.starts_with("23") => {
+            "; green's constraints reject the row: fix the row or the constraint on green, then restart"
+        }
+        Some(c) if c.starts_with("42") => {
+            "; green's table does not match blue's: align the schemas, then restart"
+        }
+        _ => "",
+    }
+}
+
+/// Rows written by one `write`, per target table and operation.
+pub type WriteCounts = Vec<(String, [u64; 3])>;
+
+/// Green connection with its prepared statements and transaction state.
+pub struct Applier {
+    client: Client,
+    connection: tokio::task::JoinHandle<()>,
+    statements: HashMap<String, Statement>,
+    progress_statement: Statement,
+    in_txn: bool,
+    slot: String,
+    /// Whether `session_replication_role = replica` is in effect.
+    pub replica_role: bool,
+}
+
+type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Where a pipelined request came from, to name it in errors.
+struct Origin {
+    what: &'static str,
+    table: String,
+    lsn: u64,
+}
+
+impl Applier {
+    /// Connects, creates the `shadowsync` schema when missing and prepares the progress write.
+    pub async fn connect(dsn: &Dsn, slot: &str) -> Result<Applier, ApplyError> {
+        let (client, conn) = dsn
+            .pg_config("shadowsync-apply")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|source| ApplyError::Connect {
+                dsn: dsn.to_string(),
+                source,
+            })?;
+        let connection = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                warn!(error = %e, "green connection ended");
+            }
+        });
+        let replica_role = match client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+        {
+            Ok(()) => true,
+            Err(e) if e.code().is_some() && !retryable_pg(&e) => {
+                info!(error = %e, "green: session_replication_role stays origin (foreign keys and triggers on green stay active)");
+                false
+            }
+            Err(source) => {
+                return Err(ApplyError::Green {
+                    context: "setting session_replication_role",
+                    source,
+                });
+            }
+        };
+        crate::progress::ensure_schema(&client)
+            .await
+            .map_err(green_err("creating the shadowsync schema"))?;
+        let progress_statement = client
+            .prepare(crate::progress::WRITE_SQL)
+            .await
+            .map_err(green_err("preparing the progress write"))?;
+        Ok(Applier {
+            client,
+            connection,
+            statements: HashMap::new(),
+            progress_statement,
+            in_txn: false,
+            slot: slot.to_string(),
+            replica_role,
+        })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.in_txn
+    }
+
+    async fn prepared(&mut self, sql: &str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.statements.insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Writes the pending ops of `tables` (inside the open green transaction, opening one when
+    /// needed) and, with `commit = Some((end_lsn, commit_time))`, the progress row and COMMIT,
+    /// all in one pipelined round trip. `lsn` names the batch's last blue LSN in errors.
+    pub async fn write(
+        &mut self,
+        tables: &[TableOps],
+        commit: Option<(u64, i64)>,
+        lsn: u64,
+    ) -> Result<WriteCounts, ApplyError> {
+        // Statements first (preparing is a round trip, but only the first time per shape).
+        let mut plans: Vec<(Statement, Vec<TextArray<'_>>, Origin)> = Vec::new();
+        for ops in tables {
+            self.plan_table(ops, lsn, &mut plans)
+                .await
+                .map_err(|source| {
+                    statement_error("preparing a statement", &ops.map.label, lsn, source)
+                })?;
+        }
+        let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = plans
+            .iter()
+            .map(|(_, arrays, _)| {
+                arrays
+                    .iter()
+                    .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect()
+            })
+            .collect();
+        let progress_params: Option<(String, String, i64)> =
+            commit.map(|(end, time)| (self.slot.clone(), crate::progress::format_lsn(end), time));
+
+        let mut origins: Vec<Origin> = Vec::new();
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        let client = &self.client;
+        if !self.in_txn {
+            origins.push(Origin {
+                what: "BEGIN",
+                table: String::new(),
+                lsn,
+            });
+            pending.push(Box::pin(async move {
+                client.batch_execute("BEGIN").await.map(|_| 0)
+            }));
+        }
+        for ((stmt, _, origin), p) in plans.iter().zip(params.iter()) {
+            origins.push(Origin {
+                what: origin.what,
+                table: origin.table.clone(),
+                lsn: origin.lsn,
+            });
+            pending.push(Box::pin(client.execute(stmt, p)));
+        }
+        if let Some((slot, end, time)) = &progress_params {
+            let stmt = &self.progress_statement;
+            origins.push(Origin {
+                what: "the progress row",
+                table: "shadowsync.progress".into(),
+                lsn,
+            });
+            pending.push(Box::pin(async move {
+                client.execute(stmt, &[slot, end, time]).await
+            }));
+            origins.push(Origin {
+                what: "COMMIT",
+                table: String::new(),
+                lsn,
+            });
+            pending.push(Box::pin(async move {
+                client.batch_execute("COMMIT").await.map(|_| 0)
+            }));
+        }
+        self.in_txn = true;
+        // join_all (not try_join_all) so that every response is read and the first error in
+        // pipeline order is the one reported: later ones only say the transaction is aborted.
+        let results = futures_util::future::join_all(pending).await;
+        let mut counts = WriteCounts::new();
+        for (result, origin) in results.into_iter().zip(origins) {
+            if let Err(source) = result {
+                self.in_txn = false;
+                let _ = self.client.batch_execute("ROLLBACK").await;
+                return Err(statement_error(
+                    origin.what,
+                    &origin.table,
+                    origin.lsn,
+                    source,
+                ));
+            }
+        }
+        for ops in tables {
+            counts.push((ops.map.label.clone(), ops.counts));
+        }
+        if commit.is_some() {
+            self.in_txn = false;
+        }
+        Ok(counts)
+    }
+
+    /// Commits the open transaction (or an empty one) with the progress row.
+    pub async fn commit(&mut self, end_lsn: u64, commit_time: i64) -> Result<(), ApplyError> {
+        self.write(&[], Some((end_lsn, commit_time)), end_lsn)
+            .await
+            .map(|_| ())
+    }
+
+    /// Abandons the open transaction, if any (an incomplete blue transaction at shutdown).
+    pub async fn rollback(&mut self) -> Result<(), ApplyError> {
+        if self.in_txn {
+            self.in_txn = false;
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(green_err("rolling back"))?;
+        }
+        Ok(())
+    }
+
+    async fn plan_table<'t>(
+        &mut self,
+        ops: &'t TableOps,
+        lsn: u64,
+        plans: &mut Vec<(Statement, Vec<TextArray<'t>>, Origin)>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let map = &ops.map;
+        let origin = |what| Origin {
+            what,
+            table: map.label.clone(),
+            lsn,
+        };
+        let all: Vec<usize> = (0..map.source_columns.len()).collect();
+        if map.is_keyed() {
+            let mut deletes = Vec::new();
+            let mut upserts = Vec::new();
+            let mut partial: HashMap<Vec<bool>, Vec<&Tuple>> = HashMap::new();
+            for op in ops.ops.values() {
+                match op {
+                    KeyedOp::Delete(t) => deletes.push(t),
+                    KeyedOp::Upsert(t) => upserts.push(t),
+                    KeyedOp::Update(t) => {
+                        partial.entry(batch::unchanged_mask(t)).or_default().push(t)
+                    }
+                }
+            }
+            if !deletes.is_empty() {
+                let s = self.prepared(&sql::delete(map)).await?;
+                plans.push((s, arrays(&deletes, &map.row_key), origin("a delete")));
+            }
+            if !upserts.is_empty() {
+                let s = self.prepared(&sql::upsert(map, &all)).await?;
+                plans.push((s, arrays(&upserts, &all), origin("an insert or update")));
+            }
+            for (mask, rows) in partial {
+                let cols: Vec<usize> = all.iter().copied().filter(|&c| !mask[c]).collect();
+                if let Some(text) = sql::update(map, &cols) {
+                    let s = self.prepared(&text).await?;
+                    plans.push((s, arrays(&rows, &cols), origin("an update")));
+                }
+            }
+        } else {
+            for run in &ops.runs {
+                match run {
+                    KeylessRun::Insert(rows) => {
+                        let s = self.prepared(&sql::upsert(map, &all)).await?;
+                        let rows: Vec<&Tuple> = rows.iter().collect();
+                        plans.push((s, arrays(&rows, &all), origin("an insert")));
+                    }
+                    KeylessRun::Delete(rows) => {
+                        let s = self.prepared(&sql::delete_full_rows(map, &all)).await?;
+                        let rows: Vec<&Tuple> = rows.iter().collect();
+                        plans.push((s, arrays(&rows, &all), origin("a delete (full-row match)")));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves one row to a new key inside the open transaction (see [`RowMove`]).
+    pub async fn move_row(&mut self, mv: &RowMove) -> Result<(), ApplyError> {
+        let map = &mv.map;
+        let present: Vec<usize> = (0..map.source_columns.len())
+            .filter(|&c| !matches!(mv.new.0[c], Datum::UnchangedToast))
+            .collect();
+        let text = sql::move_row(map, &present);
+        let err = |source| statement_error("a key change", &map.label, mv.lsn, source);
+        let stmt = self.prepared(&text).await.map_err(err)?;
+        let mut params = arrays(&[&mv.old_key], &map.row_key);
+        params.extend(arrays(&[&mv.new], &present));
+        let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+            .iter()
+            .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        self.begin_if_needed().await?;
+        self.client.execute(&stmt, &refs).await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Truncates target tables inside the open transaction.
+    pub async fn truncate(
+        &mut self,
+        maps: &[Arc<TableMap>],
+        restart_identity: bool,
+        cascade: bool,
+        lsn: u64,
+    ) -> Result<(), ApplyError> {
+        let targets: Vec<String> = maps.iter().map(|m| m.target.quoted()).collect();
+        let labels: Vec<String> = maps.iter().map(|m| m.label.clone()).collect();
+        self.begin_if_needed().await?;
+        self.client
+            .batch_execute(&sql::truncate(&targets, restart_identity, cascade))
+            .await
+            .map_err(|source| statement_error("TRUNCATE", &labels.join(", "), lsn, source))
+    }
+
+    async fn begin_if_needed(&mut self) -> Result<(), ApplyError> {
+        if !self.in_txn {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(green_err("BEGIN"))?;
+            self.in_txn = true;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Applier {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+fn statement_error(
+    what: &'static str,
+    table: &str,
+    lsn: u64,
+    source: tokio_postgres::Error,
+) -> ApplyError {
+    let message = source
+        .as_db_error()
+        .map(|d| {
+            let mut m = d.message().to_string();
+            if let Some(detail) = d.detail() {
+                // Details may quote row values; keep only the part naming keys and columns.
+                if !detail.contains('=') {
+                    m.push_str(&format!(" ({detail})"));
+                }
+            }
+            if let Some(c) = d.column() {
+                m.push_str(&format!(" [column {c}]"));
+            }
+            m
+        })
+        .unwrap_or_else(|| source.to_string());
+    ApplyError::Statement {
+        what,
+        table: table.to_string(),
+        lsn: crate::progress::format_lsn(lsn),
+        message,
+        hint: hint_for(&source),
+        source,
+    }
+}
+
+/// One text array per listed source column, one element per row.
+fn arrays<'t>(rows: &[&'t Tuple], cols: &[usize]) -> Vec<TextArray<'t>> {
+    cols.iter()
+        .map(|&c| {
+            TextArray(
+                rows.iter()
+                    .map(|t| match &t.0[c] {
+                        Datum::Text(b) | Datum::Binary(b) => Some(b.as_ref()),
+                        Datum::Null | Datum::UnchangedToast => None,
+                    })
+                    .collect(),
+            )
+        })
+        .collect()
+}

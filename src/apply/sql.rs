@@ -1,0 +1,337 @@
+//! SQL text of the set-based apply statements, and the text-array parameter they take.
+//!
+//! Every statement reads its rows from `unnest($1::text[], $2::text[], ...)`: one text array per
+//! source column, one element per row. Green casts each value to the column's type, so any type
+//! with a text input function works (arrays, enums, composites, ranges, domains, extensions).
+//! The rows form the relation `src`; target columns are `CAST((expr) AS type)` over it.
+//!
+//! Invariants: every identifier is quoted; values only ever travel as parameters.
+
+use bytes::{BufMut, BytesMut};
+use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
+
+use crate::transform::{TableMap, quote_ident};
+
+/// `(SELECT u.c0::type AS "name", ... FROM unnest($n::text[], ...) AS u(c0, ...)) AS src` over
+/// the given source columns, numbering parameters from `first_param`.
+pub fn src_relation(map: &TableMap, cols: &[usize], first_param: usize) -> String {
+    let mut select = Vec::with_capacity(cols.len());
+    let mut arrays = Vec::with_capacity(cols.len());
+    let mut aliases = Vec::with_capacity(cols.len());
+    for (n, &c) in cols.iter().enumerate() {
+        let col = &map.source_columns[c];
+        select.push(format!(
+            "u.c{n}::{} AS {}",
+            col.sql_type,
+            quote_ident(&col.name)
+        ));
+        arrays.push(format!("${}::text[]", first_param + n));
+        aliases.push(format!("c{n}"));
+    }
+    format!(
+        "(SELECT {} FROM unnest({}) AS u({})) AS src",
+        select.join(", "),
+        arrays.join(", "),
+        aliases.join(", ")
+    )
+}
+
+/// Target columns computable from the given source columns.
+pub fn computable(map: &TableMap, cols: &[usize]) -> Vec<usize> {
+    (0..map.columns.len())
+        .filter(|&i| map.columns[i].inputs.iter().all(|c| cols.contains(c)))
+        .collect()
+}
+
+fn target_expr(map: &TableMap, i: usize) -> String {
+    let c = &map.columns[i];
+    format!("CAST(({}) AS {})", c.expr, c.sql_type)
+}
+
+fn select_list(map: &TableMap, targets: &[usize]) -> String {
+    targets
+        .iter()
+        .map(|&i| {
+            format!(
+                "{} AS {}",
+                target_expr(map, i),
+                quote_ident(&map.columns[i].name)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn column_list(map: &TableMap, targets: &[usize]) -> String {
+    targets
+        .iter()
+        .map(|&i| quote_ident(&map.columns[i].name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn key_match(map: &TableMap, left: &str, right: &str) -> String {
+    map.key
+        .iter()
+        .map(|&k| {
+            let name = quote_ident(&map.columns[k].name);
+            format!("{left}.{name} = {right}.{name}")
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// Insert full rows; existing keys are overwritten (keyed) or rows appended (keyless).
+pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
+    let targets = computable(map, cols);
+    let mut sql = format!(
+        "INSERT INTO {} AS t ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}",
+        map.target.quoted(),
+        column_list(map, &targets),
+        select_list(map, &targets),
+        src_relation(map, cols, 1)
+    );
+    if map.is_keyed() {
+        let keys = map
+            .key
+            .iter()
+            .map(|&k| quote_ident(&map.columns[k].name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sets: Vec<String> = targets
+            .iter()
+            .filter(|i| !map.key.contains(i))
+            .map(|&i| {
+                let n = quote_ident(&map.columns[i].name);
+                format!("{n} = EXCLUDED.{n}")
+            })
+            .collect();
+        if sets.is_empty() {
+            sql.push_str(&format!(" ON CONFLICT ({keys}) DO NOTHING"));
+        } else {
+            sql.push_str(&format!(
+                " ON CONFLICT ({keys}) DO UPDATE SET {}",
+                sets.join(", ")
+            ));
+        }
+    }
+    sql
+}
+
+/// Update existing rows from partial images: only target columns computable from the present
+/// source columns are set; `None` when no column would change.
+pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
+    let sets: Vec<usize> = computable(map, cols)
+        .into_iter()
+        .filter(|i| !map.key.contains(i))
+        .collect();
+    if sets.is_empty() {
+        return None;
+    }
+    let mut selected = map.key.clone();
+    selected.extend(&sets);
+    Some(format!(
+        "UPDATE {} AS t SET {} FROM (SELECT {} FROM {}) AS s WHERE {}",
+        map.target.quoted(),
+        sets.iter()
+            .map(|&i| {
+                let n = quote_ident(&map.columns[i].name);
+                format!("{n} = s.{n}")
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        select_list(map, &selected),
+        src_relation(map, cols, 1),
+        key_match(map, "t", "s")
+    ))
+}
+
+/// Delete rows by key; parameters are the `row_key` source columns.
+pub fn delete(map: &TableMap) -> String {
+    format!(
+        "DELETE FROM {} AS t USING (SELECT {} FROM {}) AS s WHERE {}",
+        map.target.quoted(),
+        select_list(map, &map.key),
+        src_relation(map, &map.row_key, 1),
+        key_match(map, "t", "s")
+    )
+}
+
+/// Keyless tables: delete one row equal to each old image (compared as record text, since
+/// some types, such as json, have no equality operator).
+pub fn delete_full_rows(map: &TableMap, cols: &[usize]) -> String {
+    let targets = computable(map, cols);
+    let row = |alias: &str| {
+        format!(
+            "ROW({})::text",
+            targets
+                .iter()
+                .map(|&i| format!("{alias}.{}", quote_ident(&map.columns[i].name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    format!(
+        "DELETE FROM {tbl} AS t USING (\
+           SELECT c.ctid FROM (\
+             SELECT t2.ctid, {img2} AS img, row_number() OVER (PARTITION BY {img2}) AS rn FROM {tbl} AS t2\
+           ) AS c JOIN (\
+             SELECT q.img, count(*) AS n FROM (SELECT {imgq} AS img FROM (SELECT {sel} FROM {src}) AS v) AS q GROUP BY q.img\
+           ) AS d ON c.img = d.img AND c.rn <= d.n\
+         ) AS x WHERE t.ctid = x.ctid",
+        tbl = map.target.quoted(),
+        img2 = row("t2"),
+        imgq = row("v"),
+        sel = select_list(map, &targets),
+        src = src_relation(map, cols, 1),
+    )
+}
+
+/// Move one row to a new key, setting the columns present in the new image and keeping green's
+/// values for the others. Parameters: old `row_key` columns, then the new image's `cols`.
+pub fn move_row(map: &TableMap, cols: &[usize]) -> String {
+    let sets = computable(map, cols);
+    let old_src = src_relation(map, &map.row_key, 1);
+    let new_src = src_relation(map, cols, 1 + map.row_key.len());
+    format!(
+        "UPDATE {} AS t SET {} FROM (SELECT {} FROM {}) AS o, (SELECT {} FROM {}) AS n WHERE {}",
+        map.target.quoted(),
+        sets.iter()
+            .map(|&i| {
+                let n = quote_ident(&map.columns[i].name);
+                format!("{n} = n.{n}")
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        select_list(map, &map.key),
+        old_src,
+        select_list(map, &sets),
+        new_src,
+        key_match(map, "t", "o")
+    )
+}
+
+/// TRUNCATE of target tables, with blue's options.
+pub fn truncate(targets: &[String], restart_identity: bool, cascade: bool) -> String {
+    let mut sql = format!("TRUNCATE {}", targets.join(", "));
+    if restart_identity {
+        sql.push_str(" RESTART IDENTITY");
+    }
+    if cascade {
+        sql.push_str(" CASCADE");
+    }
+    sql
+}
+
+/// A `text[]` parameter built from borrowed bytes, without UTF-8 checks or copies: blue already
+/// produced valid text in the database encoding.
+#[derive(Debug, Default)]
+pub struct TextArray<'a>(pub Vec<Option<&'a [u8]>>);
+
+impl ToSql for TextArray<'_> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let dims = [postgres_protocol::types::ArrayDimension {
+            len: i32::try_from(self.0.len())?,
+            lower_bound: 1,
+        }];
+        postgres_protocol::types::array_to_sql(
+            dims,
+            Type::TEXT.oid(),
+            self.0.iter(),
+            |v, buf| match v {
+                Some(bytes) => {
+                    buf.put_slice(bytes);
+                    Ok(postgres_protocol::IsNull::No)
+                }
+                None => Ok(postgres_protocol::IsNull::Yes),
+            },
+            out,
+        )?;
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TEXT_ARRAY
+    }
+
+    to_sql_checked!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::ReplicaIdentity;
+    use crate::transform::{QualifiedName, SourceColumn, TargetColumn};
+
+    fn map() -> TableMap {
+        let cols = [("id", "bigint"), ("na\"me", "text"), ("doc", "jsonb")];
+        TableMap {
+            source: QualifiedName::new("public", "t"),
+            target: QualifiedName::new("public", "T x"),
+            source_columns: cols
+                .iter()
+                .map(|(c, ty)| SourceColumn {
+                    name: c.to_string(),
+                    sql_type: ty.to_string(),
+                })
+                .collect(),
+            columns: cols
+                .iter()
+                .enumerate()
+                .map(|(i, (c, ty))| TargetColumn {
+                    name: c.to_string(),
+                    sql_type: ty.to_string(),
+                    expr: format!("src.{}", quote_ident(c)),
+                    inputs: vec![i],
+                })
+                .collect(),
+            key: vec![0],
+            row_key: vec![0],
+            replica_identity: ReplicaIdentity::Default,
+            label: "public.T x".into(),
+        }
+    }
+
+    #[test]
+    fn upsert_quotes_everything_and_updates_non_keys() {
+        let sql = upsert(&map(), &[0, 1, 2]);
+        assert!(
+            sql.starts_with("INSERT INTO \"public\".\"T x\" AS t (\"id\", \"na\"\"me\", \"doc\")"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("unnest($1::text[], $2::text[], $3::text[])"),
+            "{sql}"
+        );
+        assert!(sql.contains("ON CONFLICT (\"id\") DO UPDATE SET \"na\"\"me\" = EXCLUDED.\"na\"\"me\", \"doc\" = EXCLUDED.\"doc\""), "{sql}");
+    }
+
+    #[test]
+    fn partial_update_sets_only_present_columns() {
+        let sql = update(&map(), &[0, 1]).unwrap();
+        assert!(
+            sql.contains("SET \"na\"\"me\" = s.\"na\"\"me\" FROM"),
+            "{sql}"
+        );
+        assert!(!sql.contains("\"doc\""), "{sql}");
+        assert!(update(&map(), &[0]).is_none());
+    }
+
+    #[test]
+    fn delete_joins_on_the_key() {
+        let sql = delete(&map());
+        assert!(sql.contains("WHERE t.\"id\" = s.\"id\""), "{sql}");
+        assert!(sql.contains("unnest($1::text[])"), "{sql}");
+    }
+
+    #[test]
+    fn move_row_numbers_parameters_after_the_old_key() {
+        let sql = move_row(&map(), &[0, 1]);
+        assert!(sql.contains("unnest($1::text[])"), "{sql}");
+        assert!(sql.contains("unnest($2::text[], $3::text[])"), "{sql}");
+    }
+}

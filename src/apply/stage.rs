@@ -1,0 +1,301 @@
+//! The apply task: turns the decoded stream into group-committed green transactions.
+//!
+//! Invariants:
+//! - A green commit happens only right after a blue Commit, so green always equals blue at a
+//!   blue commit boundary; a blue transaction bigger than the batch limits is written in chunks
+//!   inside one green transaction (memory bounded by the limits, not by the transaction).
+//! - Transactions whose commit precedes green's progress row are skipped: they are in green.
+//! - The LSN published on `committed` is the end of a blue commit that green has committed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+
+use super::batch::{Batch, OP_NAMES};
+use super::{Applier, ApplyError};
+use crate::decode::{Begin, Commit, Message, Relation};
+use crate::metrics::Shared;
+use crate::source::SourceEvent;
+use crate::transform::{self, TableMap};
+
+/// Group-commit limits (see `[batch]` in the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub max_delay: Duration,
+}
+
+pub struct ApplyStage {
+    applier: Applier,
+    batch: Batch,
+    maps: HashMap<u32, Arc<TableMap>>,
+    limits: Limits,
+    /// Green's progress at session start: commits that start before it are already applied.
+    skip_before: u64,
+    skipping: bool,
+    in_txn: bool,
+    /// Last blue commit whose changes are in the batch but not yet committed in green.
+    last_commit: Option<Commit>,
+    /// Blue transactions in the batch.
+    txns: u64,
+    /// Rows received in the batch, for the batch-size histogram.
+    batch_rows: u64,
+    batch_started: Option<Instant>,
+    /// Rows written to green in the open transaction, per table and operation; recorded in
+    /// metrics and the report only once green commits them.
+    written: HashMap<String, HashMap<&'static str, u64>>,
+    last_lsn: u64,
+    committed: watch::Sender<u64>,
+    shared: Arc<Shared>,
+}
+
+impl ApplyStage {
+    pub fn new(
+        applier: Applier,
+        limits: Limits,
+        skip_before: u64,
+        committed: watch::Sender<u64>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        ApplyStage {
+            applier,
+            batch: Batch::default(),
+            maps: HashMap::new(),
+            limits,
+            skip_before,
+            skipping: false,
+            in_txn: false,
+            last_commit: None,
+            txns: 0,
+            batch_rows: 0,
+            batch_started: None,
+            written: HashMap::new(),
+            last_lsn: skip_before,
+            committed,
+            shared,
+        }
+    }
+
+    /// Runs until the source closes the channel, then commits every complete blue transaction
+    /// received and abandons an incomplete one (it will be streamed again).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>) -> Result<(), ApplyError> {
+        loop {
+            let deadline = self
+                .batch_started
+                .map(|s| tokio::time::Instant::from_std(s + self.limits.max_delay));
+            let event = tokio::select! {
+                biased;
+                // A committed blue transaction must not wait longer than max_delay, however
+                // busy the stream: check the deadline before taking more input.
+                _ = sleep_until(deadline), if self.last_commit.is_some() && !self.in_txn => {
+                    self.commit().await?;
+                    continue;
+                }
+                event = rx.recv() => event,
+            };
+            let Some(event) = event else { break };
+            self.handle(event).await?;
+            let idle = rx.is_empty();
+            if self.last_commit.is_some() && !self.in_txn && (idle || self.full()) {
+                self.commit().await?;
+            }
+        }
+        if self.last_commit.is_some() && !self.in_txn {
+            self.commit().await?;
+        }
+        if self.in_txn || !self.written.is_empty() {
+            self.written.clear();
+            info!(
+                "abandoning an incomplete blue transaction at shutdown; it will be streamed again"
+            );
+        }
+        self.applier.rollback().await?;
+        Ok(())
+    }
+
+    fn full(&self) -> bool {
+        self.batch.rows >= self.limits.max_rows || self.batch.bytes >= self.limits.max_bytes
+    }
+
+    async fn handle(&mut self, event: SourceEvent) -> Result<(), ApplyError> {
+        let lsn = event.lsn;
+        match event.msg {
+            Message::Begin(b) => self.begin(b),
+            Message::Commit(c) => self.end(c),
+            Message::Relation(r) => self.relation(r).await?,
+            Message::Insert { relation, new } if !self.skipping => {
+                let map = self.map(relation, lsn)?;
+                self.batch.insert(&map, new, lsn)?;
+                self.after_change(lsn).await?;
+            }
+            Message::Update { relation, old, new } if !self.skipping => {
+                let map = self.map(relation, lsn)?;
+                if let Some(mv) = self.batch.update(&map, old, new, lsn)? {
+                    self.flush(lsn).await?;
+                    self.applier.move_row(&mv).await?;
+                }
+                self.after_change(lsn).await?;
+            }
+            Message::Delete { relation, old } if !self.skipping => {
+                let map = self.map(relation, lsn)?;
+                self.batch.delete(&map, old, lsn)?;
+                self.after_change(lsn).await?;
+            }
+            Message::Truncate { options, relations } if !self.skipping => {
+                let maps = relations
+                    .iter()
+                    .map(|&oid| self.map(oid, lsn))
+                    .collect::<Result<Vec<_>, _>>()?;
+                // Earlier changes of the batch first, in order, then the truncate.
+                self.flush(lsn).await?;
+                self.applier
+                    .truncate(&maps, options & 2 != 0, options & 1 != 0, lsn)
+                    .await?;
+                for m in &maps {
+                    *self
+                        .written
+                        .entry(m.label.clone())
+                        .or_default()
+                        .entry("truncate")
+                        .or_default() += 1;
+                }
+            }
+            Message::Type { .. } | Message::Origin { .. } | Message::Message { .. } => {}
+            // Changes of a transaction green already has.
+            Message::Insert { .. }
+            | Message::Update { .. }
+            | Message::Delete { .. }
+            | Message::Truncate { .. } => {}
+        }
+        self.last_lsn = self.last_lsn.max(lsn);
+        Ok(())
+    }
+
+    fn begin(&mut self, b: Begin) {
+        self.skipping = b.final_lsn < self.skip_before;
+        if self.skipping {
+            debug!(final_lsn = %crate::progress::format_lsn(b.final_lsn), "skipping a transaction green already has");
+        }
+        self.in_txn = true;
+        if self.batch_started.is_none() {
+            self.batch_started = Some(Instant::now());
+        }
+    }
+
+    fn end(&mut self, c: Commit) {
+        self.in_txn = false;
+        if std::mem::take(&mut self.skipping) {
+            return;
+        }
+        self.last_commit = Some(c);
+        self.txns += 1;
+    }
+
+    async fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
+        let source = transform::QualifiedName::new(&r.namespace, &r.name);
+        let green = transform::catalog::green_table(self.applier.client(), &source)
+            .await
+            .map_err(|source| ApplyError::Green {
+                context: "reading the catalog",
+                source,
+            })?
+            .ok_or_else(|| transform::MapError::MissingTable {
+                blue_table: source.to_string(),
+                target: source.to_string(),
+            })?;
+        let map = transform::identity(&r, &green)?;
+        debug!(table = %map.label, oid = r.oid, "relation mapped");
+        self.maps.insert(r.oid, map);
+        Ok(())
+    }
+
+    fn map(&self, oid: u32, lsn: u64) -> Result<Arc<TableMap>, ApplyError> {
+        self.maps
+            .get(&oid)
+            .cloned()
+            .ok_or_else(|| ApplyError::UnknownRelation {
+                oid,
+                lsn: crate::progress::format_lsn(lsn),
+            })
+    }
+
+    async fn after_change(&mut self, lsn: u64) -> Result<(), ApplyError> {
+        self.batch_rows += 1;
+        // Inside a large blue transaction: write what we hold, keep the green transaction open.
+        if self.in_txn && self.full() {
+            self.flush(lsn).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes pending ops without committing.
+    async fn flush(&mut self, lsn: u64) -> Result<(), ApplyError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let tables = self.batch.take();
+        let counts = self.applier.write(&tables, None, lsn).await?;
+        self.record(counts);
+        Ok(())
+    }
+
+    /// Writes the rest of the batch, the progress row and COMMIT; then publishes the LSN.
+    async fn commit(&mut self) -> Result<(), ApplyError> {
+        let Some(c) = self.last_commit.take() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        if self.batch.is_empty() && !self.applier.in_transaction() {
+            // Nothing reached green: no need for a green transaction to advance.
+        } else {
+            let tables = self.batch.take();
+            let counts = self
+                .applier
+                .write(&tables, Some((c.end_lsn, c.commit_time)), c.end_lsn)
+                .await?;
+            self.record(counts);
+        }
+        let elapsed = started.elapsed();
+        for (table, ops) in self.written.drain() {
+            for (op, n) in ops {
+                self.shared.add_rows(&table, op, n);
+            }
+        }
+        self.shared
+            .batch_committed(self.txns, self.batch_rows, elapsed, c.end_lsn);
+        debug!(
+            end_lsn = %crate::progress::format_lsn(c.end_lsn),
+            txns = self.txns,
+            rows = self.batch_rows,
+            ms = elapsed.as_millis() as u64,
+            "batch committed"
+        );
+        self.txns = 0;
+        self.batch_rows = 0;
+        self.batch_started = None;
+        let _ = self.committed.send(c.end_lsn);
+        Ok(())
+    }
+
+    fn record(&mut self, counts: super::WriteCounts) {
+        for (table, ops) in counts {
+            let entry = self.written.entry(table).or_default();
+            for (i, n) in ops.iter().enumerate() {
+                if *n > 0 {
+                    *entry.entry(OP_NAMES[i]).or_default() += *n;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,381 @@
+//! Metrics and the state shared between stages: what `/metrics`, `/readyz` and the drain report
+//! read.
+//!
+//! Names follow Prometheus conventions (`shadowsync_` prefix, base units, `_total` counters).
+//! Labels carry table and operation names only, never row values.
+//!
+//! Invariants: lag in seconds is the age of the oldest blue commit received but not yet
+//! committed in green (0 when caught up); lag in bytes is blue's current WAL position minus the
+//! LSN confirmed to blue.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RowLabels {
+    pub table: String,
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub stage: String,
+    pub retryable: String,
+}
+
+/// Pipeline states, exported as `shadowsync_pipeline_state{state=...} 1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Starting,
+    Streaming,
+    Reconnecting,
+    Draining,
+    Stopped,
+    Failed,
+}
+
+impl State {
+    pub const ALL: [State; 6] = [
+        State::Starting,
+        State::Streaming,
+        State::Reconnecting,
+        State::Draining,
+        State::Stopped,
+        State::Failed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Streaming => "streaming",
+            State::Reconnecting => "reconnecting",
+            State::Draining => "draining",
+            State::Stopped => "stopped",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// Rows and transactions applied, for the drain report.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Applied {
+    pub transactions: u64,
+    pub batches: u64,
+    /// table -> operation -> rows.
+    pub rows: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// Everything the stages publish and the HTTP endpoints read.
+pub struct Shared {
+    registry: Registry,
+    lag_bytes: Gauge,
+    lag_seconds: Gauge<f64, AtomicU64>,
+    rows: Family<RowLabels, Counter>,
+    transactions: Counter,
+    batches: Counter,
+    batch_rows: Histogram,
+    apply_seconds: Histogram,
+    confirmed_lsn_gauge: Gauge,
+    blue_wal_lsn_gauge: Gauge,
+    state_gauge: Family<StateLabels, Gauge>,
+    errors: Family<ErrorLabels, Counter>,
+    /// Blue's current WAL position (polled).
+    pub blue_wal_lsn: AtomicU64,
+    /// LSN confirmed to blue (flush position in the last standby status update).
+    pub confirmed_lsn: AtomicU64,
+    pub blue_connected: AtomicBool,
+    pub green_connected: AtomicBool,
+    pub streaming: AtomicBool,
+    state: Mutex<State>,
+    /// (end LSN, commit time in µs since 2000-01-01) of blue commits received, not yet applied.
+    unapplied: Mutex<VecDeque<(u64, i64)>>,
+    applied: Mutex<Applied>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new()
+    }
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        let mut registry = Registry::with_prefix("shadowsync");
+        let lag_bytes = Gauge::default();
+        registry.register(
+            "replication_lag_bytes",
+            "Blue's current WAL position minus the LSN confirmed to blue, in bytes",
+            lag_bytes.clone(),
+        );
+        let lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "replication_lag_seconds",
+            "Age of the oldest blue commit received but not yet applied in green, in seconds (0 when caught up)",
+            lag_seconds.clone(),
+        );
+        let rows = Family::<RowLabels, Counter>::default();
+        registry.register(
+            "rows_applied",
+            "Row changes committed in green, by target table and operation (insert, update, delete, truncate)",
+            rows.clone(),
+        );
+        let transactions = Counter::default();
+        registry.register(
+            "transactions_applied",
+            "Blue transactions committed in green",
+            transactions.clone(),
+        );
+        let batches = Counter::default();
+        registry.register(
+            "batches_applied",
+            "Green transactions committed (each groups one or more blue transactions)",
+            batches.clone(),
+        );
+        let batch_rows = Histogram::new(exponential_buckets(1.0, 4.0, 10));
+        registry.register(
+            "batch_rows",
+            "Row changes per green transaction",
+            batch_rows.clone(),
+        );
+        let apply_seconds = Histogram::new(exponential_buckets(0.0005, 2.5, 12));
+        registry.register(
+            "apply_duration_seconds",
+            "Time to write and commit one batch in green, in seconds",
+            apply_seconds.clone(),
+        );
+        let confirmed_lsn_gauge = Gauge::default();
+        registry.register(
+            "confirmed_lsn",
+            "LSN confirmed to blue as flushed (as a byte position)",
+            confirmed_lsn_gauge.clone(),
+        );
+        let blue_wal_lsn_gauge = Gauge::default();
+        registry.register(
+            "blue_wal_lsn",
+            "Blue's current WAL position (as a byte position)",
+            blue_wal_lsn_gauge.clone(),
+        );
+        let state_gauge = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "pipeline_state",
+            "1 for the pipeline's current state, 0 for the others",
+            state_gauge.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "errors",
+            "Errors by stage and whether they were retried",
+            errors.clone(),
+        );
+        let shared = Shared {
+            registry,
+            lag_bytes,
+            lag_seconds,
+            rows,
+            transactions,
+            batches,
+            batch_rows,
+            apply_seconds,
+            confirmed_lsn_gauge,
+            blue_wal_lsn_gauge,
+            state_gauge,
+            errors,
+            blue_wal_lsn: AtomicU64::new(0),
+            confirmed_lsn: AtomicU64::new(0),
+            blue_connected: AtomicBool::new(false),
+            green_connected: AtomicBool::new(false),
+            streaming: AtomicBool::new(false),
+            state: Mutex::new(State::Starting),
+            unapplied: Mutex::new(VecDeque::new()),
+            applied: Mutex::new(Applied::default()),
+        };
+        shared.set_state(State::Starting);
+        shared
+    }
+
+    pub fn set_state(&self, state: State) {
+        *self.state.lock().expect("state lock") = state;
+        for s in State::ALL {
+            self.state_gauge
+                .get_or_create(&StateLabels {
+                    state: s.name().to_string(),
+                })
+                .set(i64::from(s == state));
+        }
+    }
+
+    pub fn state(&self) -> State {
+        *self.state.lock().expect("state lock")
+    }
+
+    /// Ready: connected to both databases and streaming.
+    pub fn ready(&self) -> bool {
+        self.blue_connected.load(Ordering::Relaxed)
+            && self.green_connected.load(Ordering::Relaxed)
+            && self.streaming.load(Ordering::Relaxed)
+    }
+
+    pub fn error(&self, stage: &str, retryable: bool) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                stage: stage.to_string(),
+                retryable: retryable.to_string(),
+            })
+            .inc();
+    }
+
+    /// The source forwarded a blue commit to the apply stage.
+    pub fn commit_received(&self, end_lsn: u64, commit_time: i64) {
+        self.unapplied
+            .lock()
+            .expect("lag lock")
+            .push_back((end_lsn, commit_time));
+    }
+
+    /// A session ended: what it had received but not applied will be streamed again.
+    pub fn forget_unapplied(&self) {
+        self.unapplied.lock().expect("lag lock").clear();
+    }
+
+    pub fn add_rows(&self, table: &str, op: &str, n: u64) {
+        self.rows
+            .get_or_create(&RowLabels {
+                table: table.to_string(),
+                op: op.to_string(),
+            })
+            .inc_by(n);
+        let mut applied = self.applied.lock().expect("report lock");
+        *applied
+            .rows
+            .entry(table.to_string())
+            .or_default()
+            .entry(op.to_string())
+            .or_default() += n;
+    }
+
+    /// Green committed a batch ending at blue commit `end_lsn`.
+    pub fn batch_committed(&self, txns: u64, rows: u64, took: Duration, end_lsn: u64) {
+        self.transactions.inc_by(txns);
+        self.batches.inc();
+        self.batch_rows.observe(rows as f64);
+        self.apply_seconds.observe(took.as_secs_f64());
+        {
+            let mut applied = self.applied.lock().expect("report lock");
+            applied.transactions += txns;
+            applied.batches += 1;
+        }
+        let mut q = self.unapplied.lock().expect("lag lock");
+        while q.front().is_some_and(|(lsn, _)| *lsn <= end_lsn) {
+            q.pop_front();
+        }
+    }
+
+    pub fn applied(&self) -> Applied {
+        self.applied.lock().expect("report lock").clone()
+    }
+
+    pub fn set_confirmed(&self, lsn: u64) {
+        self.confirmed_lsn.fetch_max(lsn, Ordering::Relaxed);
+    }
+
+    pub fn set_blue_wal(&self, lsn: u64) {
+        self.blue_wal_lsn.fetch_max(lsn, Ordering::Relaxed);
+    }
+
+    /// Age of the oldest unapplied blue commit, in seconds.
+    pub fn lag_seconds(&self) -> f64 {
+        let oldest = self
+            .unapplied
+            .lock()
+            .expect("lag lock")
+            .front()
+            .map(|&(_, t)| t);
+        match oldest {
+            None => 0.0,
+            Some(commit_time) => {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_micros() as i64)
+                    .unwrap_or(0)
+                    - PG_EPOCH_OFFSET_MICROS;
+                ((now - commit_time).max(0) as f64) / 1e6
+            }
+        }
+    }
+
+    pub fn lag_bytes(&self) -> u64 {
+        self.blue_wal_lsn
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.confirmed_lsn.load(Ordering::Relaxed))
+    }
+
+    /// Prometheus text exposition, with gauges derived from state refreshed first.
+    pub fn encode(&self) -> String {
+        let confirmed = self.confirmed_lsn.load(Ordering::Relaxed);
+        let wal = self.blue_wal_lsn.load(Ordering::Relaxed);
+        self.confirmed_lsn_gauge.set(confirmed as i64);
+        self.blue_wal_lsn_gauge.set(wal as i64);
+        self.lag_bytes.set(self.lag_bytes() as i64);
+        self.lag_seconds.set(self.lag_seconds());
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_the_core_metrics() {
+        let s = Shared::new();
+        s.add_rows("public.t", "insert", 3);
+        s.batch_committed(2, 3, Duration::from_millis(5), 100);
+        s.set_state(State::Streaming);
+        let text = s.encode();
+        for name in [
+            "shadowsync_replication_lag_bytes",
+            "shadowsync_replication_lag_seconds",
+            "shadowsync_rows_applied_total{table=\"public.t\",op=\"insert\"} 3",
+            "shadowsync_transactions_applied_total 2",
+            "shadowsync_batches_applied_total 1",
+            "shadowsync_batch_rows_bucket",
+            "shadowsync_apply_duration_seconds_bucket",
+            "shadowsync_confirmed_lsn",
+            "shadowsync_pipeline_state{state=\"streaming\"} 1",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn lag_seconds_is_zero_when_caught_up_and_counts_unapplied_commits() {
+        let s = Shared::new();
+        assert_eq!(s.lag_seconds(), 0.0);
+        s.commit_received(10, 0); // committed at 2000-01-01: very old
+        assert!(s.lag_seconds() > 1e8);
+        s.batch_committed(1, 1, Duration::ZERO, 10);
+        assert_eq!(s.lag_seconds(), 0.0);
+    }
+}

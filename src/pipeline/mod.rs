@@ -1,0 +1,393 @@
+//! The pipeline supervisor: runs streaming sessions, retries lost connections with backoff,
+//! serves drains and shutdowns, and builds the final report.
+//!
+//! Invariants:
+//! - One shutdown signal: stop intake, let the apply stage commit every complete blue
+//!   transaction it holds, confirm to blue, exit.
+//! - A drain finishes only once everything committed on blue before it began (blue's WAL
+//!   position at that moment) is applied in green *and* confirmed to blue.
+//! - Retryable errors restart the session from green's progress; permanent errors stop the
+//!   pipeline with the operator's next step. Before the first session ever streamed, retryable
+//!   errors are retried only for `retry.startup_timeout_ms`, so a wrong DSN fails fast.
+
+mod session;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::apply::ApplyError;
+use crate::config::{Config, ConfigError};
+use crate::metrics::{Shared, State};
+use crate::progress::format_lsn;
+use crate::source::{SourceError, preflight};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("cannot listen on {addr} (metrics.listen): {source}; choose a free address")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("the {stage} task failed: {message}")]
+    Task {
+        stage: &'static str,
+        message: String,
+    },
+    #[error("the pipeline stopped before the drain finished")]
+    Stopped,
+}
+
+impl PipelineError {
+    /// The one place deciding whether the supervisor retries.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.is_retryable(),
+            PipelineError::Apply(e) => e.is_retryable(),
+            PipelineError::Config(_)
+            | PipelineError::Listen { .. }
+            | PipelineError::Task { .. }
+            | PipelineError::Stopped => false,
+        }
+    }
+
+    fn stage(&self) -> &'static str {
+        match self {
+            PipelineError::Source(_) => "source",
+            PipelineError::Apply(_) => "apply",
+            _ => "pipeline",
+        }
+    }
+
+    fn task(stage: &'static str) -> impl FnOnce(tokio::task::JoinError) -> PipelineError {
+        move |e| PipelineError::Task {
+            stage,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// What a run did; printed as JSON by `run --drain` and `drain`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub slot: String,
+    /// LSN streaming started from.
+    pub start_lsn: String,
+    /// LSN confirmed to blue at the end.
+    pub final_lsn: String,
+    /// Blue's WAL position when the drain began (everything before it is in green).
+    pub drain_lsn: Option<String>,
+    pub drained: bool,
+    pub duration_seconds: f64,
+    pub transactions: u64,
+    pub batches: u64,
+    /// target table -> operation -> rows.
+    pub rows: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// Options of `run`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Drain as soon as streaming starts, then exit (the cutover flag).
+    pub drain: bool,
+}
+
+/// A drain request from the admin endpoint.
+pub struct DrainRequest {
+    pub reply: oneshot::Sender<Result<Report, String>>,
+}
+
+/// A running pipeline.
+pub struct Handle {
+    pub addr: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    drain: mpsc::Sender<DrainRequest>,
+    join: tokio::task::JoinHandle<Result<Report, PipelineError>>,
+}
+
+impl Handle {
+    /// Asks for a graceful stop (as SIGTERM does).
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Drains and waits for the report; the pipeline then exits.
+    pub async fn drain(&self) -> Result<Report, String> {
+        let (reply, rx) = oneshot::channel();
+        self.drain
+            .send(DrainRequest { reply })
+            .await
+            .map_err(|_| "the pipeline has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the pipeline stopped before the drain finished".to_string())?
+    }
+
+    /// Waits for the pipeline to end.
+    pub async fn wait(self) -> Result<Report, PipelineError> {
+        self.join.await.map_err(PipelineError::task("pipeline"))?
+    }
+}
+
+/// Validates the config, binds the HTTP listener and starts the supervisor.
+pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineError> {
+    config.validate()?;
+    let addr = config.listen_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| PipelineError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| PipelineError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+    let shared = Arc::new(Shared::new());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (drain, drain_rx) = mpsc::channel(8);
+    tokio::spawn(crate::admin::serve(listener, shared.clone(), drain.clone()));
+    info!(%addr, "serving /metrics, /healthz, /readyz and /drain");
+    let supervisor = Supervisor {
+        config,
+        shared: shared.clone(),
+        started: Instant::now(),
+        start_lsn: None,
+        drain_lsn: None,
+        waiters: Vec::new(),
+    };
+    let join = tokio::spawn(supervisor.run(opts, shutdown_rx, drain_rx));
+    Ok(Handle {
+        addr,
+        shared,
+        shutdown,
+        drain,
+        join,
+    })
+}
+
+/// Runs until drained, shut down by `shutdown_signal` (SIGTERM/SIGINT in `main`), or failed.
+pub async fn run(
+    config: Config,
+    opts: RunOptions,
+    shutdown_signal: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<Report, PipelineError> {
+    let handle = start(config, opts).await?;
+    let shutdown = handle.shutdown.clone();
+    let watcher = tokio::spawn(async move {
+        shutdown_signal.await;
+        info!("signal received: finishing the batch in flight");
+        let _ = shutdown.send(true);
+    });
+    let result = handle.wait().await;
+    watcher.abort();
+    result
+}
+
+struct Supervisor {
+    config: Config,
+    shared: Arc<Shared>,
+    started: Instant,
+    start_lsn: Option<u64>,
+    drain_lsn: Option<u64>,
+    waiters: Vec<oneshot::Sender<Result<Report, String>>>,
+}
+
+enum Outcome {
+    Shutdown,
+    Drained,
+}
+
+impl Supervisor {
+    async fn run(
+        mut self,
+        opts: RunOptions,
+        mut shutdown: watch::Receiver<bool>,
+        mut drains: mpsc::Receiver<DrainRequest>,
+    ) -> Result<Report, PipelineError> {
+        let mut backoff = Duration::from_millis(self.config.retry.initial_backoff_ms);
+        let max_backoff = Duration::from_millis(self.config.retry.max_backoff_ms);
+        let startup_timeout = Duration::from_millis(self.config.retry.startup_timeout_ms);
+        let mut drain_requested = opts.drain;
+        loop {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let mut session_start = None;
+            let outcome = {
+                let session = session::run(&self.config, &self.shared, stop_rx, |lsn| {
+                    session_start = Some(lsn);
+                });
+                tokio::pin!(session);
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                let mut stopping: Option<Outcome> = None;
+                loop {
+                    tokio::select! {
+                        biased;
+                        // 1. The session ending (cleanly after a stop, or with an error).
+                        result = &mut session => break result.map(|()| stopping.take().unwrap_or(Outcome::Shutdown)),
+                        // 2. Shutdown: stop intake, commit what is complete, confirm.
+                        changed = shutdown.changed(), if stopping.is_none() => {
+                            if changed.is_err() || *shutdown.borrow() {
+                                self.shared.set_state(State::Stopped);
+                                stopping = Some(Outcome::Shutdown);
+                                let _ = stop_tx.send(true);
+                            }
+                        }
+                        // 3. Drain requests: remember the waiter, fix the target once.
+                        Some(req) = drains.recv() => {
+                            self.waiters.push(req.reply);
+                            drain_requested = true;
+                        }
+                        // 4. Progress checks: start a pending drain, finish a reached one.
+                        _ = tick.tick(), if stopping.is_none() => {
+                            if drain_requested && self.drain_lsn.is_none() && self.shared.streaming.load(Ordering::Relaxed) {
+                                match self.blue_wal_lsn().await {
+                                    Ok(lsn) => {
+                                        info!(drain_lsn = %format_lsn(lsn), "draining: waiting until everything before this LSN is in green and confirmed");
+                                        self.drain_lsn = Some(lsn);
+                                        self.shared.set_state(State::Draining);
+                                    }
+                                    Err(e) => warn!(error = %e, "cannot read blue's WAL position for the drain; retrying"),
+                                }
+                            }
+                            if let Some(target) = self.drain_lsn
+                                && self.shared.confirmed_lsn.load(Ordering::Relaxed) >= target {
+                                stopping = Some(Outcome::Drained);
+                                let _ = stop_tx.send(true);
+                            }
+                        }
+                    }
+                }
+            };
+            let streamed = session_start.is_some();
+            if let Some(lsn) = session_start {
+                self.start_lsn.get_or_insert(lsn);
+            }
+            match outcome {
+                Ok(Outcome::Drained) => {
+                    self.confirm_drained().await;
+                    let report = self.report(true);
+                    self.shared.set_state(State::Stopped);
+                    info!(final_lsn = %report.final_lsn, "drained");
+                    for w in self.waiters.drain(..) {
+                        let _ = w.send(Ok(report.clone()));
+                    }
+                    return Ok(report);
+                }
+                Ok(Outcome::Shutdown) => {
+                    self.shared.set_state(State::Stopped);
+                    let report = self.report(false);
+                    for w in self.waiters.drain(..) {
+                        let _ = w.send(Err("shut down before the drain finished".into()));
+                    }
+                    info!(final_lsn = %report.final_lsn, "stopped");
+                    return Ok(report);
+                }
+                Err(e) => {
+                    let retry = e.is_retryable()
+                        && (self.start_lsn.is_some() || self.started.elapsed() < startup_timeout);
+                    self.shared.error(e.stage(), retry);
+                    self.shared.streaming.store(false, Ordering::Relaxed);
+                    if !retry || *shutdown.borrow() {
+                        error!(error = %e, "stopping");
+                        self.shared.set_state(State::Failed);
+                        for w in self.waiters.drain(..) {
+                            let _ = w.send(Err(e.to_string()));
+                        }
+                        return Err(e);
+                    }
+                    if streamed {
+                        backoff = Duration::from_millis(self.config.retry.initial_backoff_ms);
+                    }
+                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "session lost; resuming from green's progress");
+                    self.shared.set_state(State::Reconnecting);
+                    let stop = tokio::select! {
+                        _ = tokio::time::sleep(backoff) => false,
+                        // A dropped handle counts as a shutdown request.
+                        changed = shutdown.changed() => changed.is_err() || *shutdown.borrow(),
+                    };
+                    if stop {
+                        self.shared.set_state(State::Stopped);
+                        return Ok(self.report(false));
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        }
+    }
+
+    async fn blue_wal_lsn(&self) -> Result<u64, PipelineError> {
+        let dsn = self.config.blue_dsn()?;
+        let (client, conn) = dsn
+            .pg_config("shadowsync-drain")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|source| SourceError::Connect {
+                dsn: dsn.to_string(),
+                source,
+            })?;
+        let conn = tokio::spawn(conn);
+        let lsn = preflight::current_wal_lsn(&client).await;
+        drop(client);
+        let _ = conn.await;
+        Ok(lsn?)
+    }
+
+    /// Waits until blue's slot records the drained position (the standby status update has
+    /// been processed), so the report's final LSN is blue's own word.
+    async fn confirm_drained(&self) {
+        let Some(target) = self.drain_lsn else { return };
+        let Ok(dsn) = self.config.blue_dsn() else {
+            return;
+        };
+        let Ok((client, conn)) = dsn
+            .pg_config("shadowsync-drain")
+            .connect(tokio_postgres::NoTls)
+            .await
+        else {
+            return;
+        };
+        let conn = tokio::spawn(conn);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match preflight::slot_confirmed(&client, &self.config.blue.slot).await {
+                Ok(lsn) if lsn >= target => {
+                    self.shared.set_confirmed(lsn);
+                    break;
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(_) => break,
+            }
+        }
+        drop(client);
+        let _ = conn.await;
+    }
+
+    fn report(&self, drained: bool) -> Report {
+        let applied = self.shared.applied();
+        Report {
+            slot: self.config.blue.slot.clone(),
+            start_lsn: format_lsn(self.start_lsn.unwrap_or(0)),
+            final_lsn: format_lsn(self.shared.confirmed_lsn.load(Ordering::Relaxed)),
+            drain_lsn: self.drain_lsn.map(format_lsn),
+            drained,
+            duration_seconds: self.started.elapsed().as_secs_f64(),
+            transactions: applied.transactions,
+            batches: applied.batches,
+            rows: applied.rows,
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Exactly-once bookkeeping in green: the `shadowsync` schema and one progress row per slot.
+//!
+//! Invariant: the progress row is written in the same green transaction as the data it covers,
+//! so after any crash green's progress names exactly the last blue commit whose changes are in
+//! green. `end_lsn` is the end LSN of that blue commit record: every transaction whose commit
+//! record starts before it is already applied.
+
+use tokio_postgres::Client;
+
+/// Schema holding shadowsync's own tables in green.
+pub const SCHEMA: &str = "shadowsync";
+
+/// Creates the schema and progress table when missing (idempotent, safe with concurrent runs).
+pub const CREATE_SQL: &str = "
+CREATE SCHEMA IF NOT EXISTS shadowsync;
+CREATE TABLE IF NOT EXISTS shadowsync.progress (
+    slot        text PRIMARY KEY,
+    end_lsn     pg_lsn NOT NULL,
+    commit_time timestamptz,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE shadowsync.progress IS
+    'shadowsync: end LSN and commit time of the last blue transaction applied, per slot; written in the same transaction as the data';
+";
+
+/// Upsert of the progress row; parameters: slot, end LSN (text), commit time (µs since 2000-01-01).
+pub const WRITE_SQL: &str = "
+INSERT INTO shadowsync.progress AS p (slot, end_lsn, commit_time, applied_at)
+VALUES ($1, $2::text::pg_lsn, '2000-01-01 00:00:00+00'::timestamptz + $3::bigint * interval '1 microsecond', now())
+ON CONFLICT (slot) DO UPDATE
+   SET end_lsn = EXCLUDED.end_lsn, commit_time = EXCLUDED.commit_time, applied_at = EXCLUDED.applied_at";
+
+/// Last applied blue commit for one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// End LSN of the last applied commit.
+    pub end_lsn: u64,
+}
+
+/// Creates the schema when missing.
+pub async fn ensure_schema(client: &Client) -> Result<(), tokio_postgres::Error> {
+    client.batch_execute(CREATE_SQL).await
+}
+
+/// Reads the progress row of `slot`, if any.
+pub async fn read(client: &Client, slot: &str) -> Result<Option<Progress>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT end_lsn::text FROM shadowsync.progress WHERE slot = $1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.and_then(|r| {
+        let text: String = r.get(0);
+        parse_lsn(&text).map(|end_lsn| Progress { end_lsn })
+    }))
+}
+
+/// Formats an LSN the way PostgreSQL prints it (`16/B374D848`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Parses PostgreSQL's `X/Y` LSN text.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    (hi <= u32::MAX as u64 && lo <= u32::MAX as u64).then_some((hi << 32) | lo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_text_round_trips() {
+        for lsn in [0u64, 1, 0x16_B374_D848, u64::MAX] {
+            assert_eq!(parse_lsn(&format_lsn(lsn)), Some(lsn));
+        }
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("nope"), None);
+    }
+}

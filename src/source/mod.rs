@@ -1,0 +1,323 @@
+//! Source stage: the replication connection to blue, decoded into [`SourceEvent`]s for the apply
+//! stage, and acknowledgements back to blue.
+//!
+//! `pgwire-replication` is the transport: it hands over Begin, Commit and logical Message as
+//! parsed events and every other pgoutput message as raw bytes, which `decode` parses.
+//!
+//! Invariants:
+//! - The LSN confirmed to blue is either the end of a blue commit green has committed (as
+//!   published by the apply stage), or, when nothing received is unapplied and no transaction
+//!   is open, the WAL end of a keepalive: blue never keeps WAL for nothing, and never forgets
+//!   WAL green still needs.
+//! - Events are forwarded in stream order through a bounded channel (backpressure reaches blue
+//!   through TCP).
+
+pub mod preflight;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::config::{Dsn, SESSION_OPTIONS};
+use crate::decode::{self, Begin, Commit, DecodeError, Message};
+use crate::metrics::Shared;
+use crate::progress::format_lsn;
+
+/// One decoded message and the WAL position it was sent at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceEvent {
+    pub lsn: u64,
+    pub msg: Message,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("blue replication connection ({dsn}): {source}")]
+    Replication { dsn: String, source: PgWireError },
+    #[error(
+        "cannot decode blue's change at LSN {lsn}: {source}; this is a bug in shadowsync or an unsupported server: report it with the LSN (nothing past it was confirmed)"
+    )]
+    Decode { lsn: String, source: DecodeError },
+    #[error(
+        "cannot connect to blue ({dsn}): {source}; check blue.dsn, that blue is up, and the password (SHADOWSYNC_BLUE_PASSWORD or pgpass)"
+    )]
+    Connect {
+        dsn: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("blue: {context}: {source}")]
+    Blue {
+        context: &'static str,
+        source: tokio_postgres::Error,
+    },
+    /// A problem with blue's setup that the operator must fix; the message says how.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl SourceError {
+    /// The one place deciding whether a failure is worth a reconnect and retry.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SourceError::Replication { source, .. } => match source {
+                PgWireError::Io(_) | PgWireError::Task(_) => true,
+                // The slot stays "active" until blue notices a dead predecessor (wal_sender_timeout);
+                // shutdowns and restarts of blue pass too.
+                PgWireError::Server(m) => {
+                    m.contains("is active for PID")
+                        || m.contains("terminating connection")
+                        || m.contains("shutting down")
+                        || m.contains("starting up")
+                        || m.contains("57P")
+                        || m.contains("08")
+                }
+                _ => false,
+            },
+            SourceError::Connect { .. } => true,
+            SourceError::Blue { source, .. } => crate::apply::retryable_pg(source),
+            SourceError::Decode { .. } | SourceError::Setup(_) => false,
+        }
+    }
+}
+
+/// Replication settings for a blue DSN.
+pub fn replication_config(
+    dsn: &Dsn,
+    slot: &str,
+    publication: &str,
+    start: u64,
+    status_interval: Duration,
+) -> ReplicationConfig {
+    let password = dsn.password.clone().unwrap_or_default();
+    let base = if dsn.host.starts_with('/') {
+        ReplicationConfig::unix(
+            dsn.host.clone(),
+            dsn.port,
+            dsn.user.clone(),
+            password,
+            dsn.dbname.clone(),
+            slot,
+            publication,
+        )
+    } else {
+        ReplicationConfig::new(
+            dsn.host.clone(),
+            dsn.user.clone(),
+            password,
+            dsn.dbname.clone(),
+            slot,
+            publication,
+        )
+        .with_port(dsn.port)
+        .with_tls(pgwire_replication::TlsConfig::disabled())
+    };
+    base.with_start_lsn(Lsn::from_u64(start))
+        .with_status_interval(status_interval)
+        .with_wakeup_interval(status_interval)
+        .with_options(format!("{SESSION_OPTIONS} -c client_encoding=UTF8"))
+        .with_application_name("shadowsync")
+        .with_buffer_size(1024)
+}
+
+/// Connects the replication stream at `start` and waits until blue accepted it.
+pub async fn connect(cfg: ReplicationConfig, dsn: &Dsn) -> Result<ReplicationClient, SourceError> {
+    let err = |source| SourceError::Replication {
+        dsn: dsn.to_string(),
+        source,
+    };
+    let mut client = ReplicationClient::connect(cfg).await.map_err(err)?;
+    client.wait_started().await.map_err(err)?;
+    Ok(client)
+}
+
+pub struct SourceStage {
+    client: ReplicationClient,
+    dsn: String,
+    /// Commits ending at or before this are in green already.
+    skip_before: u64,
+    shared: Arc<Shared>,
+    in_txn: bool,
+    /// End LSN of the last blue commit forwarded to the apply stage.
+    last_forwarded: u64,
+    /// End LSN of the last commit green committed.
+    committed: u64,
+}
+
+impl SourceStage {
+    pub fn new(client: ReplicationClient, dsn: &Dsn, start: u64, shared: Arc<Shared>) -> Self {
+        shared.set_confirmed(start);
+        SourceStage {
+            client,
+            dsn: dsn.to_string(),
+            skip_before: start,
+            shared,
+            in_txn: false,
+            last_forwarded: start,
+            committed: start,
+        }
+    }
+
+    /// Streams until `stop` turns true (then stops intake, closes `tx`, keeps confirming what
+    /// the apply stage commits until it finishes) or an error.
+    pub async fn run(
+        mut self,
+        tx: mpsc::Sender<SourceEvent>,
+        mut committed: watch::Receiver<u64>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), SourceError> {
+        let mut tx = Some(tx);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let metrics = self.client.metrics();
+        loop {
+            tokio::select! {
+                biased;
+                // 1. Acknowledge what green committed: frees blue's WAL, never waits on input.
+                changed = committed.changed() => {
+                    if changed.is_err() {
+                        break; // the apply stage is done
+                    }
+                    let lsn = *committed.borrow_and_update();
+                    self.committed = self.committed.max(lsn);
+                    self.client.update_applied_lsn(Lsn::from_u64(self.committed));
+                }
+                // 2. Stop intake on shutdown or drain; the apply stage finishes what it holds.
+                _ = stop.changed(), if tx.is_some() => {
+                    if *stop.borrow() {
+                        info!("stopping intake from blue");
+                        tx = None;
+                    }
+                }
+                // 3. Publish what blue has been told, for metrics and drains.
+                _ = tick.tick() => {
+                    self.shared.set_confirmed(metrics.last_applied_lsn().as_u64());
+                }
+                // 4. The stream itself.
+                event = self.client.recv(), if tx.is_some() => {
+                    let sender = tx.as_ref().expect("guarded by the branch condition");
+                    match event {
+                        Ok(Some(ev)) => self.forward(ev, sender).await?,
+                        Ok(None) => {
+                            info!("blue ended the replication stream");
+                            tx = None;
+                        }
+                        Err(source) => return Err(SourceError::Replication { dsn: self.dsn.clone(), source }),
+                    }
+                }
+            }
+        }
+        self.confirm_sent().await;
+        self.client.stop();
+        Ok(())
+    }
+
+    /// Waits (briefly) until blue has been told about the last commit.
+    async fn confirm_sent(&self) {
+        let metrics = self.client.metrics();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while metrics.last_applied_lsn().as_u64() < self.committed
+            && tokio::time::Instant::now() < deadline
+            && self.client.is_running()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.shared
+            .set_confirmed(metrics.last_applied_lsn().as_u64());
+    }
+
+    async fn forward(
+        &mut self,
+        ev: ReplicationEvent,
+        tx: &mpsc::Sender<SourceEvent>,
+    ) -> Result<(), SourceError> {
+        let event = match ev {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                self.in_txn = true;
+                SourceEvent {
+                    lsn: final_lsn.as_u64(),
+                    msg: Message::Begin(Begin {
+                        final_lsn: final_lsn.as_u64(),
+                        commit_time: commit_time_micros,
+                        xid,
+                    }),
+                }
+            }
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => {
+                self.in_txn = false;
+                let end = end_lsn.as_u64();
+                self.last_forwarded = self.last_forwarded.max(end);
+                if end > self.skip_before {
+                    self.shared.commit_received(end, commit_time_micros);
+                }
+                SourceEvent {
+                    lsn: end,
+                    msg: Message::Commit(Commit {
+                        flags: 0,
+                        commit_lsn: lsn.as_u64(),
+                        end_lsn: end,
+                        commit_time: commit_time_micros,
+                    }),
+                }
+            }
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => {
+                let msg = decode::decode(&data).map_err(|source| SourceError::Decode {
+                    lsn: format_lsn(wal_start.as_u64()),
+                    source,
+                })?;
+                SourceEvent {
+                    lsn: wal_start.as_u64(),
+                    msg,
+                }
+            }
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                debug!(%prefix, transactional, "logical message");
+                SourceEvent {
+                    lsn: lsn.as_u64(),
+                    msg: Message::Message {
+                        transactional,
+                        lsn: lsn.as_u64(),
+                        prefix: prefix.into_bytes().into(),
+                        content,
+                    },
+                }
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Idle: nothing received is unapplied, so blue may forget WAL up to here.
+                if !self.in_txn && self.committed >= self.last_forwarded {
+                    let lsn = wal_end.as_u64().max(self.committed);
+                    self.client.update_applied_lsn(Lsn::from_u64(lsn));
+                }
+                return Ok(());
+            }
+            ReplicationEvent::StoppedAt { reached } => {
+                warn!(lsn = %reached, "replication stopped at a stop LSN");
+                return Ok(());
+            }
+        };
+        if tx.send(event).await.is_err() {
+            // The apply stage ended (its error is reported by the pipeline).
+            debug!("apply stage gone; dropping event");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! Checks of blue (and of green against blue) before streaming, and slot management.
+//!
+//! Every failure is a [`SourceError::Setup`] telling the operator what is wrong and what to run;
+//! nothing here writes to either database except creating a missing slot.
+
+use tokio_postgres::Client;
+
+use super::SourceError;
+use crate::progress::parse_lsn;
+use crate::transform::QualifiedName;
+use crate::transform::catalog;
+
+/// What the preflight learned about blue.
+#[derive(Debug, Clone)]
+pub struct BlueState {
+    /// The slot's `confirmed_flush_lsn` (its creation point if just created).
+    pub slot_confirmed: u64,
+    pub slot_created: bool,
+    /// Tables in the publication.
+    pub tables: Vec<QualifiedName>,
+}
+
+fn blue_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    move |source| SourceError::Blue { context, source }
+}
+
+/// Checks blue's settings, the user's privilege, the publication and its tables on green, and
+/// creates the slot when missing.
+pub async fn check(
+    blue: &Client,
+    green: &Client,
+    slot: &str,
+    publication: &str,
+) -> Result<BlueState, SourceError> {
+    let wal_level: String = blue
+        .query_one("SELECT current_setting('wal_level')", &[])
+        .await
+        .map_err(blue_err("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(SourceError::Setup(format!(
+            "blue's wal_level is '{wal_level}', logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; on blue and restart it"
+        )));
+    }
+    let row = blue
+        .query_one(
+            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(blue_err("reading the user's attributes"))?;
+    let (user, can_replicate): (String, bool) = (row.get(0), row.get(1));
+    if !can_replicate {
+        return Err(SourceError::Setup(format!(
+            "blue user {user} lacks the REPLICATION attribute: run ALTER ROLE \"{user}\" REPLICATION; on blue (or connect as a user that has it)"
+        )));
+    }
+    let exists = blue
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(blue_err("looking up the publication"))?
+        .is_some();
+    if !exists {
+        return Err(SourceError::Setup(format!(
+            "publication {publication} does not exist on blue: create it with\n  CREATE PUBLICATION \"{publication}\" FOR TABLE <schema.table>, ...;\nor, to replicate every table,\n  CREATE PUBLICATION \"{publication}\" FOR ALL TABLES;"
+        )));
+    }
+    let tables: Vec<QualifiedName> = blue
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
+            &[&publication],
+        )
+        .await
+        .map_err(blue_err("listing the publication's tables"))?
+        .into_iter()
+        .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    for table in &tables {
+        check_table(blue, green, table).await?;
+    }
+    let (slot_confirmed, slot_created) = ensure_slot(blue, slot).await?;
+    Ok(BlueState {
+        slot_confirmed,
+        slot_created,
+        tables,
+    })
+}
+
+/// Green must have the table and every column, with a type blue's text can be cast to.
+async fn check_table(
+    blue: &Client,
+    green: &Client,
+    table: &QualifiedName,
+) -> Result<(), SourceError> {
+    let Some(g) = catalog::green_table(green, table)
+        .await
+        .map_err(|source| SourceError::Blue {
+            context: "reading green's catalog",
+            source,
+        })?
+    else {
+        return Err(SourceError::Setup(format!(
+            "table {table} is in the publication but missing on green: create it on green (same columns), or remove it from the publication"
+        )));
+    };
+    let columns = blue
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typcategory::text
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(blue_err("reading a table's columns"))?;
+    for c in columns {
+        let (name, blue_type, blue_cat): (String, String, String) = (c.get(0), c.get(1), c.get(2));
+        let Some(gc) = g.columns.iter().find(|gc| gc.name == name) else {
+            return Err(SourceError::Setup(format!(
+                "column {name} of table {table} exists on blue but not on green: run ALTER TABLE {} ADD COLUMN \"{name}\" {blue_type}; on green",
+                table.quoted()
+            )));
+        };
+        if gc.sql_type == blue_type {
+            continue;
+        }
+        let compatible: bool = green
+            .query_one(
+                "SELECT coalesce(
+                    to_regtype($2) IS NOT NULL AND (
+                      (SELECT typcategory::text FROM pg_type WHERE oid = to_regtype($2)) IN ('S', $3)
+                      OR EXISTS (SELECT 1 FROM pg_cast WHERE castsource = to_regtype($1) AND casttarget = to_regtype($2))),
+                    false)",
+                &[&blue_type, &gc.sql_type, &blue_cat],
+            )
+            .await
+            .map_err(|source| SourceError::Blue { context: "comparing column types on green", source })?
+            .get(0);
+        if !compatible {
+            return Err(SourceError::Setup(format!(
+                "column {name} of table {table} is {blue_type} on blue but {} on green, and blue's values cannot be cast to it: change green's column type (ALTER TABLE ... ALTER COLUMN \"{name}\" TYPE {blue_type}) or map the column with a transform rule",
+                gc.sql_type
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Returns the slot's confirmed position, creating the slot when missing.
+async fn ensure_slot(blue: &Client, slot: &str) -> Result<(u64, bool), SourceError> {
+    let row = blue
+        .query_opt(
+            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, current_database()::text
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(blue_err("looking up the replication slot"))?;
+    if let Some(row) = row {
+        let plugin: Option<String> = row.get(0);
+        let database: Option<String> = row.get(1);
+        let confirmed: Option<String> = row.get(2);
+        let current: String = row.get(3);
+        if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(current.as_str()) {
+            return Err(SourceError::Setup(format!(
+                "replication slot {slot} exists on blue but is not a pgoutput slot of database {current} (plugin {plugin:?}, database {database:?}): choose another blue.slot, or drop it with SELECT pg_drop_replication_slot('{slot}'); if it is unused"
+            )));
+        }
+        let lsn = confirmed.as_deref().and_then(parse_lsn).unwrap_or(0);
+        return Ok((lsn, false));
+    }
+    let lsn: String = blue
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(blue_err("creating the replication slot"))?
+        .get(0);
+    tracing::info!(slot, lsn = %lsn, "created replication slot on blue; streaming starts at its creation point");
+    Ok((parse_lsn(&lsn).unwrap_or(0), true))
+}
+
+/// Blue's current WAL insert position: it covers every commit that has returned to its client,
+/// even with synchronous_commit = off (the write position may trail those).
+pub async fn current_wal_lsn(blue: &Client) -> Result<u64, SourceError> {
+    let text: String = blue
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(blue_err("reading the current WAL position"))?
+        .get(0);
+    Ok(parse_lsn(&text).unwrap_or(0))
+}
+
+/// The slot's confirmed position as blue records it.
+pub async fn slot_confirmed(blue: &Client, slot: &str) -> Result<u64, SourceError> {
+    let text: Option<String> = blue
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(blue_err("reading the slot's confirmed position"))?
+        .and_then(|r| r.get(0));
+    Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
+}

@@ -1,0 +1,73 @@
+//! Green's catalog as the mapping needs it: a table's columns, their types and its primary key.
+//!
+//! Read once per relation (when blue first describes it in a session), never on the hot path.
+
+use tokio_postgres::Client;
+
+use super::QualifiedName;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GreenColumn {
+    pub name: String,
+    /// `format_type(atttypid, atttypmod)`: a spelling green parses back.
+    pub sql_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GreenTable {
+    pub name: QualifiedName,
+    /// Writable columns (generated columns are left out: green computes them).
+    pub columns: Vec<GreenColumn>,
+    /// Primary key column names, in key order; empty without a primary key.
+    pub primary_key: Vec<String>,
+}
+
+/// Reads a table's description from green; `None` when it does not exist.
+pub async fn green_table(
+    client: &Client,
+    name: &QualifiedName,
+) -> Result<Option<GreenTable>, tokio_postgres::Error> {
+    let quoted = name.quoted();
+    let exists = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&quoted])
+        .await?
+        .get::<_, bool>(0);
+    if !exists {
+        return Ok(None);
+    }
+    let columns = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
+               FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            &[&quoted],
+        )
+        .await?
+        .into_iter()
+        .map(|r| GreenColumn {
+            name: r.get(0),
+            sql_type: r.get(1),
+        })
+        .collect();
+    let primary_key = client
+        .query(
+            "SELECT a.attname::text
+               FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = to_regclass($1) AND i.indisprimary
+              ORDER BY k.ord",
+            &[&quoted],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Some(GreenTable {
+        name: name.clone(),
+        columns,
+        primary_key,
+    }))
+}
