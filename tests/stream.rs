@@ -133,3 +133,159 @@ async fn demo_workload_arrives_complete() {
     eprintln!("{report:?}");
     assert_same(&pair, &["users", "hypervisors", "virtual_machines"]).await;
 }
+
+async fn slot_lsn(client: &tokio_postgres::Client) -> u64 {
+    let text: String = client
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'test_slot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    shadowsync::progress::parse_lsn(&text).unwrap()
+}
+
+async fn green_progress(client: &tokio_postgres::Client) -> u64 {
+    let text: String = client
+        .query_one(
+            "SELECT end_lsn::text FROM shadowsync.progress WHERE slot = 'test_slot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    shadowsync::progress::parse_lsn(&text).unwrap()
+}
+
+/// WAL that holds nothing for green (writes to an unpublished table) is confirmed while idle,
+/// so blue does not keep it; green's progress stays at the last applied commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_stream_confirms_wal_it_does_not_need() {
+    init_logging();
+    let pair = Pair::start(SCHEMA);
+    pair.blue
+        .psql(
+            DB,
+            "CREATE PUBLICATION test_pub FOR TABLE items; CREATE TABLE unpublished (x int)",
+        )
+        .unwrap();
+    let handle = pipeline::start(pair.config(), RunOptions::default())
+        .await
+        .unwrap();
+    wait_for("streaming", std::time::Duration::from_secs(30), || async {
+        handle.shared.ready()
+    })
+    .await;
+    let blue = pair.blue().await;
+    let green = pair.green().await;
+    blue.execute("INSERT INTO items VALUES (1, 'a', 1, NULL)", &[])
+        .await
+        .unwrap();
+    wait_for(
+        "the insert in green",
+        std::time::Duration::from_secs(30),
+        || async { rows(&green, "items").await.len() == 1 },
+    )
+    .await;
+    let applied = green_progress(&green).await;
+    blue.execute(
+        "INSERT INTO unpublished SELECT generate_series(1, 10000)",
+        &[],
+    )
+    .await
+    .unwrap();
+    let wal: String = blue
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let wal = shadowsync::progress::parse_lsn(&wal).unwrap();
+    wait_for(
+        "the slot to confirm idle WAL",
+        std::time::Duration::from_secs(30),
+        || async { slot_lsn(&blue).await >= wal },
+    )
+    .await;
+    assert_eq!(
+        green_progress(&green).await,
+        applied,
+        "no green write for idle WAL"
+    );
+    handle.shutdown();
+    handle.wait().await.unwrap();
+}
+
+/// Killing blue's walsender and green's apply connection mid-stream: the pipeline reconnects
+/// with backoff and resumes from green's progress; nothing lost, nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_connections_are_retried_and_resume_exactly_once() {
+    init_logging();
+    let pair = Pair::start(SCHEMA);
+    pair.blue
+        .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE items")
+        .unwrap();
+    let handle = pipeline::start(pair.config(), RunOptions::default())
+        .await
+        .unwrap();
+    wait_for("streaming", std::time::Duration::from_secs(30), || async {
+        handle.shared.ready()
+    })
+    .await;
+    let blue = pair.blue().await;
+    let green = pair.green().await;
+    let writer = {
+        let client = pair.blue().await;
+        tokio::spawn(async move {
+            for i in 0..3000i64 {
+                client
+                    .execute(
+                        "INSERT INTO items VALUES ($1, 'x', 0, NULL) ON CONFLICT (id) DO UPDATE SET n = items.n + 1",
+                        &[&(i % 1000)],
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    for round in 0..3 {
+        wait_for(
+            "rows in green",
+            std::time::Duration::from_secs(30),
+            || async { !rows(&green, "items").await.is_empty() },
+        )
+        .await;
+        let sql = if round % 2 == 0 {
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_replication WHERE application_name = 'shadowsync'"
+        } else {
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'shadowsync-apply'"
+        };
+        let target = if round % 2 == 0 { &blue } else { &green };
+        let killed: i64 = target.query_one(sql, &[]).await.unwrap().get(0);
+        assert_eq!(killed, 1, "round {round}: one connection terminated");
+        wait_for(
+            "the pipeline to notice",
+            std::time::Duration::from_secs(60),
+            || async { !handle.shared.ready() },
+        )
+        .await;
+        wait_for(
+            "the pipeline to stream again",
+            std::time::Duration::from_secs(60),
+            || async { handle.shared.ready() },
+        )
+        .await;
+    }
+    writer.await.unwrap();
+    let report = handle.drain().await.unwrap();
+    let shared = handle.shared.clone();
+    handle.wait().await.unwrap();
+    assert!(report.drained);
+    assert_same(&pair, &["items"]).await;
+    let metrics = shared.encode();
+    assert!(
+        metrics.contains("shadowsync_errors_total{stage=\"source\",retryable=\"true\"}")
+            && metrics.contains("shadowsync_errors_total{stage=\"apply\",retryable=\"true\"}"),
+        "retried errors are counted:\n{metrics}"
+    );
+}
