@@ -454,10 +454,14 @@ fn statement_error(
         .map(|d| {
             let mut m = d.message().to_string();
             if let Some(detail) = d.detail() {
-                // Details may quote row values; keep only the part naming keys and columns.
-                if !detail.contains('=') {
+                // "Key (id)=(5) already exists" names a key, which operators need; other details
+                // ("Failing row contains (...)") quote row values, which never leave green.
+                if detail.starts_with("Key (") {
                     m.push_str(&format!(" ({detail})"));
                 }
+            }
+            if let Some(c) = d.constraint() {
+                m.push_str(&format!(" [constraint {c}]"));
             }
             if let Some(c) = d.column() {
                 m.push_str(&format!(" [column {c}]"));
