@@ -14,7 +14,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Shared;
 use crate::pipeline::DrainRequest;
@@ -26,11 +26,13 @@ struct AppState {
     drain: mpsc::Sender<DrainRequest>,
 }
 
-/// Serves until the process exits.
+/// Serves until `stop` turns true, then finishes in-flight requests (a `/drain` waiting for its
+/// report) before returning.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     drain: mpsc::Sender<DrainRequest>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -39,7 +41,13 @@ pub async fn serve(
         .route("/status", get(status))
         .route("/drain", post(drain_handler))
         .with_state(AppState { shared, drain });
-    if let Err(e) = axum::serve(listener, app).await {
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
         tracing::error!(error = %e, "http listener failed");
     }
 }

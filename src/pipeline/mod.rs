@@ -116,6 +116,8 @@ pub struct Handle {
     shutdown: watch::Sender<bool>,
     drain: mpsc::Sender<DrainRequest>,
     join: tokio::task::JoinHandle<Result<Report, PipelineError>>,
+    http: tokio::task::JoinHandle<()>,
+    http_stop: watch::Sender<bool>,
 }
 
 impl Handle {
@@ -137,7 +139,12 @@ impl Handle {
 
     /// Waits for the pipeline to end.
     pub async fn wait(self) -> Result<Report, PipelineError> {
-        self.join.await.map_err(PipelineError::task("pipeline"))?
+        let result = self.join.await.map_err(PipelineError::task("pipeline"));
+        // Responses already owed (a /drain waiting for this report) reach their clients before
+        // the process exits.
+        let _ = self.http_stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
+        result?
     }
 }
 
@@ -160,7 +167,13 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
     let shared = Arc::new(Shared::new());
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (drain, drain_rx) = mpsc::channel(8);
-    tokio::spawn(crate::admin::serve(listener, shared.clone(), drain.clone()));
+    let (http_stop, http_stop_rx) = watch::channel(false);
+    let http = tokio::spawn(crate::admin::serve(
+        listener,
+        shared.clone(),
+        drain.clone(),
+        http_stop_rx,
+    ));
     info!(%addr, "serving /metrics, /healthz, /readyz and /drain");
     let supervisor = Supervisor {
         config,
@@ -177,6 +190,8 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
         shutdown,
         drain,
         join,
+        http,
+        http_stop,
     })
 }
 

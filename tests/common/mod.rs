@@ -93,3 +93,356 @@ where
 pub fn init_logging() {
     shadowsync::logging::init(false);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The real binary: config files, child processes, HTTP probes.
+// ---------------------------------------------------------------------------------------------
+
+/// Path of the `shadowsync` binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_shadowsync");
+
+/// A private temporary directory, removed on drop unless the test is failing (then kept, and
+/// its path printed, for inspection).
+pub struct TestDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TestDir {
+    pub fn new(label: &str) -> TestDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "shadowsync-test-{label}-{}-{}-{nanos}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create test dir");
+        TestDir { path }
+    }
+
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("keeping test dir {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A local address nobody listens on right now: bind port 0, note the port, let it go.
+pub fn free_addr() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr")
+}
+
+/// The TOML config `cluster::pipeline_config` builds (slot `test_slot`, publication `test_pub`),
+/// with `[metrics] listen` at `listen` and `extra` appended; written to `dir/config.toml`.
+pub fn write_config(
+    pair: &Pair,
+    dir: &TestDir,
+    listen: std::net::SocketAddr,
+    extra: &str,
+) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+[blue]
+dsn = "{blue}"
+slot = "test_slot"
+publication = "test_pub"
+status_interval_ms = 200
+[green]
+dsn = "{green}"
+[metrics]
+listen = "{listen}"
+[retry]
+initial_backoff_ms = 200
+max_backoff_ms = 2000
+startup_timeout_ms = 30000
+{extra}
+"#,
+        blue = pair.blue.dsn(DB),
+        green = pair.green.dsn(DB),
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).expect("write config");
+    Config::load(&path).expect("the written config is valid");
+    path
+}
+
+/// Runs the binary to completion with `RUST_LOG=info`; returns (exit code, stdout, stderr).
+/// Gives up (and kills it) after `deadline`.
+pub async fn run_bin(args: &[&str], deadline: Duration) -> (Option<i32>, String, String) {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(deadline, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("shadowsync {args:?} did not finish within {deadline:?}"))
+        .expect("spawn shadowsync");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A `shadowsync` child process whose stdout and stderr go to files in a test dir. Killed on
+/// drop; its log is printed when the test is failing.
+pub struct Sidecar {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    pub stdout: std::path::PathBuf,
+    pub stderr: std::path::PathBuf,
+}
+
+impl Sidecar {
+    /// Starts `shadowsync <args>` with `RUST_LOG=info`; `name` names its output files
+    /// (`name.stdout`, `name.stderr`) in `dir`.
+    pub fn spawn(dir: &TestDir, name: &str, args: &[&str], addr: std::net::SocketAddr) -> Sidecar {
+        let stdout = dir.join(&format!("{name}.stdout"));
+        let stderr = dir.join(&format!("{name}.stderr"));
+        let child = std::process::Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("create stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("create stderr file"))
+            .spawn()
+            .expect("spawn shadowsync");
+        Sidecar {
+            child,
+            addr,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// `shadowsync run --config <config>`.
+    pub fn run(dir: &TestDir, name: &str, config: &std::path::Path) -> Sidecar {
+        let config = config.to_str().expect("utf-8 path");
+        let addr = Config::load(config.as_ref())
+            .expect("config")
+            .listen_addr()
+            .expect("listen addr");
+        Sidecar::spawn(dir, name, &["run", "--config", config], addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Exit status if the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits until `GET /readyz` answers 200; fails early (with the log) if the process exits.
+    pub async fn wait_ready(&mut self, deadline: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exited() {
+                panic!(
+                    "shadowsync exited ({status}) before becoming ready; stderr:\n{}",
+                    self.stderr_text()
+                );
+            }
+            if let Ok((200, _)) = http_get(self.addr, "/readyz").await {
+                return;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "shadowsync not ready within {deadline:?}; stderr:\n{}",
+                self.stderr_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for the process to exit on its own, with a deadline; returns its status.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "shadowsync still running after {deadline:?}; stderr:\n{}",
+                self.stderr_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal (`TERM`, `INT`, ...) with the `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {} failed", self.pid());
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- shadowsync (pid {}) stderr, {} ---\n{}\n--- end ---",
+                self.child.id(),
+                self.stderr.display(),
+                self.stderr_text()
+            );
+        }
+        self.kill();
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a fresh TCP connection: (status code, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let call = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "http get timed out"))??;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("bad response: {head}"),
+            )
+        })?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Seed for a randomized test: `SHADOWSYNC_SEED` if set, else the clock; always printed.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("SHADOWSYNC_SEED")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+    eprintln!("{test}: seed {seed} (rerun with SHADOWSYNC_SEED={seed})");
+    seed
+}
+
+/// Row count of a table.
+pub async fn count(client: &Client, table: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .expect("count rows")
+        .get(0)
+}
+
+/// Blue's current WAL insert position.
+pub async fn wal_insert_lsn(client: &Client) -> u64 {
+    let text: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("read the WAL position")
+        .get(0);
+    shadowsync::progress::parse_lsn(&text).expect("an LSN")
+}
+
+/// Green's progress `end_lsn` for `slot`; `None` when the table or the row is absent.
+pub async fn progress_lsn(green: &Client, slot: &str) -> Option<u64> {
+    let exists: bool = green
+        .query_one("SELECT to_regclass('shadowsync.progress') IS NOT NULL", &[])
+        .await
+        .expect("look up shadowsync.progress")
+        .get(0);
+    if !exists {
+        return None;
+    }
+    green
+        .query_opt(
+            "SELECT end_lsn::text FROM shadowsync.progress WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .expect("read shadowsync.progress")
+        .map(|r| shadowsync::progress::parse_lsn(&r.get::<_, String>(0)).expect("an LSN"))
+}
+
+/// A replication slot on blue: `None` when it does not exist, else its `confirmed_flush_lsn`.
+pub async fn slot_confirmed(blue: &Client, slot: &str) -> Option<Option<u64>> {
+    blue.query_opt(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .expect("read pg_replication_slots")
+    .map(|r| {
+        r.get::<_, Option<String>>(0)
+            .and_then(|t| shadowsync::progress::parse_lsn(&t))
+    })
+}
+
+// (`count` is defined above; shared by several test files.)
