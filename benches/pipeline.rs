@@ -64,6 +64,7 @@ fn map() -> Arc<TableMap> {
             .map(|(i, n)| TargetColumn {
                 name: n.to_string(),
                 sql_type: "text".into(),
+                base_type: "text".into(),
                 expr: format!("src.\"{n}\""),
                 inputs: vec![i],
             })

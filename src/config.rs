@@ -31,9 +31,10 @@ pub const DEFAULT_STARTUP_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
 
 /// Session settings pinned on both sides so that the text blue's walsender prints is exactly the
-/// text green parses back (dates, intervals, floats, bytea).
+/// text green parses back (dates, intervals, floats, bytea, money, xml fragments).
 pub const SESSION_OPTIONS: &str = "-c datestyle=ISO,MDY -c intervalstyle=postgres \
-     -c extra_float_digits=3 -c timezone=UTC -c bytea_output=hex";
+     -c extra_float_digits=3 -c timezone=UTC -c bytea_output=hex -c lc_monetary=C \
+     -c xmloption=content";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -372,6 +372,7 @@ mod tests {
                 .map(|(i, c)| TargetColumn {
                     name: c.to_string(),
                     sql_type: "text".into(),
+                    base_type: "text".into(),
                     expr: format!("src.\"{c}\""),
                     inputs: vec![i],
                 })

@@ -291,7 +291,10 @@ impl Applier {
         for (result, origin) in results.into_iter().zip(origins) {
             if let Err(source) = result {
                 self.in_txn = false;
-                let _ = self.client.batch_execute("ROLLBACK").await;
+                // A pipelined COMMIT has already ended the aborted transaction.
+                if commit.is_none() {
+                    let _ = self.client.batch_execute("ROLLBACK").await;
+                }
                 return Err(statement_error(
                     origin.what,
                     &origin.table,

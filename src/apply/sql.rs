@@ -43,18 +43,34 @@ pub fn computable(map: &TableMap, cols: &[usize]) -> Vec<usize> {
         .collect()
 }
 
-fn target_expr(map: &TableMap, i: usize) -> String {
-    let c = &map.columns[i];
-    format!("CAST(({}) AS {})", c.expr, c.sql_type)
+/// How a target expression is cast.
+#[derive(Clone, Copy)]
+enum Cast {
+    /// Values written to green: cast to the type without its modifier, so that the INSERT or
+    /// UPDATE applies `varchar(n)`, `char(n)`, `bit(n)`, ... with assignment semantics and
+    /// rejects a value that does not fit (an explicit cast would silently truncate it).
+    Write,
+    /// Values compared with green's rows (keys, old images): cast to the exact column type, as
+    /// the stored values were.
+    Match,
 }
 
-fn select_list(map: &TableMap, targets: &[usize]) -> String {
+fn target_expr(map: &TableMap, i: usize, cast: Cast) -> String {
+    let c = &map.columns[i];
+    let ty = match cast {
+        Cast::Write => &c.base_type,
+        Cast::Match => &c.sql_type,
+    };
+    format!("CAST(({}) AS {})", c.expr, ty)
+}
+
+fn select_list(map: &TableMap, targets: &[usize], cast: Cast) -> String {
     targets
         .iter()
         .map(|&i| {
             format!(
                 "{} AS {}",
-                target_expr(map, i),
+                target_expr(map, i, cast),
                 quote_ident(&map.columns[i].name)
             )
         })
@@ -88,7 +104,7 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
         "INSERT INTO {} AS t ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}",
         map.target.quoted(),
         column_list(map, &targets),
-        select_list(map, &targets),
+        select_list(map, &targets, Cast::Write),
         src_relation(map, cols, 1)
     );
     if map.is_keyed() {
@@ -128,8 +144,6 @@ pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
     if sets.is_empty() {
         return None;
     }
-    let mut selected = map.key.clone();
-    selected.extend(&sets);
     Some(format!(
         "UPDATE {} AS t SET {} FROM (SELECT {} FROM {}) AS s WHERE {}",
         map.target.quoted(),
@@ -140,7 +154,11 @@ pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
             })
             .collect::<Vec<_>>()
             .join(", "),
-        select_list(map, &selected),
+        [
+            select_list(map, &map.key, Cast::Match),
+            select_list(map, &sets, Cast::Write)
+        ]
+        .join(", "),
         src_relation(map, cols, 1),
         key_match(map, "t", "s")
     ))
@@ -151,7 +169,7 @@ pub fn delete(map: &TableMap) -> String {
     format!(
         "DELETE FROM {} AS t USING (SELECT {} FROM {}) AS s WHERE {}",
         map.target.quoted(),
-        select_list(map, &map.key),
+        select_list(map, &map.key, Cast::Match),
         src_relation(map, &map.row_key, 1),
         key_match(map, "t", "s")
     )
@@ -182,7 +200,7 @@ pub fn delete_full_rows(map: &TableMap, cols: &[usize]) -> String {
         tbl = map.target.quoted(),
         img2 = row("t2"),
         imgq = row("v"),
-        sel = select_list(map, &targets),
+        sel = select_list(map, &targets, Cast::Match),
         src = src_relation(map, cols, 1),
     )
 }
@@ -203,9 +221,9 @@ pub fn move_row(map: &TableMap, cols: &[usize]) -> String {
             })
             .collect::<Vec<_>>()
             .join(", "),
-        select_list(map, &map.key),
+        select_list(map, &map.key, Cast::Match),
         old_src,
-        select_list(map, &sets),
+        select_list(map, &sets, Cast::Write),
         new_src,
         key_match(map, "t", "o")
     )
@@ -285,6 +303,7 @@ mod tests {
                 .map(|(i, (c, ty))| TargetColumn {
                     name: c.to_string(),
                     sql_type: ty.to_string(),
+                    base_type: ty.to_string(),
                     expr: format!("src.{}", quote_ident(c)),
                     inputs: vec![i],
                 })

@@ -11,6 +11,11 @@ pub struct GreenColumn {
     pub name: String,
     /// `format_type(atttypid, atttypmod)`: a spelling green parses back.
     pub sql_type: String,
+    /// The type without its modifier (length, precision), and for a domain its base type, spelled
+    /// so that green reads no default modifier into it (`bpchar`, `"bit"`). Written values are
+    /// cast to this: an explicit cast to `varchar(3)` (or a domain over it) would silently
+    /// truncate, while the INSERT's assignment cast to the column raises an error instead.
+    pub base_type: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,8 +42,9 @@ pub async fn green_table(
     }
     let columns = client
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)
-               FROM pg_attribute a
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    format_type(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END, -1)
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
               WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
                 AND a.attgenerated = ''
               ORDER BY a.attnum",
@@ -49,6 +55,7 @@ pub async fn green_table(
         .map(|r| GreenColumn {
             name: r.get(0),
             sql_type: r.get(1),
+            base_type: r.get(2),
         })
         .collect();
     let primary_key = client

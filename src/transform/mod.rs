@@ -53,7 +53,8 @@ pub fn quote_ident(ident: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceColumn {
     pub name: String,
-    /// SQL type the text value is cast to inside `src` (green's spelling).
+    /// SQL type the text value is cast to inside `src` (green's spelling). Without a type
+    /// modifier: an explicit cast to `varchar(n)` or `char(n)` would silently truncate.
     pub sql_type: String,
 }
 
@@ -63,6 +64,9 @@ pub struct TargetColumn {
     pub name: String,
     /// Green's type of the column (`format_type` spelling).
     pub sql_type: String,
+    /// The same type without its modifier: written values are cast to it, and the INSERT or
+    /// UPDATE applies the modifier with assignment semantics (an error, never a truncation).
+    pub base_type: String,
     /// SQL expression over `src`.
     pub expr: String,
     /// Source columns (indices into `TableMap::source_columns`) that `expr` reads.
@@ -155,11 +159,12 @@ pub fn identity(relation: &Relation, green: &GreenTable) -> Result<Arc<TableMap>
             })?;
         source_columns.push(SourceColumn {
             name: rc.name.clone(),
-            sql_type: gc.sql_type.clone(),
+            sql_type: gc.base_type.clone(),
         });
         columns.push(TargetColumn {
             name: rc.name.clone(),
             sql_type: gc.sql_type.clone(),
+            base_type: gc.base_type.clone(),
             expr: format!("src.{}", quote_ident(&rc.name)),
             inputs: vec![i],
         });
