@@ -397,6 +397,12 @@ fn pgpass_lookup(host: &str, port: u16, dbname: &str, user: &str) -> Option<Stri
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
     let text = std::fs::read_to_string(path).ok()?;
+    pgpass_match(&text, host, port, dbname, user)
+}
+
+/// The password of the first pgpass line matching, as libpq picks it.
+fn pgpass_match(text: &str, host: &str, port: u16, dbname: &str, user: &str) -> Option<String> {
+    // libpq matches a Unix-socket connection against "localhost".
     let host = if host.starts_with('/') {
         "localhost"
     } else {
@@ -489,6 +495,23 @@ mod tests {
         let d = Dsn::parse("host=h user=u password=s3cret dbname=d", "blue.dsn").unwrap();
         assert!(!format!("{d:?}").contains("s3cret"));
         assert_eq!(d.password.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn pgpass_picks_the_first_matching_line() {
+        let text = "# comment\nother:5432:*:app:nope\ngreen-db:5432:novacron:app:right\n*:*:*:app:fallback\n";
+        assert_eq!(
+            pgpass_match(text, "green-db", 5432, "novacron", "app").as_deref(),
+            Some("right")
+        );
+        assert_eq!(
+            pgpass_match(text, "/var/run/postgresql", 5432, "x", "app").as_deref(),
+            Some("fallback")
+        );
+        assert_eq!(
+            pgpass_match(text, "green-db", 5432, "novacron", "bob"),
+            None
+        );
     }
 
     #[test]

@@ -500,3 +500,53 @@ async fn value_too_long_for_a_domain_over_varchar_stops_the_pipeline() {
     )
     .await;
 }
+
+/// A green user that may not set session_replication_role, with a foreign key between
+/// replicated tables on green: refused with the GRANT to run; after the grant, it streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn foreign_keys_on_green_need_the_replica_role_grant() {
+    init_logging();
+    let pair = Pair::start(SCHEMA);
+    pair.green
+        .psql(
+            DB,
+            "ALTER TABLE ledger ADD CONSTRAINT ledger_account FOREIGN KEY (id) REFERENCES accounts (id);
+             CREATE ROLE app LOGIN;
+             GRANT CREATE ON DATABASE app TO app;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO app;",
+        )
+        .unwrap();
+    pair.blue
+        .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE accounts, ledger")
+        .unwrap();
+    let mut config = pair.config();
+    config.green.dsn = config.green.dsn.replace("user=postgres", "user=app");
+    let message = run_to_error(config.clone()).await;
+    assert_mentions(
+        &message,
+        &[
+            "ledger_account",
+            "session_replication_role",
+            "GRANT SET ON PARAMETER",
+        ],
+    );
+
+    pair.green
+        .psql(DB, "GRANT SET ON PARAMETER session_replication_role TO app")
+        .unwrap();
+    let handle = pipeline::start(config, RunOptions::default())
+        .await
+        .unwrap();
+    wait_for("streaming", DEADLINE, || async { handle.shared.ready() }).await;
+    // Child before parent inside one transaction: fine on blue (no FK there), and green's FK is
+    // not checked mid-batch under the replica role.
+    let blue = pair.blue().await;
+    blue.batch_execute(
+        "BEGIN; INSERT INTO ledger VALUES (7, 'child first'); INSERT INTO accounts VALUES (7, 'g', NULL, NULL); COMMIT;",
+    )
+    .await
+    .unwrap();
+    handle.drain().await.unwrap();
+    handle.wait().await.unwrap();
+    assert_same(&pair, &["accounts", "ledger"]).await;
+}
