@@ -127,20 +127,45 @@ pub enum AdminError {
 
 /// Asks a running sidecar to drain; returns the JSON report it printed.
 pub async fn request_drain(addr: SocketAddr, timeout: Duration) -> Result<String, AdminError> {
+    let (status, body) = http_call(addr, "POST", "/drain", timeout).await?;
+    if status == 200 {
+        Ok(body)
+    } else {
+        Err(AdminError::Refused {
+            status: status.to_string(),
+            body,
+        })
+    }
+}
+
+/// One HTTP/1.1 request without a body to the sidecar's listener: (status code, body). Small
+/// on purpose: the listener is ours, so no general HTTP client is needed.
+pub async fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), AdminError> {
     let call = async {
-        let mut stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|source| AdminError::Connect { addr, source })?;
-        let request = format!(
-            "POST /drain HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
         let io = |source| AdminError::Connect { addr, source };
+        let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await.map_err(io)?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.map_err(io)?;
         let text = String::from_utf8_lossy(&response).into_owned();
         let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head.lines().next().unwrap_or("").to_string();
+        let status = head.lines().next().unwrap_or("");
+        let code = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| AdminError::Refused {
+                status: status.to_string(),
+                body: body.to_string(),
+            })?;
         let body = if head
             .to_ascii_lowercase()
             .contains("transfer-encoding: chunked")
@@ -149,11 +174,7 @@ pub async fn request_drain(addr: SocketAddr, timeout: Duration) -> Result<String
         } else {
             body.to_string()
         };
-        if status.split_whitespace().nth(1) == Some("200") {
-            Ok(body)
-        } else {
-            Err(AdminError::Refused { status, body })
-        }
+        Ok((code, body))
     };
     tokio::time::timeout(timeout, call)
         .await

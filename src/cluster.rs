@@ -342,16 +342,17 @@ fn pseudo_port() -> u16 {
     20_000 + ((std::process::id() + SEQ.fetch_add(1, Ordering::Relaxed) * 7) % 40_000) as u16
 }
 
-/// A pipeline configuration streaming database `dbname` of `blue` into the same database of
-/// `green`, with the HTTP listener on a free port and limits suited to tests and demos.
-pub fn pipeline_config(
+/// Config TOML streaming database `dbname` of `blue` into the same database of `green`, with
+/// the HTTP listener at `listen` and timings suited to tests and demos.
+pub fn pipeline_config_toml(
     blue: &Cluster,
     green: &Cluster,
     dbname: &str,
     slot: &str,
     publication: &str,
-) -> crate::config::Config {
-    let text = format!(
+    listen: &str,
+) -> String {
+    format!(
         r#"
 [blue]
 dsn = "{}"
@@ -361,7 +362,7 @@ status_interval_ms = 200
 [green]
 dsn = "{}"
 [metrics]
-listen = "127.0.0.1:0"
+listen = "{listen}"
 [retry]
 initial_backoff_ms = 200
 max_backoff_ms = 2000
@@ -369,6 +370,17 @@ startup_timeout_ms = 30000
 "#,
         blue.dsn(dbname),
         green.dsn(dbname)
-    );
+    )
+}
+
+/// [`pipeline_config_toml`] parsed, with the listener on a free port.
+pub fn pipeline_config(
+    blue: &Cluster,
+    green: &Cluster,
+    dbname: &str,
+    slot: &str,
+    publication: &str,
+) -> crate::config::Config {
+    let text = pipeline_config_toml(blue, green, dbname, slot, publication, "127.0.0.1:0");
     crate::config::Config::parse(&text).expect("a valid generated config")
 }

@@ -369,6 +369,25 @@ impl Dsn {
         Ok(self)
     }
 
+    /// Opens an ordinary connection; its driver task logs how it ended. Abort the handle (or drop
+    /// the client) to close it.
+    pub async fn connect(
+        &self,
+        application_name: &str,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let (client, conn) = self
+            .pg_config(application_name)
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        let label = format!("{} ({application_name})", self.field);
+        let driver = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::warn!(connection = %label, error = %e, "connection ended");
+            }
+        });
+        Ok((client, driver))
+    }
+
     /// Settings for an ordinary (non-replication) tokio-postgres connection.
     pub fn pg_config(&self, application_name: &str) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();

@@ -358,10 +358,7 @@ async fn rejected_value_stops_before_the_commit(green_tweak: &str, bad_sql: &str
         )
         .unwrap();
     pair.green.psql(DB, green_tweak).unwrap();
-    let handle = pipeline::start(pair.config(), RunOptions::default())
-        .await
-        .unwrap();
-    wait_for("streaming", DEADLINE, || async { handle.shared.ready() }).await;
+    let handle = start_streaming(pair.config()).await;
     let (mut blue, green) = (pair.blue().await, pair.green().await);
 
     // Good transactions first, applied and recorded in green's progress.
@@ -534,10 +531,7 @@ async fn foreign_keys_on_green_need_the_replica_role_grant() {
     pair.green
         .psql(DB, "GRANT SET ON PARAMETER session_replication_role TO app")
         .unwrap();
-    let handle = pipeline::start(config, RunOptions::default())
-        .await
-        .unwrap();
-    wait_for("streaming", DEADLINE, || async { handle.shared.ready() }).await;
+    let handle = start_streaming(config).await;
     // Child before parent inside one transaction: fine on blue (no FK there), and green's FK is
     // not checked mid-batch under the replica role.
     let blue = pair.blue().await;

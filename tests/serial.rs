@@ -7,12 +7,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use shadowsync::pipeline::{self, RunOptions};
 use tokio_postgres::Client;
 
 const SCHEMA: &str = "
@@ -219,13 +216,7 @@ async fn random_transactions_are_applied_serially_equivalent() {
     // Small batches: many group commits, and the huge transaction is written in chunks.
     config.batch.max_rows = 5_000;
     config.batch.max_bytes = 4 * 1024 * 1024;
-    let handle = pipeline::start(config, RunOptions::default())
-        .await
-        .unwrap();
-    wait_for("streaming", Duration::from_secs(60), || async {
-        handle.shared.ready()
-    })
-    .await;
+    let handle = start_streaming(config).await;
 
     // Three concurrent clients, each with its own deterministic stream of transactions.
     let mut writers = Vec::new();

@@ -3,7 +3,6 @@
 mod common;
 
 use common::*;
-use shadowsync::pipeline::{self, RunOptions};
 
 const SCHEMA: &str = "
 CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL, n integer, doc jsonb);
@@ -16,13 +15,7 @@ async fn concurrent_small_transactions_arrive_complete() {
     pair.blue
         .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE items")
         .unwrap();
-    let handle = pipeline::start(pair.config(), RunOptions::default())
-        .await
-        .unwrap();
-    wait_for("streaming", std::time::Duration::from_secs(30), || async {
-        handle.shared.ready()
-    })
-    .await;
+    let handle = start_streaming(pair.config()).await;
     let mut writers = Vec::new();
     for w in 0..2i64 {
         let client = pair.blue().await;
@@ -58,13 +51,7 @@ async fn multi_table_transactions_arrive_complete() {
             "CREATE PUBLICATION test_pub FOR TABLE users, hypervisors, virtual_machines",
         )
         .unwrap();
-    let handle = pipeline::start(pair.config(), RunOptions::default())
-        .await
-        .unwrap();
-    wait_for("streaming", std::time::Duration::from_secs(30), || async {
-        handle.shared.ready()
-    })
-    .await;
+    let handle = start_streaming(pair.config()).await;
     let mut writers = Vec::new();
     for w in 0..2i64 {
         let mut client = pair.blue().await;
@@ -103,13 +90,7 @@ async fn demo_workload_arrives_complete() {
             "CREATE PUBLICATION test_pub FOR TABLE users, hypervisors, virtual_machines",
         )
         .unwrap();
-    let handle = pipeline::start(pair.config(), RunOptions::default())
-        .await
-        .unwrap();
-    wait_for("streaming", std::time::Duration::from_secs(30), || async {
-        handle.shared.ready()
-    })
-    .await;
+    let handle = start_streaming(pair.config()).await;
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
@@ -134,30 +115,6 @@ async fn demo_workload_arrives_complete() {
     assert_same(&pair, &["users", "hypervisors", "virtual_machines"]).await;
 }
 
-async fn slot_lsn(client: &tokio_postgres::Client) -> u64 {
-    let text: String = client
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'test_slot'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    shadowsync::progress::parse_lsn(&text).unwrap()
-}
-
-async fn green_progress(client: &tokio_postgres::Client) -> u64 {
-    let text: String = client
-        .query_one(
-            "SELECT end_lsn::text FROM shadowsync.progress WHERE slot = 'test_slot'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    shadowsync::progress::parse_lsn(&text).unwrap()
-}
-
 /// WAL that holds nothing for green (writes to an unpublished table) is confirmed while idle,
 /// so blue does not keep it; green's progress stays at the last applied commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -170,13 +127,7 @@ async fn idle_stream_confirms_wal_it_does_not_need() {
             "CREATE PUBLICATION test_pub FOR TABLE items; CREATE TABLE unpublished (x int)",
         )
         .unwrap();
-    let handle = pipeline::start(pair.config(), RunOptions::default())
-        .await
-        .unwrap();
-    wait_for("streaming", std::time::Duration::from_secs(30), || async {
-        handle.shared.ready()
-    })
-    .await;
+    let handle = start_streaming(pair.config()).await;
     let blue = pair.blue().await;
     let green = pair.green().await;
     blue.execute("INSERT INTO items VALUES (1, 'a', 1, NULL)", &[])
@@ -188,7 +139,7 @@ async fn idle_stream_confirms_wal_it_does_not_need() {
         || async { rows(&green, "items").await.len() == 1 },
     )
     .await;
-    let applied = green_progress(&green).await;
+    let applied = progress_lsn(&green, "test_slot").await.unwrap();
     blue.execute(
         "INSERT INTO unpublished SELECT generate_series(1, 10000)",
         &[],
@@ -204,11 +155,17 @@ async fn idle_stream_confirms_wal_it_does_not_need() {
     wait_for(
         "the slot to confirm idle WAL",
         std::time::Duration::from_secs(30),
-        || async { slot_lsn(&blue).await >= wal },
+        || async {
+            slot_confirmed(&blue, "test_slot")
+                .await
+                .flatten()
+                .unwrap_or(0)
+                >= wal
+        },
     )
     .await;
     assert_eq!(
-        green_progress(&green).await,
+        progress_lsn(&green, "test_slot").await.unwrap(),
         applied,
         "no green write for idle WAL"
     );
@@ -225,13 +182,7 @@ async fn lost_connections_are_retried_and_resume_exactly_once() {
     pair.blue
         .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE items")
         .unwrap();
-    let handle = pipeline::start(pair.config(), RunOptions::default())
-        .await
-        .unwrap();
-    wait_for("streaming", std::time::Duration::from_secs(30), || async {
-        handle.shared.ready()
-    })
-    .await;
+    let handle = start_streaming(pair.config()).await;
     let blue = pair.blue().await;
     let green = pair.green().await;
     let writer = {

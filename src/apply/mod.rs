@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_postgres::{Client, Statement};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::Dsn;
 use crate::decode::{Datum, Tuple};
@@ -149,19 +149,13 @@ struct Origin {
 impl Applier {
     /// Connects, creates the `shadowsync` schema when missing and prepares the progress write.
     pub async fn connect(dsn: &Dsn, slot: &str) -> Result<Applier, ApplyError> {
-        let (client, conn) = dsn
-            .pg_config("shadowsync-apply")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|source| ApplyError::Connect {
-                dsn: dsn.to_string(),
-                source,
-            })?;
-        let connection = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                warn!(error = %e, "green connection ended");
-            }
-        });
+        let (client, connection) =
+            dsn.connect("shadowsync-apply")
+                .await
+                .map_err(|source| ApplyError::Connect {
+                    dsn: dsn.to_string(),
+                    source,
+                })?;
         let replica_role = match client
             .batch_execute("SET session_replication_role = replica")
             .await

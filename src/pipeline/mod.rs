@@ -346,15 +346,13 @@ impl Supervisor {
 
     async fn blue_wal_lsn(&self) -> Result<u64, PipelineError> {
         let dsn = self.config.blue_dsn()?;
-        let (client, conn) = dsn
-            .pg_config("shadowsync-drain")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|source| SourceError::Connect {
-                dsn: dsn.to_string(),
-                source,
-            })?;
-        let conn = tokio::spawn(conn);
+        let (client, conn) =
+            dsn.connect("shadowsync-drain")
+                .await
+                .map_err(|source| SourceError::Connect {
+                    dsn: dsn.to_string(),
+                    source,
+                })?;
         let lsn = preflight::current_wal_lsn(&client).await;
         drop(client);
         let _ = conn.await;
@@ -368,14 +366,9 @@ impl Supervisor {
         let Ok(dsn) = self.config.blue_dsn() else {
             return;
         };
-        let Ok((client, conn)) = dsn
-            .pg_config("shadowsync-drain")
-            .connect(tokio_postgres::NoTls)
-            .await
-        else {
+        let Ok((client, conn)) = dsn.connect("shadowsync-drain").await else {
             return;
         };
-        let conn = tokio::spawn(conn);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             match preflight::slot_confirmed(&client, &self.config.blue.slot).await {

@@ -36,19 +36,14 @@ pub async fn run(
     let applier = Applier::connect(&green_dsn, &config.blue.slot).await?;
     shared.green_connected.store(true, Ordering::Relaxed);
 
-    let (blue, conn) = blue_dsn
-        .pg_config("shadowsync")
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|source| SourceError::Connect {
-            dsn: blue_dsn.to_string(),
-            source,
-        })?;
-    let blue_conn = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            warn!(error = %e, "blue connection ended");
-        }
-    });
+    let (blue, blue_conn) =
+        blue_dsn
+            .connect("shadowsync")
+            .await
+            .map_err(|source| SourceError::Connect {
+                dsn: blue_dsn.to_string(),
+                source,
+            })?;
     let _abort_blue = AbortOnDrop(blue_conn);
     shared.blue_connected.store(true, Ordering::Relaxed);
 

@@ -154,24 +154,15 @@ pub fn write_config(
     extra: &str,
 ) -> std::path::PathBuf {
     let text = format!(
-        r#"
-[blue]
-dsn = "{blue}"
-slot = "test_slot"
-publication = "test_pub"
-status_interval_ms = 200
-[green]
-dsn = "{green}"
-[metrics]
-listen = "{listen}"
-[retry]
-initial_backoff_ms = 200
-max_backoff_ms = 2000
-startup_timeout_ms = 30000
-{extra}
-"#,
-        blue = pair.blue.dsn(DB),
-        green = pair.green.dsn(DB),
+        "{}{extra}\n",
+        shadowsync::cluster::pipeline_config_toml(
+            &pair.blue,
+            &pair.green,
+            DB,
+            "test_slot",
+            "test_pub",
+            &listen.to_string()
+        )
     );
     let path = dir.join("config.toml");
     std::fs::write(&path, text).expect("write config");
@@ -327,54 +318,9 @@ impl Drop for Sidecar {
 
 /// A minimal HTTP/1.1 GET over a fresh TCP connection: (status code, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let call = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(String::from_utf8_lossy(&response).into_owned())
-    };
-    let text = tokio::time::timeout(Duration::from_secs(10), call)
+    shadowsync::admin::http_call(addr, "GET", path, Duration::from_secs(10))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "http get timed out"))??;
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let code = head
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("bad response: {head}"),
-            )
-        })?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((code, body))
-}
-
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
+        .map_err(std::io::Error::other)
 }
 
 /// Seed for a randomized test: `SHADOWSYNC_SEED` if set, else the clock; always printed.
@@ -446,3 +392,15 @@ pub async fn slot_confirmed(blue: &Client, slot: &str) -> Option<Option<u64>> {
 }
 
 // (`count` is defined above; shared by several test files.)
+
+/// Starts the pipeline and waits until it streams (writes before that are not in the slot).
+pub async fn start_streaming(config: Config) -> shadowsync::pipeline::Handle {
+    let handle = shadowsync::pipeline::start(config, shadowsync::pipeline::RunOptions::default())
+        .await
+        .expect("start the pipeline");
+    wait_for("streaming", Duration::from_secs(60), || async {
+        handle.shared.ready()
+    })
+    .await;
+    handle
+}
