@@ -11,6 +11,8 @@
 //! row (REPLICA IDENTITY FULL).
 
 pub mod catalog;
+pub mod expr;
+pub mod rules;
 
 use std::sync::Arc;
 

@@ -1,0 +1,236 @@
+//! What a rule's SQL expression reads, found by scanning its tokens (green parses and
+//! type-checks the expression itself; no SQL grammar lives here).
+//!
+//! Invariant: the answers over-approximate. A word equal to a source column's name counts as
+//! reading it (unless qualified by something other than `src`), and any relation named after
+//! `FROM` or `JOIN` counts as a lookup. Over-approximation only costs speed (an extra flush, a
+//! full-row fetch), never correctness.
+
+/// One identifier chain, e.g. `src.status` -> ["src", "status"]; unquoted parts lower-cased as
+/// PostgreSQL folds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chain(pub Vec<String>);
+
+/// Identifier chains of an expression, skipping string literals, quoted text and comments,
+/// plus the chain following each FROM/JOIN keyword.
+pub fn scan(expr: &str) -> (Vec<Chain>, Vec<Chain>) {
+    let b = expr.as_bytes();
+    let mut chains = Vec::new();
+    let mut relations = Vec::new();
+    let mut after_from = false;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' => i = skip_quoted(b, i, b'\''),
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 2;
+            }
+            b'$' => i = skip_dollar(b, i),
+            b'"' => {
+                let (chain, next) = read_chain(expr, i);
+                i = next;
+                push(chain, &mut chains, &mut relations, &mut after_from);
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                // E'...' and similar prefixed literals.
+                if matches!(c, b'E' | b'e' | b'B' | b'b' | b'X' | b'x' | b'U' | b'u')
+                    && b.get(i + 1) == Some(&b'\'')
+                {
+                    i = skip_quoted(b, i + 1, b'\'');
+                    continue;
+                }
+                let (chain, next) = read_chain(expr, i);
+                i = next;
+                push(chain, &mut chains, &mut relations, &mut after_from);
+            }
+            c if c.is_ascii_digit() => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    (chains, relations)
+}
+
+fn push(chain: Chain, chains: &mut Vec<Chain>, relations: &mut Vec<Chain>, after_from: &mut bool) {
+    if *after_from {
+        relations.push(chain.clone());
+        *after_from = false;
+    } else if chain.0.len() == 1 && matches!(chain.0[0].as_str(), "from" | "join") {
+        *after_from = true;
+    }
+    chains.push(chain);
+}
+
+fn skip_quoted(b: &[u8], start: usize, quote: u8) -> usize {
+    let mut i = start + 1;
+    while i < b.len() {
+        if b[i] == quote {
+            if b.get(i + 1) == Some(&quote) {
+                i += 2;
+                continue;
+            }
+            return i + 1;
+        }
+        if b[i] == b'\\' && quote == b'\'' {
+            // Backslash escapes matter only in E'' strings; skipping one byte is harmless
+            // for standard strings too (it can only hide a quote that E'' would escape).
+            i += 1;
+        }
+        i += 1;
+    }
+    b.len()
+}
+
+/// `$tag$ ... $tag$` dollar quoting; a lone `$1` parameter is just skipped.
+fn skip_dollar(b: &[u8], start: usize) -> usize {
+    let mut j = start + 1;
+    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
+        j += 1;
+    }
+    if j < b.len() && b[j] == b'$' && !b[start + 1..j].first().is_some_and(u8::is_ascii_digit) {
+        let tag = &b[start..=j];
+        let mut k = j + 1;
+        while k + tag.len() <= b.len() {
+            if &b[k..k + tag.len()] == tag {
+                return k + tag.len();
+            }
+            k += 1;
+        }
+        return b.len();
+    }
+    j
+}
+
+/// Reads `part(.part)*` where parts are bare words or double-quoted identifiers.
+fn read_chain(expr: &str, start: usize) -> (Chain, usize) {
+    let b = expr.as_bytes();
+    let mut parts = Vec::new();
+    let mut i = start;
+    loop {
+        if i < b.len() && b[i] == b'"' {
+            let mut s = String::new();
+            let mut j = i + 1;
+            while j < b.len() {
+                if b[j] == b'"' {
+                    if b.get(j + 1) == Some(&b'"') {
+                        s.push('"');
+                        j += 2;
+                        continue;
+                    }
+                    break;
+                }
+                let ch = expr[j..].chars().next().unwrap_or('\u{fffd}');
+                s.push(ch);
+                j += ch.len_utf8().max(1);
+            }
+            parts.push(s);
+            i = (j + 1).min(b.len());
+        } else {
+            let s = i;
+            while i < b.len()
+                && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+            {
+                i += 1;
+            }
+            if s == i {
+                break;
+            }
+            parts.push(expr[s..i].to_lowercase());
+        }
+        if i < b.len()
+            && b[i] == b'.'
+            && b.get(i + 1)
+                .is_some_and(|&n| n == b'"' || n.is_ascii_alphabetic() || n == b'_')
+        {
+            i += 1;
+            continue;
+        }
+        break;
+    }
+    (Chain(parts), i)
+}
+
+/// Source columns (indices into `names`) an expression may read: bare names, or `src.name`.
+pub fn inputs(expr: &str, names: &[String]) -> Vec<usize> {
+    let (chains, _) = scan(expr);
+    let mut found: Vec<usize> = Vec::new();
+    for chain in chains {
+        let column = match chain.0.as_slice() {
+            [name] => name,
+            [qualifier, name] if qualifier == "src" => name,
+            _ => continue,
+        };
+        if let Some(i) = names.iter().position(|n| n == column)
+            && !found.contains(&i)
+        {
+            found.push(i);
+        }
+    }
+    found.sort_unstable();
+    found
+}
+
+/// Relations an expression reads (after FROM or JOIN), as `[schema.]name` chains.
+pub fn relations(expr: &str) -> Vec<Vec<String>> {
+    scan(expr).1.into_iter().map(|c| c.0).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn inputs_are_bare_or_src_qualified_columns() {
+        let cols = names(&["id", "status", "capacity", "owner_id", "type"]);
+        assert_eq!(
+            inputs(
+                "(CASE status WHEN 'active' THEN 'online' END)::node_status",
+                &cols
+            ),
+            vec![1]
+        );
+        assert_eq!(inputs("(capacity->>'cpu_cores')::integer", &cols), vec![2]);
+        assert_eq!(inputs("TYPE", &cols), vec![4]);
+        assert_eq!(
+            inputs(
+                "COALESCE((SELECT u.tenant_id FROM users u WHERE u.id = src.owner_id), 'x'::uuid)",
+                &cols
+            ),
+            vec![3]
+        );
+        // Words inside literals, comments and quoted text are not columns.
+        assert_eq!(
+            inputs(
+                "'status' || E'id\\'' || $$capacity$$ -- owner_id\n || \"Id\"",
+                &cols
+            ),
+            Vec::<usize>::new()
+        );
+    }
+
+    #[test]
+    fn relations_follow_from_and_join() {
+        assert_eq!(
+            relations("(SELECT t.id FROM public.tenants t JOIN users u ON true WHERE x)"),
+            vec![names(&["public", "tenants"]), names(&["users"])]
+        );
+        assert_eq!(relations("lower(status)"), Vec::<Vec<String>>::new());
+    }
+}
