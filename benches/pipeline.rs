@@ -56,6 +56,7 @@ fn map() -> Arc<TableMap> {
             .map(|n| SourceColumn {
                 name: n.to_string(),
                 sql_type: "text".into(),
+                blue_type: "text".into(),
             })
             .collect(),
         columns: names
@@ -73,6 +74,9 @@ fn map() -> Arc<TableMap> {
         row_key: vec![0],
         replica_identity: ReplicaIdentity::Default,
         label: "public.w1".into(),
+        filter: None,
+        reads: vec![],
+        origin: None,
     })
 }
 

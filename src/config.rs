@@ -76,6 +76,21 @@ pub struct Config {
     /// Reconnection backoff.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Transform rule files.
+    #[serde(default)]
+    pub transforms: TransformsConfig,
+    /// Directory the config file is in: rule file paths are relative to it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformsConfig {
+    /// Rule files, relative to the config file; `*` and `?` allowed in the file name. Tables
+    /// in the publication without a rule are replicated as identity.
+    #[serde(default)]
+    pub files: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -204,21 +219,38 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text).map_err(|e| match e {
+        let mut config = Config::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
             },
             other => other,
+        })?;
+        config.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Ok(config)
+    }
+
+    /// The transform rules named by `[transforms] files`.
+    pub fn rules(&self) -> Result<crate::transform::rules::RuleSet, ConfigError> {
+        crate::transform::rules::load(&self.base_dir, &self.transforms.files).map_err(|e| {
+            ConfigError::Invalid {
+                field: "transforms.files",
+                message: e.to_string(),
+            }
         })
     }
 
-    /// Parses and validates TOML text.
+    /// Parses and validates TOML text (rule paths then resolve against the working directory).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<config>"),
             message: e.to_string(),
         })?;
+        config.base_dir = PathBuf::from(".");
         config.validate()?;
         Ok(config)
     }

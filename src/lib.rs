@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod apply;
+pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod decode;

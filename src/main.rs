@@ -31,6 +31,12 @@ enum Command {
         #[arg(long)]
         drain: bool,
     },
+    /// Check the config and every mapping against the live blue and green schemas; writes nothing.
+    /// Exit code 0 only when all is well.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Ask a running sidecar (same config) to drain, wait for it, print its report.
     Drain {
         #[arg(long, short)]
@@ -84,6 +90,20 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 shadowsync::pipeline::run(cfg, opts, shadowsync::logging::shutdown_signal())
                     .await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Check { config } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            let report = shadowsync::check::command(&cfg).await?;
+            for m in &report.mappings {
+                println!("{}", m.line());
+                for p in &m.problems {
+                    println!("     {p}");
+                }
+            }
+            for p in &report.problems {
+                println!("FAIL {p}");
+            }
+            anyhow::ensure!(report.ok(), "the configuration has problems (listed above)");
         }
         Command::Drain { config, timeout } => {
             let cfg = shadowsync::config::Config::load(&config)?;

@@ -135,12 +135,39 @@ impl Batch {
         self.tables.iter().all(TableOps::is_empty)
     }
 
-    /// Hands the pending ops over for writing and resets the accounting.
+    /// Hands the pending ops over for writing and resets the accounting. Tables come in
+    /// first-touch order, except that a table whose rules read another table of the batch comes
+    /// after it: the caller flushes before a read table changes behind a reader's back (see
+    /// [`Batch::has_pending_reader`]), so within one batch every change of a read table precedes
+    /// every change of its readers.
     pub fn take(&mut self) -> Vec<TableOps> {
         self.by_target.clear();
         self.rows = 0;
         self.bytes = 0;
-        std::mem::take(&mut self.tables)
+        let mut pending = std::mem::take(&mut self.tables);
+        let mut ordered = Vec::with_capacity(pending.len());
+        while !pending.is_empty() {
+            // The first table that reads none of the others still pending; a cycle of lookups
+            // falls back to first-touch order.
+            let next = (0..pending.len())
+                .find(|&i| {
+                    !pending
+                        .iter()
+                        .enumerate()
+                        .any(|(j, o)| j != i && pending[i].map.reads_table(&o.map.label))
+                })
+                .unwrap_or(0);
+            ordered.push(pending.remove(next));
+        }
+        ordered
+    }
+
+    /// Whether a pending change belongs to a table whose rules read the target `label`: such
+    /// changes must be written before a change to `label` joins the batch.
+    pub fn has_pending_reader(&self, label: &str) -> bool {
+        self.tables
+            .iter()
+            .any(|t| !t.is_empty() && t.map.label != label && t.map.reads_table(label))
     }
 
     fn table(&mut self, map: &Arc<TableMap>) -> &mut TableOps {
@@ -364,6 +391,7 @@ mod tests {
                 .map(|c| SourceColumn {
                     name: c.to_string(),
                     sql_type: "text".into(),
+                    blue_type: "text".into(),
                 })
                 .collect(),
             columns: cols
@@ -385,6 +413,9 @@ mod tests {
                 ReplicaIdentity::Full
             },
             label: "public.t".into(),
+            filter: None,
+            reads: vec![],
+            origin: None,
         })
     }
 

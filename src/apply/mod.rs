@@ -12,6 +12,7 @@
 //!   boundary, not after every coalesced statement.
 
 pub mod batch;
+mod complete;
 pub mod sql;
 pub mod stage;
 
@@ -61,6 +62,15 @@ pub enum ApplyError {
     )]
     UnknownRelation { oid: u32, lsn: String },
     #[error(
+        "table {table}: an update left out TOASTed values its rule needs, and there is no connection to blue to read them; this is a bug, report it"
+    )]
+    NeedsBlue { table: String },
+    #[error("reading unchanged TOAST values of blue table {table}: {source}")]
+    Blue {
+        table: String,
+        source: tokio_postgres::Error,
+    },
+    #[error(
         "green has foreign key {constraint} on {table}, but user {user} may not set session_replication_role; grant it (GRANT SET ON PARAMETER session_replication_role TO {user}) or run as a superuser, as PostgreSQL's own subscriptions do"
     )]
     NeedsReplicaRole {
@@ -75,12 +85,13 @@ impl ApplyError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ApplyError::Connect { .. } => true,
-            ApplyError::Statement { source, .. } | ApplyError::Green { source, .. } => {
-                retryable_pg(source)
-            }
+            ApplyError::Statement { source, .. }
+            | ApplyError::Green { source, .. }
+            | ApplyError::Blue { source, .. } => retryable_pg(source),
             ApplyError::Map(_)
             | ApplyError::Batch(_)
             | ApplyError::UnknownRelation { .. }
+            | ApplyError::NeedsBlue { .. }
             | ApplyError::NeedsReplicaRole { .. } => false,
         }
     }
@@ -356,6 +367,14 @@ impl Applier {
                 plans.push((s, arrays(&deletes, &map.row_key), origin("a delete")));
             }
             if !upserts.is_empty() {
+                if let Some(text) = sql::delete_unmatched(map, &all) {
+                    let s = self.prepared(&text).await?;
+                    plans.push((
+                        s,
+                        arrays(&upserts, &all),
+                        origin("a delete of rows the filter excludes"),
+                    ));
+                }
                 let s = self.prepared(&sql::upsert(map, &all)).await?;
                 plans.push((s, arrays(&upserts, &all), origin("an insert or update")));
             }

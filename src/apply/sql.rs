@@ -97,7 +97,8 @@ fn key_match(map: &TableMap, left: &str, right: &str) -> String {
         .join(" AND ")
 }
 
-/// Insert full rows; existing keys are overwritten (keyed) or rows appended (keyless).
+/// Insert full rows; existing keys are overwritten (keyed) or rows appended (keyless). With a
+/// rule filter only matching rows are written ([`delete_unmatched`] removes the others).
 pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
     let targets = computable(map, cols);
     let mut sql = format!(
@@ -107,6 +108,9 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
         select_list(map, &targets, Cast::Write),
         src_relation(map, cols, 1)
     );
+    if let Some(f) = &map.filter {
+        sql.push_str(&format!(" WHERE ({})", f.expr));
+    }
     if map.is_keyed() {
         let keys = map
             .key
@@ -160,6 +164,20 @@ pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
         ]
         .join(", "),
         src_relation(map, cols, 1),
+        key_match(map, "t", "s")
+    ))
+}
+
+/// With a rule filter: delete the rows of full images that do not match it (a row that stops
+/// matching leaves green). Same parameters as [`upsert`].
+pub fn delete_unmatched(map: &TableMap, cols: &[usize]) -> Option<String> {
+    let f = map.filter.as_ref()?;
+    Some(format!(
+        "DELETE FROM {} AS t USING (SELECT {} FROM {} WHERE NOT coalesce(({}), false)) AS s WHERE {}",
+        map.target.quoted(),
+        select_list(map, &map.key, Cast::Match),
+        src_relation(map, cols, 1),
+        f.expr,
         key_match(map, "t", "s")
     ))
 }
@@ -295,6 +313,7 @@ mod tests {
                 .map(|(c, ty)| SourceColumn {
                     name: c.to_string(),
                     sql_type: ty.to_string(),
+                    blue_type: ty.to_string(),
                 })
                 .collect(),
             columns: cols
@@ -312,6 +331,9 @@ mod tests {
             row_key: vec![0],
             replica_identity: ReplicaIdentity::Default,
             label: "public.T x".into(),
+            filter: None,
+            reads: vec![],
+            origin: None,
         }
     }
 

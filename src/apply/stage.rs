@@ -19,6 +19,7 @@ use super::{Applier, ApplyError};
 use crate::decode::{Begin, Commit, Message, Relation};
 use crate::metrics::Shared;
 use crate::source::SourceEvent;
+use crate::transform::rules::RuleSet;
 use crate::transform::{self, TableMap};
 
 /// Group-commit limits (see `[batch]` in the config).
@@ -32,7 +33,13 @@ pub struct Limits {
 pub struct ApplyStage {
     applier: Applier,
     batch: Batch,
-    maps: HashMap<u32, Arc<TableMap>>,
+    /// Mapping per blue relation OID; `None` for tables a rule skips.
+    maps: HashMap<u32, Option<Arc<TableMap>>>,
+    /// Names of blue's user types, from pgoutput Type messages (quoted `schema.name`).
+    types: HashMap<u32, String>,
+    rules: Arc<RuleSet>,
+    /// Blue, for completing rows whose unchanged TOAST values a rule needs.
+    blue: Option<tokio_postgres::Client>,
     limits: Limits,
     /// Green's progress at session start: commits that start before it are already applied.
     skip_before: u64,
@@ -54,8 +61,11 @@ pub struct ApplyStage {
 }
 
 impl ApplyStage {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         applier: Applier,
+        rules: Arc<RuleSet>,
+        blue: Option<tokio_postgres::Client>,
         limits: Limits,
         skip_before: u64,
         committed: watch::Sender<u64>,
@@ -65,6 +75,9 @@ impl ApplyStage {
             applier,
             batch: Batch::default(),
             maps: HashMap::new(),
+            types: HashMap::new(),
+            rules,
+            blue,
             limits,
             skip_before,
             skipping: false,
@@ -128,43 +141,63 @@ impl ApplyStage {
             Message::Commit(c) => self.end(c),
             Message::Relation(r) => self.relation(r).await?,
             Message::Insert { relation, new } if !self.skipping => {
-                let map = self.map(relation, lsn)?;
-                self.batch.insert(&map, new, lsn)?;
-                self.after_change(lsn).await?;
+                if let Some(map) = self.map_for_change(relation, lsn).await? {
+                    self.batch.insert(&map, new, lsn)?;
+                    self.after_change(lsn).await?;
+                }
             }
             Message::Update { relation, old, new } if !self.skipping => {
-                let map = self.map(relation, lsn)?;
-                if let Some(mv) = self.batch.update(&map, old, new, lsn)? {
-                    self.flush(lsn).await?;
-                    self.applier.move_row(&mv).await?;
+                if let Some(map) = self.map_for_change(relation, lsn).await? {
+                    if let Some(mv) = self.batch.update(&map, old, new, lsn)? {
+                        self.flush(lsn).await?;
+                        self.applier.move_row(&mv).await?;
+                    }
+                    self.after_change(lsn).await?;
                 }
-                self.after_change(lsn).await?;
             }
             Message::Delete { relation, old } if !self.skipping => {
-                let map = self.map(relation, lsn)?;
-                self.batch.delete(&map, old, lsn)?;
-                self.after_change(lsn).await?;
-            }
-            Message::Truncate { options, relations } if !self.skipping => {
-                let maps = relations
-                    .iter()
-                    .map(|&oid| self.map(oid, lsn))
-                    .collect::<Result<Vec<_>, _>>()?;
-                // Earlier changes of the batch first, in order, then the truncate.
-                self.flush(lsn).await?;
-                self.applier
-                    .truncate(&maps, options & 2 != 0, options & 1 != 0, lsn)
-                    .await?;
-                for m in &maps {
-                    *self
-                        .written
-                        .entry(m.label.clone())
-                        .or_default()
-                        .entry("truncate")
-                        .or_default() += 1;
+                if let Some(map) = self.map_for_change(relation, lsn).await? {
+                    self.batch.delete(&map, old, lsn)?;
+                    self.after_change(lsn).await?;
                 }
             }
-            Message::Type { .. } | Message::Origin { .. } | Message::Message { .. } => {}
+            Message::Truncate { options, relations } if !self.skipping => {
+                let mut maps = Vec::with_capacity(relations.len());
+                for &oid in &relations {
+                    if let Some(map) = self.map(oid, lsn)? {
+                        maps.push(map);
+                    }
+                }
+                if !maps.is_empty() {
+                    // Earlier changes of the batch first, in order, then the truncate.
+                    self.flush(lsn).await?;
+                    self.applier
+                        .truncate(&maps, options & 2 != 0, options & 1 != 0, lsn)
+                        .await?;
+                    for m in &maps {
+                        *self
+                            .written
+                            .entry(m.label.clone())
+                            .or_default()
+                            .entry("truncate")
+                            .or_default() += 1;
+                    }
+                }
+            }
+            Message::Type {
+                oid,
+                namespace,
+                name,
+            } => {
+                let schema = if namespace.is_empty() {
+                    "pg_catalog".to_string()
+                } else {
+                    namespace
+                };
+                self.types
+                    .insert(oid, transform::QualifiedName::new(schema, name).quoted());
+            }
+            Message::Origin { .. } | Message::Message { .. } => {}
             // Changes of a transaction green already has.
             Message::Insert { .. }
             | Message::Update { .. }
@@ -197,23 +230,51 @@ impl ApplyStage {
 
     async fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
         let source = transform::QualifiedName::new(&r.namespace, &r.name);
-        let green = transform::catalog::green_table(self.applier.client(), &source)
+        let rule = self.rules.get(&source);
+        if rule.is_some_and(|rule| rule.skip) {
+            debug!(table = %source, "skipped by rule");
+            self.maps.insert(r.oid, None);
+            return Ok(());
+        }
+        let target = rule
+            .and_then(|rule| rule.target.clone())
+            .unwrap_or_else(|| source.clone());
+        let catalog_err = |source| ApplyError::Green {
+            context: "reading the catalog",
+            source,
+        };
+        let green = transform::catalog::green_table(self.applier.client(), &target)
             .await
-            .map_err(|source| ApplyError::Green {
-                context: "reading the catalog",
-                source,
-            })?
+            .map_err(catalog_err)?
             .ok_or_else(|| transform::MapError::MissingTable {
                 blue_table: source.to_string(),
-                target: source.to_string(),
+                target: target.to_string(),
             })?;
-        let map = transform::identity(&r, &green)?;
+        let map = match rule {
+            None => transform::identity(&r, &green)?,
+            Some(rule) => {
+                let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
+                let user: Vec<Option<String>> =
+                    oids.iter().map(|o| self.types.get(o).cloned()).collect();
+                let types = transform::catalog::resolve_types(self.applier.client(), &oids, &user)
+                    .await
+                    .map_err(catalog_err)?;
+                // Builtin types are spelled alike on both sides; user types as blue named them.
+                let blue_types = types
+                    .iter()
+                    .zip(&user)
+                    .map(|(green, blue)| blue.clone().unwrap_or_else(|| green.clone()))
+                    .collect();
+                let table = transform::SourceTable::from_relation(&r, types, blue_types);
+                transform::build(&table, Some(rule), &green)?.expect("skipped rules return above")
+            }
+        };
         debug!(table = %map.label, oid = r.oid, "relation mapped");
-        self.maps.insert(r.oid, map);
+        self.maps.insert(r.oid, Some(map));
         Ok(())
     }
 
-    fn map(&self, oid: u32, lsn: u64) -> Result<Arc<TableMap>, ApplyError> {
+    fn map(&self, oid: u32, lsn: u64) -> Result<Option<Arc<TableMap>>, ApplyError> {
         self.maps
             .get(&oid)
             .cloned()
@@ -221,6 +282,22 @@ impl ApplyStage {
                 oid,
                 lsn: crate::progress::format_lsn(lsn),
             })
+    }
+
+    /// The mapping for a row change, after writing pending changes of tables whose rules read
+    /// this one: they precede this change in blue's order, so they must not see it.
+    async fn map_for_change(
+        &mut self,
+        oid: u32,
+        lsn: u64,
+    ) -> Result<Option<Arc<TableMap>>, ApplyError> {
+        let map = self.map(oid, lsn)?;
+        if let Some(m) = &map
+            && self.batch.has_pending_reader(&m.label)
+        {
+            self.flush(lsn).await?;
+        }
+        Ok(map)
     }
 
     async fn after_change(&mut self, lsn: u64) -> Result<(), ApplyError> {
@@ -237,7 +314,8 @@ impl ApplyStage {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let tables = self.batch.take();
+        let mut tables = self.batch.take();
+        super::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
         let counts = self.applier.write(&tables, None, lsn).await?;
         self.record(counts);
         Ok(())
@@ -252,7 +330,8 @@ impl ApplyStage {
         if self.batch.is_empty() && !self.applier.in_transaction() {
             // Nothing reached green: no need for a green transaction to advance.
         } else {
-            let tables = self.batch.take();
+            let mut tables = self.batch.take();
+            super::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
             let counts = self
                 .applier
                 .write(&tables, Some((c.end_lsn, c.commit_time)), c.end_lsn)

@@ -32,6 +32,7 @@ pub async fn run(
     on_start: impl FnOnce(u64),
 ) -> Result<(), PipelineError> {
     let green_dsn = config.green_dsn()?;
+    let rules = Arc::new(config.rules()?);
     let blue_dsn = config.blue_dsn()?;
     let applier = Applier::connect(&green_dsn, &config.blue.slot).await?;
     shared.green_connected.store(true, Ordering::Relaxed);
@@ -52,6 +53,7 @@ pub async fn run(
         applier.client(),
         &config.blue.slot,
         &config.blue.publication,
+        &rules,
     )
     .await?;
     if !applier.replica_role {
@@ -96,7 +98,24 @@ pub async fn run(
         max_bytes: config.batch.max_bytes,
         max_delay: config.batch_max_delay(),
     };
-    let apply = ApplyStage::new(applier, limits, start, committed_tx, shared.clone());
+    // A second blue connection completes TOASTed rows that rules need (rare, never per row).
+    let (fetch, fetch_conn) = blue_dsn
+        .connect("shadowsync-fetch")
+        .await
+        .map_err(|source| SourceError::Connect {
+            dsn: blue_dsn.to_string(),
+            source,
+        })?;
+    let _abort_fetch = AbortOnDrop(fetch_conn);
+    let apply = ApplyStage::new(
+        applier,
+        rules,
+        Some(fetch),
+        limits,
+        start,
+        committed_tx,
+        shared.clone(),
+    );
     let source = SourceStage::new(client, &blue_dsn, start, shared.clone());
     let apply_task = tokio::spawn(apply.run(rx).instrument(info_span!("apply")));
     let source_task = tokio::spawn(

@@ -8,7 +8,7 @@ use tokio_postgres::Client;
 use super::SourceError;
 use crate::progress::parse_lsn;
 use crate::transform::QualifiedName;
-use crate::transform::catalog;
+use crate::transform::rules::RuleSet;
 
 /// What the preflight learned about blue.
 #[derive(Debug, Clone)]
@@ -24,14 +24,36 @@ fn blue_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Sour
     move |source| SourceError::Blue { context, source }
 }
 
-/// Checks blue's settings, the user's privilege, the publication and its tables on green, and
-/// creates the slot when missing.
+/// Checks blue's settings, the user's privilege, the publication, and the mapping of every
+/// published table (see `check`); then creates the slot when missing.
 pub async fn check(
     blue: &Client,
     green: &Client,
     slot: &str,
     publication: &str,
+    rules: &RuleSet,
 ) -> Result<BlueState, SourceError> {
+    let tables = check_blue(blue, publication).await?;
+    let report = crate::check::check(blue, green, &tables, publication, rules)
+        .await
+        .map_err(blue_err("checking the mappings"))?;
+    if !report.ok() {
+        return Err(SourceError::Setup(report.problems_text()));
+    }
+    let (slot_confirmed, slot_created) = ensure_slot(blue, slot).await?;
+    Ok(BlueState {
+        slot_confirmed,
+        slot_created,
+        tables,
+    })
+}
+
+/// Blue's settings, the user's REPLICATION attribute and the publication; returns the tables
+/// in the publication. Writes nothing.
+pub async fn check_blue(
+    blue: &Client,
+    publication: &str,
+) -> Result<Vec<QualifiedName>, SourceError> {
     let wal_level: String = blue
         .query_one("SELECT current_setting('wal_level')", &[])
         .await
@@ -78,75 +100,7 @@ pub async fn check(
         .into_iter()
         .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
-    for table in &tables {
-        check_table(blue, green, table).await?;
-    }
-    let (slot_confirmed, slot_created) = ensure_slot(blue, slot).await?;
-    Ok(BlueState {
-        slot_confirmed,
-        slot_created,
-        tables,
-    })
-}
-
-/// Green must have the table and every column, with a type blue's text can be cast to.
-async fn check_table(
-    blue: &Client,
-    green: &Client,
-    table: &QualifiedName,
-) -> Result<(), SourceError> {
-    let Some(g) = catalog::green_table(green, table)
-        .await
-        .map_err(|source| SourceError::Blue {
-            context: "reading green's catalog",
-            source,
-        })?
-    else {
-        return Err(SourceError::Setup(format!(
-            "table {table} is in the publication but missing on green: create it on green (same columns), or remove it from the publication"
-        )));
-    };
-    let columns = blue
-        .query(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), t.typcategory::text
-               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-              ORDER BY a.attnum",
-            &[&table.quoted()],
-        )
-        .await
-        .map_err(blue_err("reading a table's columns"))?;
-    for c in columns {
-        let (name, blue_type, blue_cat): (String, String, String) = (c.get(0), c.get(1), c.get(2));
-        let Some(gc) = g.columns.iter().find(|gc| gc.name == name) else {
-            return Err(SourceError::Setup(format!(
-                "column {name} of table {table} exists on blue but not on green: run ALTER TABLE {} ADD COLUMN \"{name}\" {blue_type}; on green",
-                table.quoted()
-            )));
-        };
-        if gc.sql_type == blue_type {
-            continue;
-        }
-        let compatible: bool = green
-            .query_one(
-                "SELECT coalesce(
-                    to_regtype($2) IS NOT NULL AND (
-                      (SELECT typcategory::text FROM pg_type WHERE oid = to_regtype($2)) IN ('S', $3)
-                      OR EXISTS (SELECT 1 FROM pg_cast WHERE castsource = to_regtype($1) AND casttarget = to_regtype($2))),
-                    false)",
-                &[&blue_type, &gc.sql_type, &blue_cat],
-            )
-            .await
-            .map_err(|source| SourceError::Blue { context: "comparing column types on green", source })?
-            .get(0);
-        if !compatible {
-            return Err(SourceError::Setup(format!(
-                "column {name} of table {table} is {blue_type} on blue but {} on green, and blue's values cannot be cast to it: change green's column type (ALTER TABLE ... ALTER COLUMN \"{name}\" TYPE {blue_type}) or map the column with a transform rule",
-                gc.sql_type
-            )));
-        }
-    }
-    Ok(())
+    Ok(tables)
 }
 
 /// Returns the slot's confirmed position, creating the slot when missing.

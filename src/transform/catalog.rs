@@ -78,3 +78,24 @@ pub async fn green_table(
         primary_key,
     }))
 }
+
+/// Green's spelling of each source column type: builtin OIDs are the same on every server;
+/// user types are named by pgoutput's Type messages (`user_types[i]`, quoted `schema.name`)
+/// and fall back to `text` when green has no such type.
+pub async fn resolve_types(
+    client: &Client,
+    oids: &[u32],
+    user_types: &[Option<String>],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let oids: Vec<i64> = oids.iter().map(|&o| i64::from(o)).collect();
+    let rows = client
+        .query(
+            "SELECT CASE WHEN o < 16384 THEN format_type(o::oid, -1)
+                         ELSE coalesce(format_type(to_regtype(n), -1), 'text') END
+               FROM unnest($1::int8[], $2::text[]) WITH ORDINALITY AS u(o, n, i)
+              ORDER BY i",
+            &[&oids, &user_types],
+        )
+        .await?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}

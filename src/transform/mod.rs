@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::decode::{Relation, ReplicaIdentity};
 use catalog::GreenTable;
+use rules::{Origin, Rule};
 
 /// `schema.table`, unquoted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -58,6 +59,8 @@ pub struct SourceColumn {
     /// SQL type the text value is cast to inside `src` (green's spelling). Without a type
     /// modifier: an explicit cast to `varchar(n)` or `char(n)` would silently truncate.
     pub sql_type: String,
+    /// The column's type as blue spells it, for queries to blue (completing TOASTed rows).
+    pub blue_type: String,
 }
 
 /// One written column of the target table.
@@ -91,9 +94,34 @@ pub struct TableMap {
     pub replica_identity: ReplicaIdentity,
     /// `schema.table` of the target, for metric labels and logs.
     pub label: String,
+    /// Only source rows matching this condition over `src` exist in green.
+    pub filter: Option<Filter>,
+    /// Relations the expressions read (`[schema.]name` chains after FROM/JOIN): green tables
+    /// whose pending changes must be written before this table's.
+    pub reads: Vec<Vec<String>>,
+    /// Where the rule was written; `None` for identity mappings.
+    pub origin: Option<Origin>,
+}
+
+/// A rule's row filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    pub expr: String,
+    /// Source columns the condition reads.
+    pub inputs: Vec<usize>,
 }
 
 impl TableMap {
+    /// Whether this mapping's expressions read the target table `label` (`schema.table`).
+    pub fn reads_table(&self, label: &str) -> bool {
+        let (schema, name) = label.split_once('.').unwrap_or(("public", label));
+        self.reads.iter().any(|chain| match chain.as_slice() {
+            [n] => n == name,
+            [s, n] => s == schema && n == name,
+            _ => false,
+        })
+    }
+
     pub fn is_keyed(&self) -> bool {
         !self.key.is_empty()
     }
@@ -113,6 +141,8 @@ impl TableMap {
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum MapError {
+    #[error("{origin}: {message}")]
+    Rule { origin: Origin, message: String },
     #[error(
         "table {target} is missing on green; create it there (blue has {blue_table}) or remove {blue_table} from the publication"
     )]
@@ -143,83 +173,237 @@ pub enum MapError {
     },
 }
 
+/// A blue table as a mapping needs it, from a Relation message or from blue's catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTable {
+    pub name: QualifiedName,
+    pub columns: Vec<SourceTableColumn>,
+    pub replica_identity: ReplicaIdentity,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTableColumn {
+    pub name: String,
+    /// The column's type as green spells it (`text` when green lacks blue's type).
+    pub sql_type: String,
+    /// The column's type as blue spells it.
+    pub blue_type: String,
+    /// Part of the replica identity.
+    pub is_key: bool,
+}
+
+impl SourceTable {
+    /// From a Relation message, with each column's type spelled for green and for blue.
+    pub fn from_relation(
+        relation: &Relation,
+        types: Vec<String>,
+        blue_types: Vec<String>,
+    ) -> SourceTable {
+        SourceTable {
+            name: QualifiedName::new(&relation.namespace, &relation.name),
+            columns: relation
+                .columns
+                .iter()
+                .zip(types.into_iter().zip(blue_types))
+                .map(|(c, (sql_type, blue_type))| SourceTableColumn {
+                    name: c.name.clone(),
+                    sql_type,
+                    blue_type,
+                    is_key: c.is_key,
+                })
+                .collect(),
+            replica_identity: relation.replica_identity,
+        }
+    }
+}
+
 /// Identity mapping: every source column lands in the green column of the same name.
 pub fn identity(relation: &Relation, green: &GreenTable) -> Result<Arc<TableMap>, MapError> {
-    let source = QualifiedName::new(&relation.namespace, &relation.name);
-    let target = green.name.clone();
-    let mut source_columns = Vec::with_capacity(relation.columns.len());
-    let mut columns = Vec::with_capacity(relation.columns.len());
-    for (i, rc) in relation.columns.iter().enumerate() {
-        let gc = green
-            .columns
-            .iter()
-            .find(|c| c.name == rc.name)
-            .ok_or_else(|| MapError::MissingColumn {
-                blue_table: source.to_string(),
-                target: target.to_string(),
-                column: rc.name.clone(),
-            })?;
-        source_columns.push(SourceColumn {
-            name: rc.name.clone(),
-            sql_type: gc.base_type.clone(),
-        });
-        columns.push(TargetColumn {
-            name: rc.name.clone(),
-            sql_type: gc.sql_type.clone(),
-            base_type: gc.base_type.clone(),
-            expr: format!("src.{}", quote_ident(&rc.name)),
-            inputs: vec![i],
-        });
-    }
-    let mut key = Vec::with_capacity(green.primary_key.len());
-    for k in &green.primary_key {
-        let i =
-            columns
+    let types: Vec<String> = relation
+        .columns
+        .iter()
+        .map(|c| {
+            green
+                .columns
                 .iter()
-                .position(|c| &c.name == k)
-                .ok_or_else(|| MapError::MissingColumn {
-                    blue_table: source.to_string(),
-                    target: target.to_string(),
-                    column: k.clone(),
-                })?;
-        key.push(i);
+                .find(|g| g.name == c.name)
+                .map(|g| g.base_type.clone())
+                .unwrap_or_else(|| "text".into())
+        })
+        .collect();
+    let blue_types = types.clone();
+    let source = SourceTable::from_relation(relation, types, blue_types);
+    build(&source, None, green).map(|m| m.expect("identity mappings are never skipped"))
+}
+
+/// The mapping of `source` onto `green` under `rule` (identity without one); `None` when the
+/// rule skips the table.
+pub fn build(
+    source: &SourceTable,
+    rule: Option<&Rule>,
+    green: &GreenTable,
+) -> Result<Option<Arc<TableMap>>, MapError> {
+    if rule.is_some_and(|r| r.skip) {
+        return Ok(None);
     }
-    let full = relation.replica_identity == ReplicaIdentity::Full;
-    // Keyless targets can only be matched on the full old row; with DEFAULT or INDEX identity
-    // blue would send just the identity columns, which green cannot match reliably.
-    if key.is_empty()
-        && matches!(
-            relation.replica_identity,
-            ReplicaIdentity::Default | ReplicaIdentity::Index
-        )
-        && relation.columns.iter().any(|c| c.is_key)
-    {
-        return Err(MapError::NoKey {
-            blue_table: source.to_string(),
-            target: target.to_string(),
-            identity: relation.replica_identity,
-        });
-    }
-    let row_key: Vec<usize> = key.iter().map(|&k| columns[k].inputs[0]).collect();
-    if !full {
-        for &k in &key {
-            if !relation.columns[columns[k].inputs[0]].is_key {
-                return Err(MapError::KeyNotInIdentity {
-                    blue_table: source.to_string(),
-                    target: target.to_string(),
-                    column: columns[k].name.clone(),
+    let rule_error = |message: String| match rule {
+        Some(r) => MapError::Rule {
+            origin: r.origin.clone(),
+            message,
+        },
+        None => MapError::Rule {
+            origin: Origin {
+                file: "<identity>".into(),
+                line: 0,
+            },
+            message,
+        },
+    };
+    let source_name = source.name.to_string();
+    let target = green.name.clone();
+    let names: Vec<String> = source.columns.iter().map(|c| c.name.clone()).collect();
+    let source_columns: Vec<SourceColumn> = source
+        .columns
+        .iter()
+        .map(|c| SourceColumn {
+            name: c.name.clone(),
+            sql_type: c.sql_type.clone(),
+            blue_type: c.blue_type.clone(),
+        })
+        .collect();
+    let listed = rule.map(|r| &r.columns);
+    if let Some(listed) = listed {
+        for (column, expr) in listed {
+            if !green.columns.iter().any(|g| &g.name == column) {
+                return Err(MapError::Rule {
+                    origin: expr.origin.clone(),
+                    message: format!(
+                        "target column {column} does not exist on green table {target} (or is generated)"
+                    ),
                 });
             }
         }
     }
-    Ok(Arc::new(TableMap {
+    let mut columns = Vec::new();
+    for g in &green.columns {
+        let (expr, inputs) = match listed.and_then(|l| l.get(&g.name)) {
+            Some(e) => (e.value.clone(), expr::inputs(&e.value, &names)),
+            None => match names.iter().position(|n| n == &g.name) {
+                Some(i) => (format!("src.{}", quote_ident(&g.name)), vec![i]),
+                // Neither mapped nor in the source: default on insert, untouched on update.
+                None => continue,
+            },
+        };
+        columns.push(TargetColumn {
+            name: g.name.clone(),
+            sql_type: g.sql_type.clone(),
+            base_type: g.base_type.clone(),
+            expr,
+            inputs,
+        });
+    }
+    if rule.is_none()
+        && let Some(c) = source
+            .columns
+            .iter()
+            .find(|c| !green.columns.iter().any(|g| g.name == c.name))
+    {
+        return Err(MapError::MissingColumn {
+            blue_table: source_name,
+            target: target.to_string(),
+            column: c.name.clone(),
+        });
+    }
+    if columns.is_empty() {
+        return Err(rule_error(format!(
+            "no column of green table {target} is written: map at least one in [table.columns]"
+        )));
+    }
+    let mut key = Vec::with_capacity(green.primary_key.len());
+    for k in &green.primary_key {
+        let i = columns.iter().position(|c| &c.name == k).ok_or_else(|| {
+            if rule.is_some() {
+                rule_error(format!(
+                    "primary key column {k} of green table {target} is neither mapped by the rule nor a column of {source_name}: add {k} = \"<expression>\" to [table.columns]"
+                ))
+            } else {
+                MapError::MissingColumn {
+                    blue_table: source_name.clone(),
+                    target: target.to_string(),
+                    column: k.clone(),
+                }
+            }
+        })?;
+        key.push(i);
+    }
+    let full = source.replica_identity == ReplicaIdentity::Full;
+    // Keyless targets can only be matched on the full old row; with DEFAULT or INDEX identity
+    // blue would send just the identity columns, which green cannot match reliably.
+    if key.is_empty()
+        && matches!(
+            source.replica_identity,
+            ReplicaIdentity::Default | ReplicaIdentity::Index
+        )
+        && source.columns.iter().any(|c| c.is_key)
+    {
+        return Err(MapError::NoKey {
+            blue_table: source_name,
+            target: target.to_string(),
+            identity: source.replica_identity,
+        });
+    }
+    let mut row_key: Vec<usize> = key
+        .iter()
+        .flat_map(|&k| columns[k].inputs.clone())
+        .collect();
+    row_key.sort_unstable();
+    row_key.dedup();
+    if !full {
+        // On DELETE pgoutput sends only the replica identity: the key must come from it.
+        for &k in &key {
+            if let Some(&c) = columns[k]
+                .inputs
+                .iter()
+                .find(|&&c| !source.columns[c].is_key)
+            {
+                if rule.is_none() {
+                    return Err(MapError::KeyNotInIdentity {
+                        blue_table: source_name,
+                        target: target.to_string(),
+                        column: columns[k].name.clone(),
+                    });
+                }
+                return Err(rule_error(format!(
+                    "key column {} of green table {target} is computed from {}, which is not in the replica identity of blue table {source_name}: deletes could not be applied; map the key from identity columns or run ALTER TABLE {} REPLICA IDENTITY FULL on blue",
+                    columns[k].name,
+                    source.columns[c].name,
+                    source.name.quoted()
+                )));
+            }
+        }
+    }
+    let filter = rule.and_then(|r| r.filter.as_ref()).map(|f| Filter {
+        inputs: expr::inputs(&f.value, &names),
+        expr: f.value.clone(),
+    });
+    let mut reads: Vec<Vec<String>> = columns
+        .iter()
+        .flat_map(|c| expr::relations(&c.expr))
+        .chain(filter.iter().flat_map(|f| expr::relations(&f.expr)))
+        .collect();
+    reads.sort();
+    reads.dedup();
+    Ok(Some(Arc::new(TableMap {
         label: target.to_string(),
-        source,
+        source: source.name.clone(),
         target,
         source_columns,
         columns,
         key,
         row_key,
-        replica_identity: relation.replica_identity,
-    }))
+        replica_identity: source.replica_identity,
+        filter,
+        reads,
+        origin: rule.map(|r| r.origin.clone()),
+    })))
 }

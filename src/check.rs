@@ -1,0 +1,410 @@
+//! Checking every mapping against the live blue and green schemas, without writing anything:
+//! what `shadowsync check` prints and what `run` requires before it streams.
+//!
+//! Each table of the publication is mapped through its rule (identity without one) from blue's
+//! catalog, exactly as the apply stage will map it from the stream; then the statements the
+//! apply stage would run are *prepared* on green, which parses and type-checks every expression
+//! and filter. A failing statement is narrowed down to the column or filter at fault, so the
+//! problem names the file and line of the rule.
+//!
+//! Invariant: nothing here writes to either database.
+
+use tokio_postgres::Client;
+
+use crate::apply::sql;
+use crate::decode::ReplicaIdentity;
+use crate::transform::rules::{Origin, RuleSet};
+use crate::transform::{self, QualifiedName, SourceTable, SourceTableColumn, TableMap, catalog};
+
+/// The verdict on one table of the publication.
+#[derive(Debug, Clone)]
+pub struct MappingCheck {
+    pub source: QualifiedName,
+    /// `None` when a rule skips the table.
+    pub target: Option<QualifiedName>,
+    pub rule: Option<Origin>,
+    /// Empty when all is well.
+    pub problems: Vec<String>,
+}
+
+impl MappingCheck {
+    /// One line for humans: `ok`, `skip` or `FAIL`, the mapping, and where it was written.
+    pub fn line(&self) -> String {
+        let status = match (&self.target, self.problems.is_empty()) {
+            (None, true) => "skip",
+            (_, true) => "ok  ",
+            (_, false) => "FAIL",
+        };
+        let how = match &self.rule {
+            Some(o) => format!("rule {o}"),
+            None => "identity".to_string(),
+        };
+        match &self.target {
+            Some(t) => format!("{status} {} -> {t} ({how})", self.source),
+            None => format!("{status} {} ({how})", self.source),
+        }
+    }
+}
+
+/// A problem outside any one table (a rule naming a table outside the publication).
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub mappings: Vec<MappingCheck>,
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty() && self.mappings.iter().all(|m| m.problems.is_empty())
+    }
+
+    /// Every problem, one per line, for an error message.
+    pub fn problems_text(&self) -> String {
+        self.mappings
+            .iter()
+            .flat_map(|m| m.problems.iter())
+            .chain(&self.problems)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Checks the mapping of every table in `tables` (the publication's).
+pub async fn check(
+    blue: &Client,
+    green: &Client,
+    tables: &[QualifiedName],
+    publication: &str,
+    rules: &RuleSet,
+) -> Result<Report, tokio_postgres::Error> {
+    let mut mappings = Vec::with_capacity(tables.len());
+    for table in tables {
+        mappings.push(check_table(blue, green, table, rules).await?);
+    }
+    let problems = rules
+        .rules
+        .iter()
+        .filter(|r| !tables.contains(&r.source))
+        .map(|r| {
+            format!(
+                "{}: the rule names {}, which is not in publication {publication}: add it (ALTER PUBLICATION \"{publication}\" ADD TABLE {}) or remove the rule",
+                r.origin,
+                r.source,
+                r.source.quoted()
+            )
+        })
+        .collect();
+    Ok(Report { mappings, problems })
+}
+
+async fn check_table(
+    blue: &Client,
+    green: &Client,
+    table: &QualifiedName,
+    rules: &RuleSet,
+) -> Result<MappingCheck, tokio_postgres::Error> {
+    let rule = rules.get(table);
+    let mut verdict = MappingCheck {
+        source: table.clone(),
+        target: None,
+        rule: rule.map(|r| r.origin.clone()),
+        problems: Vec::new(),
+    };
+    if rule.is_some_and(|r| r.skip) {
+        return Ok(verdict);
+    }
+    let target = rule
+        .and_then(|r| r.target.clone())
+        .unwrap_or_else(|| table.clone());
+    verdict.target = Some(target.clone());
+    let at = rule.map(|r| format!("{}: ", r.origin)).unwrap_or_default();
+    let Some(green_table) = catalog::green_table(green, &target).await? else {
+        verdict.problems.push(if rule.is_some() {
+            format!("{at}target table {target} does not exist on green: create it, or fix `target`")
+        } else {
+            format!(
+                "table {table} is in the publication but missing on green: create it on green (same columns), add a rule mapping it, or remove it from the publication"
+            )
+        });
+        return Ok(verdict);
+    };
+    let (source, categories) = blue_table(blue, green, table).await?;
+    if rule.is_none() {
+        identity_types(
+            green,
+            table,
+            &source,
+            &categories,
+            &green_table,
+            &mut verdict.problems,
+        )
+        .await?;
+        if !verdict.problems.is_empty() {
+            return Ok(verdict);
+        }
+    }
+    let map = match transform::build(&source, rule, &green_table) {
+        Ok(Some(map)) => map,
+        Ok(None) => return Ok(verdict),
+        Err(e) => {
+            verdict.problems.push(e.to_string());
+            return Ok(verdict);
+        }
+    };
+    if rule.is_some() {
+        prepare_statements(green, &map, rule, &mut verdict.problems).await?;
+    }
+    Ok(verdict)
+}
+
+/// Blue's description of a table, as the stream will describe it, with green's spelling of each
+/// type (`text` when green lacks it), and each type's category (for identity type checks).
+async fn blue_table(
+    blue: &Client,
+    green: &Client,
+    table: &QualifiedName,
+) -> Result<(SourceTable, Vec<String>), tokio_postgres::Error> {
+    let identity: String = blue
+        .query_one(
+            "SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)",
+            &[&table.quoted()],
+        )
+        .await?
+        .get(0);
+    let replica_identity = match identity.as_str() {
+        "f" => ReplicaIdentity::Full,
+        "n" => ReplicaIdentity::Nothing,
+        "i" => ReplicaIdentity::Index,
+        _ => ReplicaIdentity::Default,
+    };
+    let rows = blue
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, -1), t.typcategory::text,
+                    c.relreplident = 'f' OR EXISTS (
+                      SELECT 1 FROM pg_index i
+                       WHERE i.indrelid = a.attrelid AND a.attnum = ANY (i.indkey)
+                         AND CASE c.relreplident WHEN 'i' THEN i.indisreplident
+                                                 WHEN 'd' THEN i.indisprimary ELSE false END)
+               FROM pg_attribute a
+               JOIN pg_type t ON t.oid = a.atttypid
+               JOIN pg_class c ON c.oid = a.attrelid
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+                AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            &[&table.quoted()],
+        )
+        .await?;
+    let blue_types: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+    let green_types: Vec<String> = green
+        .query(
+            "SELECT coalesce(format_type(to_regtype(n), -1), 'text')
+               FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i) ORDER BY i",
+            &[&blue_types],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    let categories = rows.iter().map(|r| r.get(2)).collect();
+    let columns = rows
+        .iter()
+        .zip(green_types)
+        .map(|(r, sql_type)| SourceTableColumn {
+            name: r.get(0),
+            sql_type,
+            blue_type: r.get(1),
+            is_key: r.get(3),
+        })
+        .collect();
+    Ok((
+        SourceTable {
+            name: table.clone(),
+            columns,
+            replica_identity,
+        },
+        categories,
+    ))
+}
+
+/// Identity mappings: green must have every blue column, with a type blue's text casts to.
+async fn identity_types(
+    green: &Client,
+    table: &QualifiedName,
+    source: &SourceTable,
+    categories: &[String],
+    green_table: &catalog::GreenTable,
+    problems: &mut Vec<String>,
+) -> Result<(), tokio_postgres::Error> {
+    for (c, category) in source.columns.iter().zip(categories) {
+        let Some(gc) = green_table.columns.iter().find(|g| g.name == c.name) else {
+            problems.push(format!(
+                "column {} of table {table} exists on blue but not on green: run ALTER TABLE {} ADD COLUMN \"{}\" {}; on green, or map the table with a rule",
+                c.name,
+                table.quoted(),
+                c.name,
+                c.blue_type
+            ));
+            continue;
+        };
+        if gc.base_type == c.blue_type {
+            continue;
+        }
+        let compatible: bool = green
+            .query_one(
+                "SELECT coalesce(
+                    to_regtype($2) IS NOT NULL AND (
+                      (SELECT typcategory::text FROM pg_type WHERE oid = to_regtype($2)) IN ('S', $3)
+                      OR EXISTS (SELECT 1 FROM pg_cast WHERE castsource = to_regtype($1) AND casttarget = to_regtype($2))),
+                    false)",
+                &[&c.blue_type, &gc.base_type, category],
+            )
+            .await?
+            .get(0);
+        if !compatible {
+            problems.push(format!(
+                "column {} of table {table} is {} on blue but {} on green, and blue's values cannot be cast to it: change green's column type (ALTER TABLE ... ALTER COLUMN \"{}\" TYPE {}) or map the column with a transform rule",
+                c.name, c.blue_type, gc.sql_type, c.name, c.blue_type
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Prepares what the apply stage will run; a failure is narrowed to the column or filter.
+async fn prepare_statements(
+    green: &Client,
+    map: &TableMap,
+    rule: Option<&transform::rules::Rule>,
+    problems: &mut Vec<String>,
+) -> Result<(), tokio_postgres::Error> {
+    let all: Vec<usize> = (0..map.source_columns.len()).collect();
+    let mut statements = vec![sql::upsert(map, &all)];
+    if map.is_keyed() {
+        statements.push(sql::delete(map));
+    }
+    statements.extend(sql::delete_unmatched(map, &all));
+    for text in statements {
+        if let Err(e) = green.prepare(&text).await {
+            if e.as_db_error().is_none() {
+                return Err(e);
+            }
+            problems.extend(narrow_down(green, map, rule).await?);
+            if problems.is_empty() {
+                problems.push(format!(
+                    "{}: green rejects the statement for {}: {}",
+                    rule.map(|r| r.origin.to_string()).unwrap_or_default(),
+                    map.label,
+                    db_message(&e)
+                ));
+            }
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Prepares each column expression and the filter alone, to say which one is wrong.
+async fn narrow_down(
+    green: &Client,
+    map: &TableMap,
+    rule: Option<&transform::rules::Rule>,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let all: Vec<usize> = (0..map.source_columns.len()).collect();
+    let src = sql::src_relation(map, &all, 1);
+    let mut problems = Vec::new();
+    for c in &map.columns {
+        let text = format!("SELECT CAST(({}) AS {}) FROM {src}", c.expr, c.base_type);
+        if let Err(e) = green.prepare(&text).await {
+            let Some(_) = e.as_db_error() else {
+                return Err(e);
+            };
+            let origin = rule
+                .and_then(|r| r.columns.get(&c.name))
+                .map(|l| l.origin.to_string())
+                .or_else(|| rule.map(|r| r.origin.to_string()))
+                .unwrap_or_default();
+            problems.push(format!(
+                "{origin}: column {} of {}: {}",
+                c.name,
+                map.label,
+                db_message(&e)
+            ));
+        }
+    }
+    if let Some(f) = &map.filter {
+        let text = format!("SELECT ({})::boolean FROM {src}", f.expr);
+        if let Err(e) = green.prepare(&text).await {
+            let Some(_) = e.as_db_error() else {
+                return Err(e);
+            };
+            let origin = rule
+                .and_then(|r| r.filter.as_ref())
+                .map(|l| l.origin.to_string())
+                .unwrap_or_default();
+            problems.push(format!(
+                "{origin}: filter of {}: {}",
+                map.label,
+                db_message(&e)
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(d) => match d.hint() {
+            Some(h) => format!("{} (hint: {h})", d.message()),
+            None => d.message().to_string(),
+        },
+        None => e.to_string(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Apply(#[from] crate::apply::ApplyError),
+}
+
+/// `shadowsync check`: everything `run` verifies before streaming, writing nothing (the slot
+/// is not created, the `shadowsync` schema not touched).
+pub async fn command(config: &crate::config::Config) -> Result<Report, CheckError> {
+    let rules = config.rules()?;
+    let blue_dsn = config.blue_dsn()?;
+    let green_dsn = config.green_dsn()?;
+    let (blue, blue_conn) = blue_dsn
+        .connect("shadowsync-check")
+        .await
+        .map_err(|source| crate::source::SourceError::Connect {
+            dsn: blue_dsn.to_string(),
+            source,
+        })?;
+    let (green, green_conn) = green_dsn
+        .connect("shadowsync-check")
+        .await
+        .map_err(|source| crate::apply::ApplyError::Connect {
+            dsn: green_dsn.to_string(),
+            source,
+        })?;
+    let result = async {
+        let tables = crate::source::preflight::check_blue(&blue, &config.blue.publication).await?;
+        check(&blue, &green, &tables, &config.blue.publication, &rules)
+            .await
+            .map_err(|source| {
+                CheckError::Source(crate::source::SourceError::Blue {
+                    context: "checking the mappings",
+                    source,
+                })
+            })
+    }
+    .await;
+    blue_conn.abort();
+    green_conn.abort();
+    result
+}
