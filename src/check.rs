@@ -383,14 +383,14 @@ pub async fn command(config: &crate::config::Config) -> Result<Report, CheckErro
         .await
         .map_err(|source| crate::source::SourceError::Connect {
             dsn: blue_dsn.to_string(),
-            source,
+            failure: crate::failure::DbFailure::from_pg(&source),
         })?;
     let (green, green_conn) = green_dsn
         .connect("shadowsync-check")
         .await
         .map_err(|source| crate::apply::ApplyError::Connect {
             dsn: green_dsn.to_string(),
-            source,
+            failure: crate::failure::DbFailure::from_pg(&source),
         })?;
     let result = async {
         let tables = crate::source::preflight::check_blue(&blue, &config.blue.publication).await?;
@@ -399,7 +399,7 @@ pub async fn command(config: &crate::config::Config) -> Result<Report, CheckErro
             .map_err(|source| {
                 CheckError::Source(crate::source::SourceError::Blue {
                     context: "checking the mappings",
-                    source,
+                    failure: crate::failure::DbFailure::from_pg(&source),
                 })
             })
     }

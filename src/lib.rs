@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod decode;
 pub mod demo;
+pub mod failure;
 pub mod logging;
 pub mod metrics;
 pub mod pipeline;

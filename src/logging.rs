@@ -6,7 +6,10 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the tracing subscriber: `RUST_LOG` filters (default `info`), text or JSON lines.
 pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        // tokio-postgres logs statement parameters (row values) at debug level.
+        .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -17,7 +20,8 @@ pub fn init(json: bool) {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT. A second one exits the process at once (code 1):
+/// nothing is acknowledged past green's progress, so the next start resumes exactly.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
@@ -26,4 +30,12 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now; the next start resumes from green's progress");
+        std::process::exit(1);
+    });
 }

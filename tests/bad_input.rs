@@ -544,3 +544,37 @@ async fn foreign_keys_on_green_need_the_replica_role_grant() {
     handle.wait().await.unwrap();
     assert_same(&pair, &["accounts", "ledger"]).await;
 }
+
+/// The slot vanished (failover to a standby without it, or dropped) while green holds progress
+/// from it: recreating it silently would skip every change in between, so `run` refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_slot_with_green_progress_is_refused() {
+    init_logging();
+    let pair = Pair::start(SCHEMA);
+    pair.blue
+        .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE accounts, ledger")
+        .unwrap();
+    let config = pair.config();
+    let handle = start_streaming(config.clone()).await;
+    let blue = pair.blue().await;
+    write_rows(&blue).await;
+    handle.drain().await.unwrap();
+    handle.wait().await.unwrap();
+    blue.execute("SELECT pg_drop_replication_slot($1)", &[&SLOT])
+        .await
+        .unwrap();
+    let message = run_to_error(config).await;
+    assert_mentions(
+        &message,
+        &[
+            "replication slot test_slot does not exist",
+            "Re-seed green",
+            "DELETE FROM shadowsync.progress",
+        ],
+    );
+    assert_eq!(
+        slot_confirmed(&blue, SLOT).await,
+        None,
+        "no slot was created"
+    );
+}

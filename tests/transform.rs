@@ -368,3 +368,49 @@ async fn check_accepts_the_example_and_names_each_mistake() {
         }
     }
 }
+
+/// A value green rejects (here through a rule casting text to integer) stops the pipeline with
+/// the table, LSN and SQLSTATE, but never the value itself (it could be personal data).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rejected_values_never_appear_in_errors() {
+    init_logging();
+    let pair = Pair::start("");
+    pair.blue
+        .psql(
+            DB,
+            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE PUBLICATION test_pub FOR TABLE t;",
+        )
+        .unwrap();
+    pair.green
+        .psql(DB, "CREATE TABLE t (id int PRIMARY KEY, n integer);")
+        .unwrap();
+    let dir = TestDir::new("redact");
+    let rules = dir.join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[table]]\nsource = \"public.t\"\n[table.columns]\nn = \"v::integer\"\n",
+    )
+    .unwrap();
+    let mut config = pair.config();
+    config.transforms.files = vec![rules.display().to_string()];
+    let handle = start_streaming(config).await;
+    let blue = pair.blue().await;
+    blue.execute("INSERT INTO t VALUES (1, '42')", &[])
+        .await
+        .unwrap();
+    blue.execute("INSERT INTO t VALUES (2, 'jane.doe@example.com')", &[])
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(std::time::Duration::from_secs(60), handle.wait())
+        .await
+        .expect("the pipeline stops")
+        .expect_err("the bad value stops the pipeline");
+    let text = format!("{err} / {err:?}");
+    assert!(
+        text.contains("public.t") && text.contains("22P02"),
+        "{text}"
+    );
+    assert!(!text.contains("jane.doe"), "a row value leaked: {text}");
+    let green = pair.green().await;
+    assert_eq!(rows(&green, "t").await, vec!["(1,42)".to_string()]);
+}

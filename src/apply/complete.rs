@@ -138,7 +138,7 @@ async fn fetch(
         .await
         .map_err(|source| ApplyError::Blue {
             table: map.source.to_string(),
-            source,
+            failure: crate::failure::DbFailure::from_pg(&source),
         })?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {

@@ -26,6 +26,7 @@ use tracing::info;
 
 use crate::config::Dsn;
 use crate::decode::{Datum, Tuple};
+use crate::failure::DbFailure;
 use crate::transform::{MapError, TableMap};
 use batch::{BatchError, KeyedOp, KeylessRun, RowMove, TableOps};
 use sql::TextArray;
@@ -33,25 +34,24 @@ use sql::TextArray;
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(
-        "cannot connect to green ({dsn}): {source}; check green.dsn, that green is up, and the password (SHADOWSYNC_GREEN_PASSWORD or pgpass)"
+        "cannot connect to green ({dsn}): {failure}; check green.dsn, that green is up, and the password (SHADOWSYNC_GREEN_PASSWORD or pgpass)"
     )]
-    Connect {
-        dsn: String,
-        source: tokio_postgres::Error,
-    },
-    #[error("green rejected {what} for table {table} (blue LSN {lsn}): {message}{hint}")]
+    Connect { dsn: String, failure: DbFailure },
+    #[error(
+        "green rejected {what} for table {table} (blue LSN {}): {failure}{hint}",
+        crate::progress::format_lsn(*.lsn)
+    )]
     Statement {
         what: &'static str,
         table: String,
-        lsn: String,
-        message: String,
+        lsn: u64,
+        failure: DbFailure,
         hint: &'static str,
-        source: tokio_postgres::Error,
     },
-    #[error("green: {context}: {source}")]
+    #[error("green: {context}: {failure}")]
     Green {
         context: &'static str,
-        source: tokio_postgres::Error,
+        failure: DbFailure,
     },
     #[error(transparent)]
     Map(#[from] MapError),
@@ -65,11 +65,8 @@ pub enum ApplyError {
         "table {table}: an update left out TOASTed values its rule needs, and there is no connection to blue to read them; this is a bug, report it"
     )]
     NeedsBlue { table: String },
-    #[error("reading unchanged TOAST values of blue table {table}: {source}")]
-    Blue {
-        table: String,
-        source: tokio_postgres::Error,
-    },
+    #[error("reading unchanged TOAST values of blue table {table}: {failure}")]
+    Blue { table: String, failure: DbFailure },
     #[error(
         "green has foreign key {constraint} on {table}, but user {user} may not set session_replication_role; grant it (GRANT SET ON PARAMETER session_replication_role TO {user}) or run as a superuser, as PostgreSQL's own subscriptions do"
     )]
@@ -78,16 +75,21 @@ pub enum ApplyError {
         table: String,
         user: String,
     },
+    #[error(
+        "another shadowsync session for slot {slot} is connected to green (or a killed one's transaction is still open there); waiting for it to end"
+    )]
+    SessionBusy { slot: String },
 }
 
 impl ApplyError {
     /// The one place deciding whether a failure is worth a reconnect and retry.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ApplyError::Connect { .. } => true,
-            ApplyError::Statement { source, .. }
-            | ApplyError::Green { source, .. }
-            | ApplyError::Blue { source, .. } => retryable_pg(source),
+            ApplyError::Connect { failure, .. }
+            | ApplyError::Statement { failure, .. }
+            | ApplyError::Green { failure, .. }
+            | ApplyError::Blue { failure, .. } => failure.is_retryable(),
+            ApplyError::SessionBusy { .. } => true,
             ApplyError::Map(_)
             | ApplyError::Batch(_)
             | ApplyError::UnknownRelation { .. }
@@ -97,29 +99,21 @@ impl ApplyError {
     }
 }
 
-/// Connection trouble, serialization failures, deadlocks, resource shortages and server
-/// shutdowns pass with time; data and schema errors do not.
+/// Retry decision for a raw driver error (see [`DbFailure::is_retryable`]).
 pub fn retryable_pg(e: &tokio_postgres::Error) -> bool {
-    match e.code() {
-        None => true,
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08")
-                || c.starts_with("40")
-                || c.starts_with("53")
-                || c.starts_with("57P")
-                || c.starts_with("58")
-        }
-    }
+    DbFailure::from_pg(e).is_retryable()
 }
 
 fn green_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
-    move |source| ApplyError::Green { context, source }
+    move |e| ApplyError::Green {
+        context,
+        failure: DbFailure::from_pg(&e),
+    }
 }
 
 /// What a statement failure most likely means for the operator.
-fn hint_for(e: &tokio_postgres::Error) -> &'static str {
-    match e.code().map(|c| c.code()) {
+fn hint_for(code: Option<&str>) -> &'static str {
+    match code {
         Some(c) if c.starts_with("22") => {
             "; a blue value does not fit green's column type: align the column types (or add a transform rule), then restart"
         }
@@ -165,7 +159,7 @@ impl Applier {
                 .await
                 .map_err(|source| ApplyError::Connect {
                     dsn: dsn.to_string(),
-                    source,
+                    failure: DbFailure::from_pg(&source),
                 })?;
         let replica_role = match client
             .batch_execute("SET session_replication_role = replica")
@@ -179,10 +173,26 @@ impl Applier {
             Err(source) => {
                 return Err(ApplyError::Green {
                     context: "setting session_replication_role",
-                    source,
+                    failure: DbFailure::from_pg(&source),
                 });
             }
         };
+        // One apply session per slot on green, for as long as this connection lives: a killed
+        // predecessor's transaction may still be open (blocked on a lock), and must end (commit
+        // or not) before this session reads the progress row and writes after it.
+        let locked: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtextextended('shadowsync.apply:' || $1, 0))",
+                &[&slot],
+            )
+            .await
+            .map_err(green_err("taking the per-slot session lock"))?
+            .get(0);
+        if !locked {
+            return Err(ApplyError::SessionBusy {
+                slot: slot.to_string(),
+            });
+        }
         crate::progress::ensure_schema(&client)
             .await
             .map_err(green_err("creating the shadowsync schema"))?;
@@ -425,18 +435,19 @@ impl Applier {
     }
 
     /// Truncates target tables inside the open transaction.
+    /// Only the listed tables: blue's CASCADE is not repeated, as PostgreSQL's own apply worker
+    /// does not (it could empty green-only tables that reference a replicated one).
     pub async fn truncate(
         &mut self,
         maps: &[Arc<TableMap>],
         restart_identity: bool,
-        cascade: bool,
         lsn: u64,
     ) -> Result<(), ApplyError> {
         let targets: Vec<String> = maps.iter().map(|m| m.target.quoted()).collect();
         let labels: Vec<String> = maps.iter().map(|m| m.label.clone()).collect();
         self.begin_if_needed().await?;
         self.client
-            .batch_execute(&sql::truncate(&targets, restart_identity, cascade))
+            .batch_execute(&sql::truncate(&targets, restart_identity))
             .await
             .map_err(|source| statement_error("TRUNCATE", &labels.join(", "), lsn, source))
     }
@@ -465,33 +476,13 @@ fn statement_error(
     lsn: u64,
     source: tokio_postgres::Error,
 ) -> ApplyError {
-    let message = source
-        .as_db_error()
-        .map(|d| {
-            let mut m = d.message().to_string();
-            if let Some(detail) = d.detail() {
-                // "Key (id)=(5) already exists" names a key, which operators need; other details
-                // ("Failing row contains (...)") quote row values, which never leave green.
-                if detail.starts_with("Key (") {
-                    m.push_str(&format!(" ({detail})"));
-                }
-            }
-            if let Some(c) = d.constraint() {
-                m.push_str(&format!(" [constraint {c}]"));
-            }
-            if let Some(c) = d.column() {
-                m.push_str(&format!(" [column {c}]"));
-            }
-            m
-        })
-        .unwrap_or_else(|| source.to_string());
+    let failure = DbFailure::from_pg(&source);
     ApplyError::Statement {
         what,
         table: table.to_string(),
-        lsn: crate::progress::format_lsn(lsn),
-        message,
-        hint: hint_for(&source),
-        source,
+        lsn,
+        hint: hint_for(failure.code.as_deref()),
+        failure,
     }
 }
 

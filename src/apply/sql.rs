@@ -247,14 +247,11 @@ pub fn move_row(map: &TableMap, cols: &[usize]) -> String {
     )
 }
 
-/// TRUNCATE of target tables, with blue's options.
-pub fn truncate(targets: &[String], restart_identity: bool, cascade: bool) -> String {
+/// TRUNCATE of target tables (never CASCADE), with blue's RESTART IDENTITY.
+pub fn truncate(targets: &[String], restart_identity: bool) -> String {
     let mut sql = format!("TRUNCATE {}", targets.join(", "));
     if restart_identity {
         sql.push_str(" RESTART IDENTITY");
-    }
-    if cascade {
-        sql.push_str(" CASCADE");
     }
     sql
 }

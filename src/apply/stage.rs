@@ -171,9 +171,7 @@ impl ApplyStage {
                 if !maps.is_empty() {
                     // Earlier changes of the batch first, in order, then the truncate.
                     self.flush(lsn).await?;
-                    self.applier
-                        .truncate(&maps, options & 2 != 0, options & 1 != 0, lsn)
-                        .await?;
+                    self.applier.truncate(&maps, options & 2 != 0, lsn).await?;
                     for m in &maps {
                         *self
                             .written
@@ -241,7 +239,7 @@ impl ApplyStage {
             .unwrap_or_else(|| source.clone());
         let catalog_err = |source| ApplyError::Green {
             context: "reading the catalog",
-            source,
+            failure: crate::failure::DbFailure::from_pg(&source),
         };
         let green = transform::catalog::green_table(self.applier.client(), &target)
             .await

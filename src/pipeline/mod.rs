@@ -63,6 +63,16 @@ impl PipelineError {
         }
     }
 
+    /// Contention that clears by itself (a killed predecessor still holding the slot or its
+    /// green session): retried even past the startup timeout.
+    fn is_contention(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.is_slot_busy(),
+            PipelineError::Apply(e) => matches!(e, ApplyError::SessionBusy { .. }),
+            _ => false,
+        }
+    }
+
     fn stage(&self) -> &'static str {
         match self {
             PipelineError::Source(_) => "source",
@@ -90,6 +100,9 @@ pub struct Report {
     /// Blue's WAL position when the drain began (everything before it is in green).
     pub drain_lsn: Option<String>,
     pub drained: bool,
+    /// Whether blue's slot was seen recording `final_lsn` (false: green has everything, but
+    /// blue could not be asked; it will learn the position on the next start).
+    pub confirmed_by_blue: bool,
     pub duration_seconds: f64,
     pub transactions: u64,
     pub batches: u64,
@@ -293,8 +306,9 @@ impl Supervisor {
             }
             match outcome {
                 Ok(Outcome::Drained) => {
-                    self.confirm_drained().await;
-                    let report = self.report(true);
+                    let confirmed = self.confirm_drained().await;
+                    let mut report = self.report(true);
+                    report.confirmed_by_blue = confirmed;
                     self.shared.set_state(State::Stopped);
                     info!(final_lsn = %report.final_lsn, "drained");
                     for w in self.waiters.drain(..) {
@@ -313,7 +327,9 @@ impl Supervisor {
                 }
                 Err(e) => {
                     let retry = e.is_retryable()
-                        && (self.start_lsn.is_some() || self.started.elapsed() < startup_timeout);
+                        && (self.start_lsn.is_some()
+                            || self.started.elapsed() < startup_timeout
+                            || e.is_contention());
                     self.shared.error(e.stage(), retry);
                     self.shared.streaming.store(false, Ordering::Relaxed);
                     if !retry || *shutdown.borrow() {
@@ -351,7 +367,7 @@ impl Supervisor {
                 .await
                 .map_err(|source| SourceError::Connect {
                     dsn: dsn.to_string(),
-                    source,
+                    failure: crate::failure::DbFailure::from_pg(&source),
                 })?;
         let lsn = preflight::current_wal_lsn(&client).await;
         drop(client);
@@ -361,19 +377,23 @@ impl Supervisor {
 
     /// Waits until blue's slot records the drained position (the standby status update has
     /// been processed), so the report's final LSN is blue's own word.
-    async fn confirm_drained(&self) {
-        let Some(target) = self.drain_lsn else { return };
+    async fn confirm_drained(&self) -> bool {
+        let Some(target) = self.drain_lsn else {
+            return false;
+        };
         let Ok(dsn) = self.config.blue_dsn() else {
-            return;
+            return false;
         };
         let Ok((client, conn)) = dsn.connect("shadowsync-drain").await else {
-            return;
+            return false;
         };
+        let mut confirmed = false;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             match preflight::slot_confirmed(&client, &self.config.blue.slot).await {
                 Ok(lsn) if lsn >= target => {
                     self.shared.set_confirmed(lsn);
+                    confirmed = true;
                     break;
                 }
                 Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -382,6 +402,7 @@ impl Supervisor {
         }
         drop(client);
         let _ = conn.await;
+        confirmed
     }
 
     fn report(&self, drained: bool) -> Report {
@@ -392,6 +413,7 @@ impl Supervisor {
             final_lsn: format_lsn(self.shared.confirmed_lsn.load(Ordering::Relaxed)),
             drain_lsn: self.drain_lsn.map(format_lsn),
             drained,
+            confirmed_by_blue: false,
             duration_seconds: self.started.elapsed().as_secs_f64(),
             transactions: applied.transactions,
             batches: applied.batches,

@@ -43,28 +43,29 @@ pub async fn run(
             .await
             .map_err(|source| SourceError::Connect {
                 dsn: blue_dsn.to_string(),
-                source,
+                failure: crate::failure::DbFailure::from_pg(&source),
             })?;
     let _abort_blue = AbortOnDrop(blue_conn);
     shared.blue_connected.store(true, Ordering::Relaxed);
 
+    let progress = crate::progress::read(applier.client(), &config.blue.slot)
+        .await
+        .map_err(|source| ApplyError::Green {
+            context: "reading progress",
+            failure: crate::failure::DbFailure::from_pg(&source),
+        })?;
     let state = preflight::check(
         &blue,
         applier.client(),
         &config.blue.slot,
         &config.blue.publication,
         &rules,
+        progress.map(|p| p.end_lsn),
     )
     .await?;
     if !applier.replica_role {
         check_foreign_keys(&applier, &state.tables).await?;
     }
-    let progress = crate::progress::read(applier.client(), &config.blue.slot)
-        .await
-        .map_err(|source| ApplyError::Green {
-            context: "reading progress",
-            source,
-        })?;
     let green_lsn = progress.map(|p| p.end_lsn).unwrap_or(0);
     let start = state.slot_confirmed.max(green_lsn);
     info!(
@@ -104,7 +105,7 @@ pub async fn run(
         .await
         .map_err(|source| SourceError::Connect {
             dsn: blue_dsn.to_string(),
-            source,
+            failure: crate::failure::DbFailure::from_pg(&source),
         })?;
     let _abort_fetch = AbortOnDrop(fetch_conn);
     let apply = ApplyStage::new(
@@ -154,7 +155,7 @@ async fn check_foreign_keys(
         .await
         .map_err(|source| ApplyError::Green {
             context: "listing foreign keys",
-            source,
+            failure: crate::failure::DbFailure::from_pg(&source),
         })?;
     if let Some(row) = row {
         return Err(ApplyError::NeedsReplicaRole {

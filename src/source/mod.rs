@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Dsn, SESSION_OPTIONS};
 use crate::decode::{self, Begin, Commit, DecodeError, Message};
+use crate::failure::DbFailure;
 use crate::metrics::Shared;
 use crate::progress::format_lsn;
 
@@ -44,17 +45,16 @@ pub enum SourceError {
     )]
     Decode { lsn: String, source: DecodeError },
     #[error(
-        "cannot connect to blue ({dsn}): {source}; check blue.dsn, that blue is up, and the password (SHADOWSYNC_BLUE_PASSWORD or pgpass)"
+        "cannot connect to blue ({dsn}): {failure}; check blue.dsn, that blue is up, and the password (SHADOWSYNC_BLUE_PASSWORD or pgpass)"
     )]
-    Connect {
-        dsn: String,
-        source: tokio_postgres::Error,
-    },
-    #[error("blue: {context}: {source}")]
+    Connect { dsn: String, failure: DbFailure },
+    #[error("blue: {context}: {failure}")]
     Blue {
         context: &'static str,
-        source: tokio_postgres::Error,
+        failure: DbFailure,
     },
+    #[error("blue ended the replication stream without being asked to; reconnecting")]
+    StreamEnded,
     /// A problem with blue's setup that the operator must fix; the message says how.
     #[error("{0}")]
     Setup(String),
@@ -66,21 +66,35 @@ impl SourceError {
         match self {
             SourceError::Replication { source, .. } => match source {
                 PgWireError::Io(_) | PgWireError::Task(_) => true,
-                // The slot stays "active" until blue notices a dead predecessor (wal_sender_timeout);
-                // shutdowns and restarts of blue pass too.
-                PgWireError::Server(m) => {
-                    m.contains("is active for PID")
-                        || m.contains("terminating connection")
-                        || m.contains("shutting down")
-                        || m.contains("starting up")
-                        || m.contains("57P")
-                        || m.contains("08")
-                }
+                PgWireError::Server(m) => match crate::failure::sqlstate_in(m) {
+                    Some(code) => crate::failure::retryable_sqlstate(code),
+                    // No SQLSTATE: the slot stays "active" until blue notices a dead
+                    // predecessor (wal_sender_timeout); shutdowns and restarts pass too.
+                    None => {
+                        m.contains("is active for PID")
+                            || m.contains("terminating connection")
+                            || m.contains("shutting down")
+                            || m.contains("starting up")
+                    }
+                },
                 _ => false,
             },
-            SourceError::Connect { .. } => true,
-            SourceError::Blue { source, .. } => crate::apply::retryable_pg(source),
+            SourceError::Connect { failure, .. } | SourceError::Blue { failure, .. } => {
+                failure.is_retryable()
+            }
+            SourceError::StreamEnded => true,
             SourceError::Decode { .. } | SourceError::Setup(_) => false,
+        }
+    }
+
+    /// Another session holds the slot (a killed predecessor, until blue notices it is gone).
+    pub fn is_slot_busy(&self) -> bool {
+        match self {
+            SourceError::Replication {
+                source: PgWireError::Server(m),
+                ..
+            } => crate::failure::sqlstate_in(m) == Some("55006") || m.contains("is active for PID"),
+            _ => false,
         }
     }
 }
@@ -202,10 +216,7 @@ impl SourceStage {
                     let sender = tx.as_ref().expect("guarded by the branch condition");
                     match event {
                         Ok(Some(ev)) => self.forward(ev, sender).await?,
-                        Ok(None) => {
-                            info!("blue ended the replication stream");
-                            tx = None;
-                        }
+                        Ok(None) => return Err(SourceError::StreamEnded),
                         Err(source) => return Err(SourceError::Replication { dsn: self.dsn.clone(), source }),
                     }
                 }

@@ -21,7 +21,10 @@ pub struct BlueState {
 }
 
 fn blue_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
-    move |source| SourceError::Blue { context, source }
+    move |e| SourceError::Blue {
+        context,
+        failure: crate::failure::DbFailure::from_pg(&e),
+    }
 }
 
 /// Checks blue's settings, the user's privilege, the publication, and the mapping of every
@@ -32,6 +35,7 @@ pub async fn check(
     slot: &str,
     publication: &str,
     rules: &RuleSet,
+    green_progress: Option<u64>,
 ) -> Result<BlueState, SourceError> {
     let tables = check_blue(blue, publication).await?;
     let report = crate::check::check(blue, green, &tables, publication, rules)
@@ -40,7 +44,7 @@ pub async fn check(
     if !report.ok() {
         return Err(SourceError::Setup(report.problems_text()));
     }
-    let (slot_confirmed, slot_created) = ensure_slot(blue, slot).await?;
+    let (slot_confirmed, slot_created) = ensure_slot(blue, slot, green_progress).await?;
     Ok(BlueState {
         slot_confirmed,
         slot_created,
@@ -103,8 +107,14 @@ pub async fn check_blue(
     Ok(tables)
 }
 
-/// Returns the slot's confirmed position, creating the slot when missing.
-async fn ensure_slot(blue: &Client, slot: &str) -> Result<(u64, bool), SourceError> {
+/// Returns the slot's confirmed position, creating the slot when missing. A missing slot that
+/// green has progress for is refused: changes between that progress and a new slot's start
+/// would be lost without a trace (a failover to a standby without the slot, a dropped slot).
+async fn ensure_slot(
+    blue: &Client,
+    slot: &str,
+    green_progress: Option<u64>,
+) -> Result<(u64, bool), SourceError> {
     let row = blue
         .query_opt(
             "SELECT plugin::text, database::text, confirmed_flush_lsn::text, current_database()::text
@@ -125,6 +135,12 @@ async fn ensure_slot(blue: &Client, slot: &str) -> Result<(u64, bool), SourceErr
         }
         let lsn = confirmed.as_deref().and_then(parse_lsn).unwrap_or(0);
         return Ok((lsn, false));
+    }
+    if let Some(progress) = green_progress {
+        return Err(SourceError::Setup(format!(
+            "replication slot {slot} does not exist on blue, but green has applied its changes up to LSN {}: changes committed on blue since then may be gone (a failover to a standby without the slot, or a dropped slot). Re-seed green from a fresh copy; or, if you know nothing was committed on blue since, run DELETE FROM shadowsync.progress WHERE slot = '{slot}'; on green to start from a new slot",
+            crate::progress::format_lsn(progress)
+        )));
     }
     let lsn: String = blue
         .query_one(
