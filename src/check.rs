@@ -305,7 +305,7 @@ async fn prepare_statements(
 }
 
 /// Prepares each column expression and the filter alone, to say which one is wrong.
-async fn narrow_down(
+pub async fn narrow_down(
     green: &Client,
     map: &TableMap,
     rule: Option<&transform::rules::Rule>,

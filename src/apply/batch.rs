@@ -82,8 +82,8 @@ pub enum BatchError {
 #[derive(Debug)]
 pub struct TableOps {
     pub map: Arc<TableMap>,
-    /// Keyed tables: one op per key, in first-touch order (`order` indexes `ops`).
-    pub ops: HashMap<Key, KeyedOp>,
+    /// Keyed tables: one op per key, with the LSN of the change that left it so (for errors).
+    pub ops: HashMap<Key, (KeyedOp, u64)>,
     /// Keyless tables: runs in arrival order.
     pub runs: Vec<KeylessRun>,
     /// Changes received, by operation (for metrics): insert, update, delete.
@@ -200,7 +200,7 @@ impl Batch {
             return Ok(());
         }
         let key = key_of(map, &new, lsn)?;
-        ops.ops.insert(key, KeyedOp::Upsert(new));
+        ops.ops.insert(key, (KeyedOp::Upsert(new), lsn));
         Ok(())
     }
 
@@ -222,7 +222,7 @@ impl Batch {
             return Ok(());
         }
         let key = key_of(map, &old, lsn)?;
-        ops.ops.insert(key, KeyedOp::Delete(old));
+        ops.ops.insert(key, (KeyedOp::Delete(old), lsn));
         Ok(())
     }
 
@@ -278,8 +278,8 @@ impl Batch {
             let prev = ops.ops.remove(&old_key);
             if has_unchanged(&new) {
                 match &prev {
-                    Some(KeyedOp::Upsert(p)) => fill_unchanged(&mut new, p),
-                    Some(KeyedOp::Update(p)) => fill_unchanged(&mut new, p),
+                    Some((KeyedOp::Upsert(p), _)) => fill_unchanged(&mut new, p),
+                    Some((KeyedOp::Update(p), _)) => fill_unchanged(&mut new, p),
                     _ => {}
                 }
             }
@@ -297,14 +297,15 @@ impl Batch {
                 }));
             }
             let old_tuple = old_key_tuple.expect("moved implies an old key");
-            ops.ops.insert(old_key, KeyedOp::Delete(old_tuple));
-            ops.ops.insert(new_key, KeyedOp::Upsert(new));
+            ops.ops.insert(old_key, (KeyedOp::Delete(old_tuple), lsn));
+            ops.ops.insert(new_key, (KeyedOp::Upsert(new), lsn));
             return Ok(None);
         }
-        let op = match ops.ops.entry(new_key) {
-            Entry::Vacant(v) => v.insert(KeyedOp::Update(Tuple::default())),
+        let (op, op_lsn) = match ops.ops.entry(new_key) {
+            Entry::Vacant(v) => v.insert((KeyedOp::Update(Tuple::default()), lsn)),
             Entry::Occupied(o) => o.into_mut(),
         };
+        *op_lsn = lsn;
         let merged = match std::mem::replace(op, KeyedOp::Update(Tuple::default())) {
             KeyedOp::Upsert(prev) => {
                 fill_unchanged(&mut new, &prev);
@@ -452,7 +453,7 @@ mod tests {
         assert_eq!(b.rows, 2);
         let ops = only_table(&mut b);
         assert_eq!(
-            ops.ops[&key("1")],
+            ops.ops[&key("1")].0,
             KeyedOp::Upsert(t(&[Some("1"), Some("y"), Some("big")]))
         );
         assert_eq!(ops.counts, [1, 1, 0]);
@@ -468,7 +469,7 @@ mod tests {
             .unwrap();
         let ops = only_table(&mut b);
         assert_eq!(
-            ops.ops[&key("1")],
+            ops.ops[&key("1")].0,
             KeyedOp::Update(t(&[Some("1"), Some("z"), Some("<u>")]))
         );
     }
@@ -483,7 +484,7 @@ mod tests {
             .unwrap();
         let ops = only_table(&mut b);
         assert_eq!(
-            ops.ops[&key("1")],
+            ops.ops[&key("1")].0,
             KeyedOp::Upsert(t(&[Some("1"), Some("z"), Some("new")]))
         );
     }
@@ -501,9 +502,9 @@ mod tests {
         b.insert(&m, t(&[Some("2"), Some("again"), None]), 5)
             .unwrap();
         let ops = only_table(&mut b);
-        assert!(matches!(ops.ops[&key("1")], KeyedOp::Delete(_)));
+        assert!(matches!(ops.ops[&key("1")].0, KeyedOp::Delete(_)));
         assert_eq!(
-            ops.ops[&key("2")],
+            ops.ops[&key("2")].0,
             KeyedOp::Upsert(t(&[Some("2"), Some("again"), None]))
         );
     }
@@ -522,8 +523,8 @@ mod tests {
             .unwrap();
         assert!(mv.is_none());
         let ops = only_table(&mut b);
-        assert!(matches!(ops.ops[&key("1")], KeyedOp::Delete(_)));
-        assert!(matches!(ops.ops[&key("2")], KeyedOp::Upsert(_)));
+        assert!(matches!(ops.ops[&key("1")].0, KeyedOp::Delete(_)));
+        assert!(matches!(ops.ops[&key("2")].0, KeyedOp::Upsert(_)));
     }
 
     #[test]
@@ -538,13 +539,13 @@ mod tests {
         b.update(&m, k("3"), t(&[Some("2"), Some("one"), None]), 3)
             .unwrap();
         let ops = only_table(&mut b);
-        assert!(matches!(ops.ops[&key("3")], KeyedOp::Delete(_)));
+        assert!(matches!(ops.ops[&key("3")].0, KeyedOp::Delete(_)));
         assert_eq!(
-            ops.ops[&key("1")],
+            ops.ops[&key("1")].0,
             KeyedOp::Upsert(t(&[Some("1"), Some("two"), None]))
         );
         assert_eq!(
-            ops.ops[&key("2")],
+            ops.ops[&key("2")].0,
             KeyedOp::Upsert(t(&[Some("2"), Some("one"), None]))
         );
     }
@@ -567,7 +568,7 @@ mod tests {
         assert_eq!(mv.lsn, 5);
         // The pending partial update of key 1 is still there, to be flushed before the move.
         let ops = only_table(&mut b);
-        assert!(matches!(ops.ops[&key("1")], KeyedOp::Update(_)));
+        assert!(matches!(ops.ops[&key("1")].0, KeyedOp::Update(_)));
     }
 
     #[test]
@@ -587,7 +588,7 @@ mod tests {
         assert!(mv.is_none());
         let ops = only_table(&mut b);
         assert_eq!(
-            ops.ops[&key("2")],
+            ops.ops[&key("2")].0,
             KeyedOp::Upsert(t(&[Some("2"), Some("x"), Some("big")]))
         );
     }

@@ -30,7 +30,7 @@ pub async fn complete_rows(
         let needing: Vec<Key> = ops
             .ops
             .iter()
-            .filter_map(|(k, op)| match op {
+            .filter_map(|(k, (op, _))| match op {
                 KeyedOp::Update(t) if needs_full_row(&ops.map, t) => Some(k.clone()),
                 _ => None,
             })
@@ -47,7 +47,7 @@ pub async fn complete_rows(
         for key in needing {
             match rows.get(&key) {
                 Some(full) => {
-                    if let Some(op) = ops.ops.get_mut(&key)
+                    if let Some((op, _)) = ops.ops.get_mut(&key)
                         && let KeyedOp::Update(t) = op
                     {
                         for (d, value) in t.0.iter_mut().zip(full) {

@@ -13,6 +13,7 @@
 
 pub mod batch;
 mod complete;
+mod poison;
 pub mod sql;
 pub mod stage;
 
@@ -76,6 +77,18 @@ pub enum ApplyError {
         user: String,
     },
     #[error(
+        "green rejects the row of blue table {source_table} with key {key} (blue LSN {}) for {target}: {failure}{hint}; nothing from that transaction on was applied or confirmed: fix the rule, green's constraint or column type, then restart: the stream resumes at that transaction",
+        crate::progress::format_lsn(*.lsn)
+    )]
+    Poison {
+        source_table: String,
+        target: String,
+        key: String,
+        lsn: u64,
+        failure: Box<DbFailure>,
+        hint: &'static str,
+    },
+    #[error(
         "another shadowsync session for slot {slot} is connected to green (or a killed one's transaction is still open there); waiting for it to end"
     )]
     SessionBusy { slot: String },
@@ -94,6 +107,7 @@ impl ApplyError {
             | ApplyError::Batch(_)
             | ApplyError::UnknownRelation { .. }
             | ApplyError::NeedsBlue { .. }
+            | ApplyError::Poison { .. }
             | ApplyError::NeedsReplicaRole { .. } => false,
         }
     }
@@ -140,6 +154,9 @@ pub struct Applier {
     slot: String,
     /// Whether `session_replication_role = replica` is in effect.
     pub replica_role: bool,
+    /// Set while bisecting a rejected batch: a failed write leaves the transaction to the
+    /// caller's savepoint instead of rolling it back.
+    keep_failed_transaction: bool,
 }
 
 type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
@@ -208,6 +225,7 @@ impl Applier {
             in_txn: false,
             slot: slot.to_string(),
             replica_role,
+            keep_failed_transaction: false,
         })
     }
 
@@ -305,6 +323,15 @@ impl Applier {
         let mut counts = WriteCounts::new();
         for (result, origin) in results.into_iter().zip(origins) {
             if let Err(source) = result {
+                if self.keep_failed_transaction {
+                    // Bisecting under a savepoint: the caller rolls back to it.
+                    return Err(statement_error(
+                        origin.what,
+                        &origin.table,
+                        origin.lsn,
+                        source,
+                    ));
+                }
                 self.in_txn = false;
                 // A pipelined COMMIT has already ended the aborted transaction.
                 if commit.is_none() {
@@ -363,7 +390,7 @@ impl Applier {
             let mut deletes = Vec::new();
             let mut upserts = Vec::new();
             let mut partial: HashMap<Vec<bool>, Vec<&Tuple>> = HashMap::new();
-            for op in ops.ops.values() {
+            for (op, _) in ops.ops.values() {
                 match op {
                     KeyedOp::Delete(t) => deletes.push(t),
                     KeyedOp::Upsert(t) => upserts.push(t),

@@ -264,7 +264,27 @@ impl ApplyStage {
                     .map(|(green, blue)| blue.clone().unwrap_or_else(|| green.clone()))
                     .collect();
                 let table = transform::SourceTable::from_relation(&r, types, blue_types);
-                transform::build(&table, Some(rule), &green)?.expect("skipped rules return above")
+                if let Some(Some(old)) = self.maps.get(&r.oid) {
+                    dropped_column_check(old, &r, rule)?;
+                }
+                let map = transform::build(&table, Some(rule), &green)?
+                    .expect("skipped rules return above");
+                // The rule meets this shape of the table for the first time in this session:
+                // let green type-check it now, rather than fail on the first row.
+                let problems = crate::check::narrow_down(self.applier.client(), &map, Some(rule))
+                    .await
+                    .map_err(catalog_err)?;
+                if let Some(first) = problems.into_iter().next() {
+                    return Err(transform::MapError::Rule {
+                        origin: rule.origin.clone(),
+                        message: format!(
+                            "the rule no longer fits blue table {source} as the stream describes it at LSN {}: {first}; update the rule, then restart",
+                            crate::progress::format_lsn(self.last_lsn)
+                        ),
+                    }
+                    .into());
+                }
+                map
             }
         };
         debug!(table = %map.label, oid = r.oid, "relation mapped");
@@ -314,7 +334,7 @@ impl ApplyStage {
         }
         let mut tables = self.batch.take();
         super::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
-        let counts = self.applier.write(&tables, None, lsn).await?;
+        let counts = self.write(&tables, None, lsn).await?;
         self.record(counts);
         Ok(())
     }
@@ -331,7 +351,6 @@ impl ApplyStage {
             let mut tables = self.batch.take();
             super::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
             let counts = self
-                .applier
                 .write(&tables, Some((c.end_lsn, c.commit_time)), c.end_lsn)
                 .await?;
             self.record(counts);
@@ -358,6 +377,30 @@ impl ApplyStage {
         Ok(())
     }
 
+    /// Writes to green; when green rejects a row, names it (bisecting the failing table) in
+    /// the error that stops the pipeline.
+    async fn write(
+        &mut self,
+        tables: &[super::batch::TableOps],
+        commit: Option<(u64, i64)>,
+        lsn: u64,
+    ) -> Result<super::WriteCounts, ApplyError> {
+        match self.applier.write(tables, commit, lsn).await {
+            Err(e) if super::poison::is_data_error(&e) => {
+                let ApplyError::Statement { table, .. } = &e else {
+                    return Err(e);
+                };
+                if let Some(t) = tables.iter().find(|t| &t.map.label == table)
+                    && let Some(p) = self.applier.isolate(t).await?
+                {
+                    return Err(super::poison::poison_error(t, p));
+                }
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
     fn record(&mut self, counts: super::WriteCounts) {
         for (table, ops) in counts {
             let entry = self.written.entry(table).or_default();
@@ -375,4 +418,39 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// A column blue dropped that the rule still uses: stop with the column and the rule's place.
+fn dropped_column_check(
+    old: &TableMap,
+    relation: &Relation,
+    rule: &transform::rules::Rule,
+) -> Result<(), ApplyError> {
+    let dropped: Vec<String> = old
+        .source_columns
+        .iter()
+        .filter(|c| !relation.columns.iter().any(|n| n.name == c.name))
+        .map(|c| c.name.clone())
+        .collect();
+    for column in &dropped {
+        let used = rule
+            .columns
+            .iter()
+            .map(|(target, e)| (format!("column {target}"), e))
+            .chain(rule.filter.iter().map(|f| ("the filter".to_string(), f)))
+            .find(|(_, e)| {
+                !transform::expr::inputs(&e.value, std::slice::from_ref(column)).is_empty()
+            });
+        if let Some((what, e)) = used {
+            return Err(transform::MapError::Rule {
+                origin: e.origin.clone(),
+                message: format!(
+                    "blue dropped column {column} of {}.{}, and {what} of the rule uses it: update the rule, then restart",
+                    relation.namespace, relation.name
+                ),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
