@@ -1,9 +1,10 @@
-//! `shadowsync demo`: the whole tool on a laptop. Throwaway blue and green clusters, an example
-//! schema and publication, a write workload on blue while streaming, a live progress line, a
-//! drain, the report, and a blue-versus-green comparison of every table.
+//! `shadowsync demo`: the NovaCron migration on a laptop. Throwaway blue and green clusters with
+//! the example schemas and rules (`transforms/novacron*`, embedded in the binary), a write
+//! workload on blue while streaming, a live progress line, a drain, the report, and a
+//! per-mapping row-count check of green against blue.
 //!
-//! Invariant: the demo's verdict compares blue and green row by row (count and checksum); it
-//! fails loudly rather than report success on a mismatch.
+//! Invariant: the demo's verdict compares every mapping's rows (blue, through the rule's
+//! filter, against green); it fails loudly rather than report success on a mismatch.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -15,33 +16,20 @@ use tokio_postgres::NoTls;
 use crate::cluster::{Cluster, pipeline_config};
 use crate::pipeline::{self, RunOptions};
 
-/// Example schema, the same on both sides (identity mapping).
-pub const SCHEMA: &str = "
-CREATE TABLE users (
-    id         bigint PRIMARY KEY,
-    email      text NOT NULL UNIQUE,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE hypervisors (
-    id         bigint PRIMARY KEY,
-    hostname   text NOT NULL,
-    status     text NOT NULL,
-    capacity   jsonb,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE virtual_machines (
-    id             bigint PRIMARY KEY,
-    name           text NOT NULL,
-    owner_id       bigint REFERENCES users (id),
-    hypervisor_id  bigint REFERENCES hypervisors (id),
-    status         text NOT NULL,
-    network_config jsonb,
-    tags           text[],
-    updated_at     timestamptz NOT NULL DEFAULT now()
-);
-";
+/// NovaCron's blue schema and publication.
+pub const BLUE_SCHEMA: &str = include_str!("../transforms/novacron-blue.sql");
+/// NovaCron's green schema.
+pub const GREEN_SCHEMA: &str = include_str!("../transforms/novacron-green.sql");
+/// The NovaCron rules.
+pub const RULES: &str = include_str!("../transforms/novacron.toml");
 
-const TABLES: [&str; 3] = ["users", "hypervisors", "virtual_machines"];
+/// Per mapping: blue rows that must be in green (through the rule's filter), green table.
+const MAPPINGS: [(&str, &str); 4] = [
+    ("users", "users"),
+    ("hypervisors", "compute_nodes"),
+    ("virtual_machines WHERE status <> 'deleted'", "vms"),
+    ("api_keys", "api_keys"),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -51,13 +39,15 @@ pub enum DemoError {
     Pipeline(#[from] crate::pipeline::PipelineError),
     #[error("database: {0}")]
     Database(#[from] tokio_postgres::Error),
+    #[error("writing the demo's rule file: {0}")]
+    Io(#[from] std::io::Error),
     #[error("drain failed: {0}")]
     Drain(String),
     #[error("green differs from blue: {0}")]
     Mismatch(String),
 }
 
-/// Runs the demo: `seconds` of workload, then drain and compare.
+/// Runs the demo: `workload` of writes, then drain and compare.
 pub async fn run(workload: Duration) -> Result<(), DemoError> {
     eprintln!("starting throwaway blue and green clusters...");
     let (blue, green) = tokio::task::spawn_blocking(|| {
@@ -65,15 +55,14 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
     })
     .await
     .expect("cluster start task")?;
-    for c in [&blue, &green] {
-        c.create_database("novacron")?;
-        c.psql("novacron", SCHEMA)?;
-    }
-    blue.psql(
-        "novacron",
-        "CREATE PUBLICATION demo FOR TABLE users, hypervisors, virtual_machines",
-    )?;
-    let config = pipeline_config(&blue, &green, "novacron", "demo", "demo");
+    blue.create_database("novacron")?;
+    blue.psql("novacron", BLUE_SCHEMA)?;
+    green.create_database("novacron")?;
+    green.psql("novacron", GREEN_SCHEMA)?;
+    let rules = green.socket_dir().join("novacron-rules.toml");
+    std::fs::write(&rules, RULES)?;
+    let mut config = pipeline_config(&blue, &green, "novacron", "demo", "novacron_migration");
+    config.transforms.files = vec![rules.display().to_string()];
     let handle = pipeline::start(config, RunOptions::default()).await?;
     // Writes committed before the slot exists are not in its stream (copying existing rows is
     // the initial snapshot's job), so the workload starts once the pipeline streams.
@@ -86,7 +75,10 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("streaming; metrics at http://{}/metrics", handle.addr);
+    eprintln!(
+        "streaming blue -> green through transforms/novacron.toml; metrics at http://{}/metrics",
+        handle.addr
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
@@ -139,39 +131,51 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
         serde_json::to_string_pretty(&report).expect("report is JSON")
     );
 
+    let (b, c1) = tokio_postgres::connect(&blue.dsn("novacron"), NoTls).await?;
+    tokio::spawn(c1);
+    let (g, c2) = tokio_postgres::connect(&green.dsn("novacron"), NoTls).await?;
+    tokio::spawn(c2);
     let mut problems = Vec::new();
     eprintln!(
-        "{:<18} {:>10} {:>10}  checksum",
-        "table", "blue rows", "green rows"
+        "{:<50} {:>10} {:>10}",
+        "mapping (blue -> green)", "blue rows", "green rows"
     );
-    for table in TABLES {
-        let b = table_summary(&blue.dsn("novacron"), table).await?;
-        let g = table_summary(&green.dsn("novacron"), table).await?;
-        let verdict = if b == g { "equal" } else { "DIFFERENT" };
-        eprintln!("{table:<18} {:>10} {:>10}  {verdict}", b.0, g.0);
-        if b != g {
-            problems.push(table);
+    for (source, target) in MAPPINGS {
+        let blue_rows: i64 = b
+            .query_one(&format!("SELECT count(*) FROM {source}"), &[])
+            .await?
+            .get(0);
+        let green_rows: i64 = g
+            .query_one(&format!("SELECT count(*) FROM {target}"), &[])
+            .await?
+            .get(0);
+        let verdict = if blue_rows == green_rows {
+            ""
+        } else {
+            "  DIFFERENT"
+        };
+        eprintln!(
+            "{:<50} {blue_rows:>10} {green_rows:>10}{verdict}",
+            format!("{source} -> {target}")
+        );
+        if blue_rows != green_rows {
+            problems.push(target);
         }
     }
+    let skipped: i64 = b
+        .query_one("SELECT count(*) FROM audit_log", &[])
+        .await?
+        .get(0);
+    eprintln!(
+        "{:<50} {skipped:>10} {:>10}",
+        "audit_log (skip = true)", "-"
+    );
+    let _ = std::fs::remove_file(&rules);
     if !problems.is_empty() {
         return Err(DemoError::Mismatch(problems.join(", ")));
     }
-    eprintln!("green equals blue.");
+    eprintln!("every mapping matches.");
     Ok(())
-}
-
-/// Row count and an order-independent checksum of a table's rows.
-pub async fn table_summary(dsn: &str, table: &str) -> Result<(i64, String), tokio_postgres::Error> {
-    let (client, conn) = tokio_postgres::connect(dsn, NoTls).await?;
-    let conn = tokio::spawn(conn);
-    let sql = format!(
-        "SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' ORDER BY md5(t::text))), '') FROM {} AS t",
-        crate::transform::quote_ident(table)
-    );
-    let row = client.query_one(&sql, &[]).await?;
-    drop(client);
-    let _ = conn.await;
-    Ok((row.get(0), row.get(1)))
 }
 
 /// A tiny deterministic generator: the demo needs variety, not statistics.
@@ -189,7 +193,20 @@ impl XorShift {
     }
 }
 
-/// One blue client writing small NovaCron-like transactions until stopped (also used by tests).
+const DOMAINS: [&str; 3] = ["acme.example", "globex.example", "example.org"];
+const VM_STATUSES: [&str; 7] = [
+    "creating",
+    "running",
+    "stopped",
+    "paused",
+    "migrating",
+    "deleted",
+    "crashed",
+];
+
+/// One blue client writing NovaCron transactions until stopped: a user with a hypervisor, a VM
+/// and an API key in one transaction (the VM's tenant comes from that new user), status changes
+/// moving VMs in and out of the filter, audit entries (skipped), deletions.
 pub async fn workload_client(
     dsn: &str,
     worker: u64,
@@ -200,37 +217,54 @@ pub async fn workload_client(
     tokio::spawn(conn);
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (worker + 1));
     let base = (worker as i64) << 40;
-    let statuses = ["creating", "running", "stopped", "paused", "migrating"];
     let mut next_id = 1i64;
     while !stop.load(Ordering::Relaxed) {
         let tx = client.transaction().await?;
         let id = base + next_id;
         next_id += 1;
+        let domain = DOMAINS[rng.below(DOMAINS.len() as u64) as usize];
         tx.execute(
-            "INSERT INTO users (id, email) VALUES ($1, $2)",
-            &[&id, &format!("user{id}@example.com")],
+            "INSERT INTO users (id, email, name) VALUES ($1, $2, $3)",
+            &[&id, &format!("user{id}@{domain}"), &format!("User {id}")],
         )
         .await?;
         tx.execute(
-            "INSERT INTO hypervisors (id, hostname, status, capacity) VALUES ($1, $2, 'active', jsonb_build_object('cpu_cores', $3::int, 'memory_mb', 65536))",
-            &[&id, &format!("hv-{id}"), &((rng.below(64) + 8) as i32)],
+            "INSERT INTO hypervisors (id, hostname, status, type, capacity)
+             VALUES ($1, $2, $3, 'kvm', jsonb_build_object('cpu_cores', $4::int, 'memory_mb', 65536))",
+            &[
+                &id,
+                &format!("hv-{id}"),
+                &["active", "inactive", "maintenance"][rng.below(3) as usize],
+                &((rng.below(64) + 8) as i32),
+            ],
         )
         .await?;
         tx.execute(
-            "INSERT INTO virtual_machines (id, name, owner_id, hypervisor_id, status, network_config, tags)
-             VALUES ($1, $2, $1, $1, 'creating', jsonb_build_object('ip_address', '10.0.0.' || ($1::bigint % 250)), ARRAY['demo', $3])",
-            &[&id, &format!("vm-{id}"), &format!("w{worker}")],
+            "INSERT INTO virtual_machines (id, name, status, owner_id, hypervisor_id, resources, network_config)
+             VALUES ($1, $2, 'creating', $1, $1, jsonb_build_object('cpu_cores', 2, 'memory_mb', 4096, 'disk_gb', 40),
+                     jsonb_build_object('ip_address', '10.0.' || ($1::bigint % 250) || '.' || ($1::bigint % 200 + 1)))",
+            &[&id, &format!("vm-{id}")],
+        )
+        .await?;
+        tx.execute(
+            "INSERT INTO api_keys (id, user_id, key_hash) VALUES ($1, $1, $2)",
+            &[&id, &format!("{:016x}", rng.next())],
         )
         .await?;
         if next_id > 2 {
             let victim = base + 1 + rng.below(next_id as u64 - 1) as i64;
-            let status = statuses[rng.below(statuses.len() as u64) as usize];
+            let status = VM_STATUSES[rng.below(VM_STATUSES.len() as u64) as usize];
             tx.execute(
                 "UPDATE virtual_machines SET status = $2, updated_at = now() WHERE id = $1",
                 &[&victim, &status],
             )
             .await?;
-            if rng.below(10) == 0 {
+            tx.execute(
+                "INSERT INTO audit_log (action, details) VALUES ('vm.status', jsonb_build_object('vm', $1::bigint))",
+                &[&victim],
+            )
+            .await?;
+            if rng.below(20) == 0 {
                 tx.execute("DELETE FROM virtual_machines WHERE id = $1", &[&victim])
                     .await?;
             }

@@ -547,3 +547,12 @@ async fn schema_changes_on_blue_are_followed_or_refused_clearly() {
     );
     assert_eq!(count(&green, "t").await, 2, "nothing past the change");
 }
+
+/// `shadowsync demo` end to end (NovaCron rules, workload, drain, per-mapping check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn demo_runs_and_every_mapping_matches() {
+    init_logging();
+    shadowsync::demo::run(std::time::Duration::from_secs(3))
+        .await
+        .expect("the demo succeeds");
+}
