@@ -25,6 +25,8 @@ pub struct MappingCheck {
     pub rule: Option<Origin>,
     /// Empty when all is well.
     pub problems: Vec<String>,
+    /// Things worth knowing that are not problems.
+    pub notes: Vec<String>,
 }
 
 impl MappingCheck {
@@ -110,6 +112,7 @@ async fn check_table(
         target: None,
         rule: rule.map(|r| r.origin.clone()),
         problems: Vec::new(),
+        notes: Vec::new(),
     };
     if rule.is_some_and(|r| r.skip) {
         return Ok(verdict);
@@ -154,6 +157,14 @@ async fn check_table(
     };
     if rule.is_some() {
         prepare_statements(green, &map, rule, &mut verdict.problems).await?;
+    }
+    let mixed = map.columns.iter().any(|c| c.inputs.len() > 1);
+    if (map.filter.is_some() || mixed) && map.replica_identity != ReplicaIdentity::Full {
+        verdict.notes.push(format!(
+            "updates on {table} that leave a TOASTed column unchanged are completed by reading the row from blue by key (the {}); ALTER TABLE {} REPLICA IDENTITY FULL on blue avoids that read",
+            if map.filter.is_some() { "filter may move the row in" } else { "rule mixes columns" },
+            table.quoted()
+        ));
     }
     Ok(verdict)
 }

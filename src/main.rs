@@ -99,6 +99,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 for p in &m.problems {
                     println!("     {p}");
                 }
+                for n in &m.notes {
+                    println!("     note: {n}");
+                }
             }
             for p in &report.problems {
                 println!("FAIL {p}");

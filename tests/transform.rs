@@ -311,6 +311,18 @@ async fn check_accepts_the_example_and_names_each_mistake() {
             .any(|l| l == "ok   public.api_keys -> public.api_keys (identity)"),
         "{lines:#?}"
     );
+    let vms = report
+        .mappings
+        .iter()
+        .find(|m| m.source.name == "virtual_machines")
+        .unwrap();
+    assert!(
+        vms.notes
+            .iter()
+            .any(|n| n.contains("reading the row from blue by key")),
+        "check says the filtered table completes TOAST from blue: {:?}",
+        vms.notes
+    );
     // Nothing was written: no slot, no shadowsync schema.
     let blue = pair.blue().await;
     assert_eq!(count(&blue, "pg_replication_slots").await, 0);
