@@ -34,7 +34,7 @@ pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
 /// text green parses back (dates, intervals, floats, bytea, money, xml fragments).
 pub const SESSION_OPTIONS: &str = "-c datestyle=ISO,MDY -c intervalstyle=postgres \
      -c extra_float_digits=3 -c timezone=UTC -c bytea_output=hex -c lc_monetary=C \
-     -c xmloption=content";
+     -c xmloption=content -c client_min_messages=warning";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -89,6 +89,15 @@ pub enum ApplyError {
         hint: &'static str,
     },
     #[error(
+        "a unique or exclusion constraint of green table {table} rejects the coalesced batch ending at blue LSN {}: {failure}; replaying that stretch change by change, in blue's order",
+        crate::progress::format_lsn(*.until)
+    )]
+    Reorder {
+        table: String,
+        until: u64,
+        failure: Box<DbFailure>,
+    },
+    #[error(
         "another shadowsync session for slot {slot} is connected to green (or a killed one's transaction is still open there); waiting for it to end"
     )]
     SessionBusy { slot: String },
@@ -102,7 +111,7 @@ impl ApplyError {
             | ApplyError::Statement { failure, .. }
             | ApplyError::Green { failure, .. }
             | ApplyError::Blue { failure, .. } => failure.is_retryable(),
-            ApplyError::SessionBusy { .. } => true,
+            ApplyError::SessionBusy { .. } | ApplyError::Reorder { .. } => true,
             ApplyError::Map(_)
             | ApplyError::Batch(_)
             | ApplyError::UnknownRelation { .. }

@@ -56,6 +56,9 @@ pub struct ApplyStage {
     /// metrics and the report only once green commits them.
     written: HashMap<String, HashMap<&'static str, u64>>,
     last_lsn: u64,
+    /// Changes up to this LSN are written one by one, in blue's order: a secondary unique
+    /// constraint on green rejected them coalesced (see `ApplyError::Reorder`).
+    serial_until: u64,
     committed: watch::Sender<u64>,
     shared: Arc<Shared>,
 }
@@ -68,6 +71,7 @@ impl ApplyStage {
         blue: Option<tokio_postgres::Client>,
         limits: Limits,
         skip_before: u64,
+        serial_until: u64,
         committed: watch::Sender<u64>,
         shared: Arc<Shared>,
     ) -> Self {
@@ -88,6 +92,7 @@ impl ApplyStage {
             batch_started: None,
             written: HashMap::new(),
             last_lsn: skip_before,
+            serial_until,
             committed,
             shared,
         }
@@ -321,7 +326,8 @@ impl ApplyStage {
     async fn after_change(&mut self, lsn: u64) -> Result<(), ApplyError> {
         self.batch_rows += 1;
         // Inside a large blue transaction: write what we hold, keep the green transaction open.
-        if self.in_txn && self.full() {
+        // Replaying a stretch green rejected coalesced: write each change on its own.
+        if (self.in_txn && self.full()) || lsn <= self.serial_until {
             self.flush(lsn).await?;
         }
         Ok(())
@@ -387,9 +393,20 @@ impl ApplyStage {
     ) -> Result<super::WriteCounts, ApplyError> {
         match self.applier.write(tables, commit, lsn).await {
             Err(e) if super::poison::is_data_error(&e) => {
-                let ApplyError::Statement { table, .. } = &e else {
+                let ApplyError::Statement { table, failure, .. } = &e else {
                     return Err(e);
                 };
+                // Coalescing reorders changes between keys; a secondary unique constraint may
+                // care. Replay the stretch in blue's order before calling any row poison.
+                if lsn > self.serial_until
+                    && matches!(failure.code.as_deref(), Some("23505" | "23P01"))
+                {
+                    return Err(ApplyError::Reorder {
+                        table: table.clone(),
+                        until: lsn,
+                        failure: Box::new(failure.clone()),
+                    });
+                }
                 if let Some(t) = tables.iter().find(|t| &t.map.label == table)
                     && let Some(p) = self.applier.isolate(t).await?
                 {

@@ -195,6 +195,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
         start_lsn: None,
         drain_lsn: None,
         waiters: Vec::new(),
+        serial_until: 0,
     };
     let join = tokio::spawn(supervisor.run(opts, shutdown_rx, drain_rx));
     Ok(Handle {
@@ -233,6 +234,9 @@ struct Supervisor {
     start_lsn: Option<u64>,
     drain_lsn: Option<u64>,
     waiters: Vec<oneshot::Sender<Result<Report, String>>>,
+    /// Replay changes up to this LSN one by one (after a unique constraint rejected them
+    /// coalesced).
+    serial_until: u64,
 }
 
 enum Outcome {
@@ -255,9 +259,15 @@ impl Supervisor {
             let (stop_tx, stop_rx) = watch::channel(false);
             let mut session_start = None;
             let outcome = {
-                let session = session::run(&self.config, &self.shared, stop_rx, |lsn| {
-                    session_start = Some(lsn);
-                });
+                let session = session::run(
+                    &self.config,
+                    &self.shared,
+                    stop_rx,
+                    self.serial_until,
+                    |lsn| {
+                        session_start = Some(lsn);
+                    },
+                );
                 tokio::pin!(session);
                 let mut tick = tokio::time::interval(Duration::from_millis(50));
                 let mut stopping: Option<Outcome> = None;
@@ -326,6 +336,9 @@ impl Supervisor {
                     return Ok(report);
                 }
                 Err(e) => {
+                    if let PipelineError::Apply(ApplyError::Reorder { until, .. }) = &e {
+                        self.serial_until = self.serial_until.max(*until);
+                    }
                     let retry = e.is_retryable()
                         && (self.start_lsn.is_some()
                             || self.started.elapsed() < startup_timeout

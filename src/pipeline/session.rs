@@ -29,6 +29,7 @@ pub async fn run(
     config: &Config,
     shared: &Arc<Shared>,
     stop: watch::Receiver<bool>,
+    serial_until: u64,
     on_start: impl FnOnce(u64),
 ) -> Result<(), PipelineError> {
     let green_dsn = config.green_dsn()?;
@@ -114,6 +115,7 @@ pub async fn run(
         Some(fetch),
         limits,
         start,
+        serial_until,
         committed_tx,
         shared.clone(),
     );
