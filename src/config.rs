@@ -28,7 +28,7 @@ pub const DEFAULT_MAX_BACKOFF_MS: u64 = 30_000;
 /// Default `[retry] startup_timeout_ms`.
 pub const DEFAULT_STARTUP_TIMEOUT_MS: u64 = 60_000;
 /// Default `[blue] status_interval_ms`: how often progress is confirmed to blue.
-pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 100;
 
 /// Session settings pinned on both sides so that the text blue's walsender prints is exactly the
 /// text green parses back (dates, intervals, floats, bytea, money, xml fragments).
