@@ -122,8 +122,12 @@ pub const OP_NAMES: [&str; 3] = ["insert", "update", "delete"];
 /// Coalesced pending changes across tables, with memory accounting.
 #[derive(Debug, Default)]
 pub struct Batch {
+    /// Pending ops of every segment, in segment order.
     tables: Vec<TableOps>,
+    /// Target label -> index in `tables`, for the current segment only.
     by_target: HashMap<String, usize>,
+    /// Index in `tables` where each segment after the first begins.
+    segments: Vec<usize>,
     /// Row changes received since the last `take` (not after coalescing: a memory bound).
     pub rows: usize,
     /// Column payload bytes received since the last `take`.
@@ -135,39 +139,41 @@ impl Batch {
         self.tables.iter().all(TableOps::is_empty)
     }
 
-    /// Hands the pending ops over for writing and resets the accounting. Tables come in
-    /// first-touch order, except that a table whose rules read another table of the batch comes
-    /// after it: the caller flushes before a read table changes behind a reader's back (see
-    /// [`Batch::has_pending_reader`]), so within one batch every change of a read table precedes
-    /// every change of its readers.
+    /// Hands the pending ops over for writing and resets the accounting. Segments come in
+    /// order; within one, tables come in first-touch order, except that a table whose rules read
+    /// another table of the segment comes after it. A new segment starts whenever a read table
+    /// changes behind a reader's back (see [`Batch::start_segment`]), so within a segment every
+    /// change of a read table precedes every change of its readers.
     pub fn take(&mut self) -> Vec<TableOps> {
         self.by_target.clear();
         self.rows = 0;
         self.bytes = 0;
-        let mut pending = std::mem::take(&mut self.tables);
-        let mut ordered = Vec::with_capacity(pending.len());
-        while !pending.is_empty() {
-            // The first table that reads none of the others still pending; a cycle of lookups
-            // falls back to first-touch order.
-            let next = (0..pending.len())
-                .find(|&i| {
-                    !pending
-                        .iter()
-                        .enumerate()
-                        .any(|(j, o)| j != i && pending[i].map.reads_table(&o.map.label))
-                })
-                .unwrap_or(0);
-            ordered.push(pending.remove(next));
+        let mut tables = std::mem::take(&mut self.tables);
+        let mut ordered = Vec::with_capacity(tables.len());
+        for start in std::mem::take(&mut self.segments).into_iter().rev() {
+            let later = tables.split_off(start.min(tables.len()));
+            ordered.push(order_segment(later));
         }
-        ordered
+        ordered.push(order_segment(tables));
+        ordered.into_iter().rev().flatten().collect()
     }
 
-    /// Whether a pending change belongs to a table whose rules read the target `label`: such
-    /// changes must be written before a change to `label` joins the batch.
+    /// Whether a pending change of the current segment belongs to a table whose rules read the
+    /// target `label`: such changes must be written before a change to `label`.
     pub fn has_pending_reader(&self, label: &str) -> bool {
-        self.tables
+        let start = self.segments.last().copied().unwrap_or(0);
+        self.tables[start..]
             .iter()
             .any(|t| !t.is_empty() && t.map.label != label && t.map.reads_table(label))
+    }
+
+    /// Later changes go into a new segment, written after everything pending (in the same
+    /// round trip): what a flush would do, without waiting for green.
+    pub fn start_segment(&mut self) {
+        if self.segments.last() != Some(&self.tables.len()) && !self.tables.is_empty() {
+            self.segments.push(self.tables.len());
+        }
+        self.by_target.clear();
     }
 
     fn table(&mut self, map: &Arc<TableMap>) -> &mut TableOps {
@@ -324,6 +330,24 @@ impl Batch {
         };
         Ok(None)
     }
+}
+
+/// A segment's tables, each after the tables of the segment it reads (first-touch order
+/// otherwise; a cycle of lookups falls back to first-touch order).
+fn order_segment(mut pending: Vec<TableOps>) -> Vec<TableOps> {
+    let mut ordered = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let next = (0..pending.len())
+            .find(|&i| {
+                !pending
+                    .iter()
+                    .enumerate()
+                    .any(|(j, o)| j != i && pending[i].map.reads_table(&o.map.label))
+            })
+            .unwrap_or(0);
+        ordered.push(pending.remove(next));
+    }
+    ordered
 }
 
 fn check_arity(map: &TableMap, t: &Tuple, lsn: u64) -> Result<(), BatchError> {
@@ -618,6 +642,31 @@ mod tests {
                 KeylessRun::Delete(vec![t(&[Some("1"), Some("x"), None])]),
             ]
         );
+    }
+
+    #[test]
+    fn a_lookup_barrier_starts_a_segment_written_in_order() {
+        let users = map(true);
+        let mut vms = (*map(true)).clone();
+        vms.label = "public.vms".into();
+        vms.reads = vec![vec!["t".into()]];
+        let vms = Arc::new(vms);
+        let mut b = Batch::default();
+        b.insert(&vms, t(&[Some("1"), Some("vm"), None]), 1)
+            .unwrap();
+        assert!(b.has_pending_reader("public.t"), "vms reads public.t");
+        b.start_segment();
+        b.insert(&users, t(&[Some("9"), Some("u"), None]), 2)
+            .unwrap();
+        b.insert(&vms, t(&[Some("2"), Some("vm"), None]), 3)
+            .unwrap();
+        assert!(
+            b.has_pending_reader("public.t"),
+            "a later users change would need yet another segment"
+        );
+        let labels: Vec<String> = b.take().iter().map(|o| o.map.label.clone()).collect();
+        // Segment 1: vms; segment 2: users (read) before vms (reader).
+        assert_eq!(labels, ["public.vms", "public.t", "public.vms"]);
     }
 
     #[test]

@@ -187,6 +187,13 @@ impl Applier {
                     dsn: dsn.to_string(),
                     failure: DbFailure::from_pg(&source),
                 })?;
+        // The apply statements run thousands of times with arrays of varying length: a generic
+        // plan (index lookups per row) is right for all of them, and re-planning each execution
+        // costs more than executing a small one.
+        client
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .await
+            .map_err(green_err("setting plan_cache_mode"))?;
         let replica_role = match client
             .batch_execute("SET session_replication_role = replica")
             .await

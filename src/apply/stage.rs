@@ -146,13 +146,13 @@ impl ApplyStage {
             Message::Commit(c) => self.end(c),
             Message::Relation(r) => self.relation(r).await?,
             Message::Insert { relation, new } if !self.skipping => {
-                if let Some(map) = self.map_for_change(relation, lsn).await? {
+                if let Some(map) = self.map_for_change(relation, lsn)? {
                     self.batch.insert(&map, new, lsn)?;
                     self.after_change(lsn).await?;
                 }
             }
             Message::Update { relation, old, new } if !self.skipping => {
-                if let Some(map) = self.map_for_change(relation, lsn).await? {
+                if let Some(map) = self.map_for_change(relation, lsn)? {
                     if let Some(mv) = self.batch.update(&map, old, new, lsn)? {
                         self.flush(lsn).await?;
                         self.applier.move_row(&mv).await?;
@@ -161,7 +161,7 @@ impl ApplyStage {
                 }
             }
             Message::Delete { relation, old } if !self.skipping => {
-                if let Some(map) = self.map_for_change(relation, lsn).await? {
+                if let Some(map) = self.map_for_change(relation, lsn)? {
                     self.batch.delete(&map, old, lsn)?;
                     self.after_change(lsn).await?;
                 }
@@ -307,18 +307,15 @@ impl ApplyStage {
             })
     }
 
-    /// The mapping for a row change, after writing pending changes of tables whose rules read
-    /// this one: they precede this change in blue's order, so they must not see it.
-    async fn map_for_change(
-        &mut self,
-        oid: u32,
-        lsn: u64,
-    ) -> Result<Option<Arc<TableMap>>, ApplyError> {
+    /// The mapping for a row change. Pending changes of tables whose rules read this one
+    /// precede it in blue's order, so they must not see it: the change opens a new segment of
+    /// the batch, written after them.
+    fn map_for_change(&mut self, oid: u32, lsn: u64) -> Result<Option<Arc<TableMap>>, ApplyError> {
         let map = self.map(oid, lsn)?;
         if let Some(m) = &map
             && self.batch.has_pending_reader(&m.label)
         {
-            self.flush(lsn).await?;
+            self.batch.start_segment();
         }
         Ok(map)
     }
@@ -407,10 +404,11 @@ impl ApplyStage {
                         failure: Box::new(failure.clone()),
                     });
                 }
-                if let Some(t) = tables.iter().find(|t| &t.map.label == table)
-                    && let Some(p) = self.applier.isolate(t).await?
-                {
-                    return Err(super::poison::poison_error(t, p));
+                // The table may have ops in several segments of the batch: try each.
+                for t in tables.iter().filter(|t| &t.map.label == table) {
+                    if let Some(p) = self.applier.isolate(t).await? {
+                        return Err(super::poison::poison_error(t, p));
+                    }
                 }
                 Err(e)
             }
