@@ -128,6 +128,12 @@ pub struct Batch {
     by_target: HashMap<String, usize>,
     /// Index in `tables` where each segment after the first begins.
     segments: Vec<usize>,
+    /// Tables that take no part in lookups (they read no table and no mapping reads them):
+    /// their order against other tables does not matter, so they coalesce across segments.
+    free: Vec<TableOps>,
+    free_by_target: HashMap<String, usize>,
+    /// Mappings whose rules read other tables (to tell which tables take part in lookups).
+    readers: Vec<Arc<TableMap>>,
     /// Row changes received since the last `take` (not after coalescing: a memory bound).
     pub rows: usize,
     /// Column payload bytes received since the last `take`.
@@ -136,7 +142,12 @@ pub struct Batch {
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.tables.iter().all(TableOps::is_empty)
+        self.tables.iter().all(TableOps::is_empty) && self.free.iter().all(TableOps::is_empty)
+    }
+
+    /// The mappings whose rules read other tables; call when mappings change.
+    pub fn set_readers(&mut self, readers: Vec<Arc<TableMap>>) {
+        self.readers = readers;
     }
 
     /// Hands the pending ops over for writing and resets the accounting. Segments come in
@@ -148,13 +159,16 @@ impl Batch {
         self.by_target.clear();
         self.rows = 0;
         self.bytes = 0;
+        self.free_by_target.clear();
         let mut tables = std::mem::take(&mut self.tables);
-        let mut ordered = Vec::with_capacity(tables.len());
+        let free = std::mem::take(&mut self.free);
+        let mut ordered = Vec::with_capacity(tables.len() + 1);
         for start in std::mem::take(&mut self.segments).into_iter().rev() {
             let later = tables.split_off(start.min(tables.len()));
             ordered.push(order_segment(later));
         }
         ordered.push(order_segment(tables));
+        ordered.push(free);
         ordered.into_iter().rev().flatten().collect()
     }
 
@@ -177,20 +191,36 @@ impl Batch {
     }
 
     fn table(&mut self, map: &Arc<TableMap>) -> &mut TableOps {
-        let idx = match self.by_target.get(&map.label) {
+        if map.reads.is_empty() && !self.readers.iter().any(|r| r.reads_table(&map.label)) {
+            return entry(&mut self.free, &mut self.free_by_target, map);
+        }
+        entry(&mut self.tables, &mut self.by_target, map)
+    }
+}
+
+/// The pending ops of `map`'s table in `tables`, added when missing.
+fn entry<'a>(
+    tables: &'a mut Vec<TableOps>,
+    by_target: &mut HashMap<String, usize>,
+    map: &Arc<TableMap>,
+) -> &'a mut TableOps {
+    {
+        let idx = match by_target.get(&map.label) {
             // A relation re-described mid-batch (e.g. a column added) gets its own entry,
             // so one statement never mixes two row layouts.
-            Some(&i) if Arc::ptr_eq(&self.tables[i].map, map) || *self.tables[i].map == **map => i,
+            Some(&i) if Arc::ptr_eq(&tables[i].map, map) || *tables[i].map == **map => i,
             _ => {
-                self.tables.push(TableOps::new(map.clone()));
-                let i = self.tables.len() - 1;
-                self.by_target.insert(map.label.clone(), i);
+                tables.push(TableOps::new(map.clone()));
+                let i = tables.len() - 1;
+                by_target.insert(map.label.clone(), i);
                 i
             }
         };
-        &mut self.tables[idx]
+        &mut tables[idx]
     }
+}
 
+impl Batch {
     fn account(&mut self, t: &Tuple) {
         self.rows += 1;
         self.bytes += t.payload_bytes() + 16 * t.0.len();
@@ -651,22 +681,36 @@ mod tests {
         vms.label = "public.vms".into();
         vms.reads = vec![vec!["t".into()]];
         let vms = Arc::new(vms);
+        let mut free = (*map(true)).clone();
+        free.label = "public.free".into();
+        let free = Arc::new(free);
         let mut b = Batch::default();
-        b.insert(&vms, t(&[Some("1"), Some("vm"), None]), 1)
+        b.set_readers(vec![vms.clone()]);
+        b.insert(&free, t(&[Some("1"), Some("f"), None]), 1)
+            .unwrap();
+        b.insert(&vms, t(&[Some("1"), Some("vm"), None]), 2)
             .unwrap();
         assert!(b.has_pending_reader("public.t"), "vms reads public.t");
         b.start_segment();
-        b.insert(&users, t(&[Some("9"), Some("u"), None]), 2)
+        b.insert(&users, t(&[Some("9"), Some("u"), None]), 3)
             .unwrap();
-        b.insert(&vms, t(&[Some("2"), Some("vm"), None]), 3)
+        b.insert(&vms, t(&[Some("2"), Some("vm"), None]), 4)
+            .unwrap();
+        b.insert(&free, t(&[Some("2"), Some("f"), None]), 5)
             .unwrap();
         assert!(
             b.has_pending_reader("public.t"),
             "a later users change would need yet another segment"
         );
-        let labels: Vec<String> = b.take().iter().map(|o| o.map.label.clone()).collect();
-        // Segment 1: vms; segment 2: users (read) before vms (reader).
-        assert_eq!(labels, ["public.vms", "public.t", "public.vms"]);
+        let taken = b.take();
+        let labels: Vec<&str> = taken.iter().map(|o| o.map.label.as_str()).collect();
+        // A table outside lookups coalesces across segments (one entry, first); then segment
+        // 1: vms; segment 2: users (read) before vms (reader).
+        assert_eq!(
+            labels,
+            ["public.free", "public.vms", "public.t", "public.vms"]
+        );
+        assert_eq!(taken[0].ops.len(), 2);
     }
 
     #[test]

@@ -294,6 +294,14 @@ impl ApplyStage {
         };
         debug!(table = %map.label, oid = r.oid, "relation mapped");
         self.maps.insert(r.oid, Some(map));
+        let readers = self
+            .maps
+            .values()
+            .flatten()
+            .filter(|m| !m.reads.is_empty())
+            .cloned()
+            .collect();
+        self.batch.set_readers(readers);
         Ok(())
     }
 
