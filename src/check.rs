@@ -297,7 +297,7 @@ async fn prepare_statements(
     statements.extend(sql::delete_unmatched(map, &all));
     for text in statements {
         if let Err(e) = green.prepare(&text).await {
-            if e.as_db_error().is_none() {
+            if !is_rule_problem(&e) {
                 return Err(e);
             }
             problems.extend(narrow_down(green, map, rule).await?);
@@ -327,9 +327,9 @@ pub async fn narrow_down(
     for c in &map.columns {
         let text = format!("SELECT CAST(({}) AS {}) FROM {src}", c.expr, c.base_type);
         if let Err(e) = green.prepare(&text).await {
-            let Some(_) = e.as_db_error() else {
+            if !is_rule_problem(&e) {
                 return Err(e);
-            };
+            }
             let origin = rule
                 .and_then(|r| r.columns.get(&c.name))
                 .map(|l| l.origin.to_string())
@@ -346,9 +346,9 @@ pub async fn narrow_down(
     if let Some(f) = &map.filter {
         let text = format!("SELECT ({})::boolean FROM {src}", f.expr);
         if let Err(e) = green.prepare(&text).await {
-            let Some(_) = e.as_db_error() else {
+            if !is_rule_problem(&e) {
                 return Err(e);
-            };
+            }
             let origin = rule
                 .and_then(|r| r.filter.as_ref())
                 .map(|l| l.origin.to_string())
@@ -361,6 +361,15 @@ pub async fn narrow_down(
         }
     }
     Ok(problems)
+}
+
+/// Errors that mean the rule does not fit the schemas (syntax, names, types, unsupported
+/// features); anything else (a restart, a lock timeout) is the database's, and passes.
+fn is_rule_problem(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        let c = c.code();
+        c.starts_with("42") || c.starts_with("0A") || c.starts_with("22")
+    })
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {

@@ -11,6 +11,8 @@
 pub struct DbFailure {
     /// SQLSTATE, when the server sent one (none for I/O errors and closed connections).
     pub code: Option<String>,
+    /// The constraint the server named, if any.
+    pub constraint: Option<String>,
     pub message: String,
 }
 
@@ -20,14 +22,19 @@ impl DbFailure {
             // Client-side: I/O, closed connection, protocol; no row data in these.
             return DbFailure {
                 code: None,
+                constraint: None,
                 message: e.to_string(),
             };
         };
         let code = db.code().code().to_string();
         let mut message = if code.starts_with("22") {
-            redact_quoted(db.message())
-        } else {
+            redact_data_message(db.message())
+        } else if MESSAGE_CLASSES.iter().any(|c| code.starts_with(c)) {
             db.message().to_string()
+        } else {
+            // Raised by user code (triggers, functions called by rules): the text is theirs and
+            // may hold anything.
+            "green raised an error".to_string()
         };
         if let Some(c) = db.constraint() {
             message.push_str(&format!(" [constraint {c}]"));
@@ -36,13 +43,14 @@ impl DbFailure {
             message.push_str(&format!(" [column {c}]"));
         }
         if let Some(h) = db.hint()
-            && !code.starts_with("22")
+            && MESSAGE_CLASSES.iter().any(|c| code.starts_with(c))
         {
             message.push_str(&format!(" (hint: {h})"));
         }
         message.push_str(&format!(" (SQLSTATE {code})"));
         DbFailure {
             code: Some(code),
+            constraint: db.constraint().map(str::to_string),
             message,
         }
     }
@@ -64,6 +72,13 @@ impl std::fmt::Display for DbFailure {
     }
 }
 
+/// SQLSTATE classes whose messages PostgreSQL writes itself without row values (class 23 puts
+/// them in DETAIL, which is never kept): connection, feature, integrity, transaction state,
+/// authorization, catalog, syntax and access, resources, object state, operator intervention.
+const MESSAGE_CLASSES: [&str; 13] = [
+    "08", "0A", "23", "25", "28", "3D", "3F", "40", "42", "53", "55", "57", "58",
+];
+
 /// The retry decision for a SQLSTATE.
 pub fn retryable_sqlstate(code: &str) -> bool {
     code.starts_with("08")
@@ -84,25 +99,13 @@ pub fn sqlstate_in(message: &str) -> Option<&str> {
         .then_some(code)
 }
 
-fn redact_quoted(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut quote: Option<char> = None;
-    for c in message.chars() {
-        match quote {
-            Some(q) if c == q => {
-                out.push('…');
-                out.push(c);
-                quote = None;
-            }
-            Some(_) => {}
-            None if c == '"' || c == '\'' => {
-                out.push(c);
-                quote = Some(c);
-            }
-            None => out.push(c),
-        }
+/// Data errors (class 22) quote the offending value: keep only the text before the first
+/// quote (a value may itself contain quotes, so pairing them is not safe).
+fn redact_data_message(message: &str) -> String {
+    match message.find(['"', '\'']) {
+        Some(at) => format!("{}\"…\"", &message[..at]),
+        None => message.to_string(),
     }
-    out
 }
 
 #[cfg(test)]
@@ -112,11 +115,11 @@ mod tests {
     #[test]
     fn quoted_values_are_redacted() {
         assert_eq!(
-            redact_quoted("invalid input syntax for type integer: \"abc@example.com\""),
+            redact_data_message("invalid input syntax for type integer: \"12\"34 Main St\""),
             "invalid input syntax for type integer: \"…\""
         );
         assert_eq!(
-            redact_quoted("value too long for type character varying(3)"),
+            redact_data_message("value too long for type character varying(3)"),
             "value too long for type character varying(3)"
         );
     }

@@ -319,6 +319,14 @@ impl Batch {
                     _ => {}
                 }
             }
+            if has_unchanged(&new) && map.completes_partial_rows() {
+                // The rule needs the real values (filter, mixed columns): delete the old key
+                // and leave a partial image for the new one, which is completed from blue.
+                let old_tuple = old_key_tuple.expect("moved implies an old key");
+                ops.ops.insert(old_key, (KeyedOp::Delete(old_tuple), lsn));
+                ops.ops.insert(new_key, (KeyedOp::Update(new), lsn));
+                return Ok(None);
+            }
             if has_unchanged(&new) {
                 // Green holds the only copy of the missing values: restore what was pending
                 // for the old key (the caller flushes it first) and let green move the row.

@@ -46,7 +46,7 @@ pub enum ApplyError {
         what: &'static str,
         table: String,
         lsn: u64,
-        failure: DbFailure,
+        failure: Box<DbFailure>,
         hint: &'static str,
     },
     #[error("green: {context}: {failure}")]
@@ -107,8 +107,8 @@ impl ApplyError {
     /// The one place deciding whether a failure is worth a reconnect and retry.
     pub fn is_retryable(&self) -> bool {
         match self {
+            ApplyError::Statement { failure, .. } => failure.is_retryable(),
             ApplyError::Connect { failure, .. }
-            | ApplyError::Statement { failure, .. }
             | ApplyError::Green { failure, .. }
             | ApplyError::Blue { failure, .. } => failure.is_retryable(),
             ApplyError::SessionBusy { .. } | ApplyError::Reorder { .. } => true,
@@ -525,7 +525,7 @@ fn statement_error(
         table: table.to_string(),
         lsn,
         hint: hint_for(failure.code.as_deref()),
-        failure,
+        failure: Box::new(failure),
     }
 }
 

@@ -60,7 +60,7 @@ impl Applier {
                         return Ok(Some(Poison {
                             key: key_text(table, key),
                             lsn: *lsn,
-                            failure,
+                            failure: *failure,
                         }));
                     }
                     candidates.truncate(half);

@@ -56,9 +56,13 @@ pub struct ApplyStage {
     /// metrics and the report only once green commits them.
     written: HashMap<String, HashMap<&'static str, u64>>,
     last_lsn: u64,
-    /// Changes up to this LSN are written one by one, in blue's order: a secondary unique
-    /// constraint on green rejected them coalesced (see `ApplyError::Reorder`).
+    /// Transactions committing at or before this LSN are written change by change, in blue's
+    /// order: a secondary unique constraint on green rejected them coalesced (see
+    /// `ApplyError::Reorder`). Compared with `Begin.final_lsn`, which follows stream order
+    /// (change LSNs do not: a long transaction's early changes have low LSNs).
     serial_until: u64,
+    /// Commit LSN of the transaction being received (or last received).
+    txn_final_lsn: u64,
     committed: watch::Sender<u64>,
     shared: Arc<Shared>,
 }
@@ -93,6 +97,7 @@ impl ApplyStage {
             written: HashMap::new(),
             last_lsn: skip_before,
             serial_until,
+            txn_final_lsn: 0,
             committed,
             shared,
         }
@@ -213,6 +218,7 @@ impl ApplyStage {
 
     fn begin(&mut self, b: Begin) {
         self.skipping = b.final_lsn < self.skip_before;
+        self.txn_final_lsn = b.final_lsn;
         if self.skipping {
             debug!(final_lsn = %crate::progress::format_lsn(b.final_lsn), "skipping a transaction green already has");
         }
@@ -332,7 +338,7 @@ impl ApplyStage {
         self.batch_rows += 1;
         // Inside a large blue transaction: write what we hold, keep the green transaction open.
         // Replaying a stretch green rejected coalesced: write each change on its own.
-        if (self.in_txn && self.full()) || lsn <= self.serial_until {
+        if (self.in_txn && self.full()) || self.txn_final_lsn <= self.serial_until {
             self.flush(lsn).await?;
         }
         Ok(())
@@ -403,18 +409,25 @@ impl ApplyStage {
                 };
                 // Coalescing reorders changes between keys; a secondary unique constraint may
                 // care. Replay the stretch in blue's order before calling any row poison.
-                if lsn > self.serial_until
+                if self.txn_final_lsn > self.serial_until
                     && matches!(failure.code.as_deref(), Some("23505" | "23P01"))
                 {
+                    // Every transaction in this write commits at or before the one received
+                    // last.
                     return Err(ApplyError::Reorder {
                         table: table.clone(),
-                        until: lsn,
-                        failure: Box::new(failure.clone()),
+                        until: self.txn_final_lsn,
+                        failure: failure.clone(),
                     });
                 }
-                // The table may have ops in several segments of the batch: try each.
+                // The table may have ops in several segments of the batch: try each. A row that
+                // fails alone for another reason (it needed earlier context) is not the culprit.
+                let original = failure.clone();
                 for t in tables.iter().filter(|t| &t.map.label == table) {
-                    if let Some(p) = self.applier.isolate(t).await? {
+                    if let Some(p) = self.applier.isolate(t).await?
+                        && p.failure.code == original.code
+                        && p.failure.constraint == original.constraint
+                    {
                         return Err(super::poison::poison_error(t, p));
                     }
                 }

@@ -153,8 +153,13 @@ fn read_chain(expr: &str, start: usize) -> (Chain, usize) {
         if i < b.len()
             && b[i] == b'.'
             && b.get(i + 1)
-                .is_some_and(|&n| n == b'"' || n.is_ascii_alphabetic() || n == b'_')
+                .is_some_and(|&n| n == b'"' || n.is_ascii_alphabetic() || n == b'_' || n == b'*')
         {
+            if b[i + 1] == b'*' {
+                parts.push("*".into());
+                i += 2;
+                break;
+            }
             i += 1;
             continue;
         }
@@ -169,6 +174,11 @@ pub fn inputs(expr: &str, names: &[String]) -> Vec<usize> {
     let mut found: Vec<usize> = Vec::new();
     for chain in chains {
         let column = match chain.0.as_slice() {
+            // The whole row (`to_jsonb(src)`, `src::text`, `src.*`) reads every column.
+            [whole] if whole == "src" => return (0..names.len()).collect(),
+            [qualifier, star] if qualifier == "src" && star == "*" => {
+                return (0..names.len()).collect();
+            }
             [name] => name,
             [qualifier, name] if qualifier == "src" => name,
             _ => continue,
@@ -223,6 +233,14 @@ mod tests {
             ),
             Vec::<usize>::new()
         );
+    }
+
+    #[test]
+    fn whole_row_references_read_every_column() {
+        let cols = names(&["id", "body", "title"]);
+        assert_eq!(inputs("md5(to_jsonb(src)::text)", &cols), vec![0, 1, 2]);
+        assert_eq!(inputs("row_to_json(src.*)", &cols), vec![0, 1, 2]);
+        assert_eq!(inputs("src.title", &cols), vec![2]);
     }
 
     #[test]

@@ -112,6 +112,12 @@ pub struct Filter {
 }
 
 impl TableMap {
+    /// Whether a partial image (unchanged TOAST) may need the full row: a filter can move the
+    /// row in, a column with several inputs can mix changed and unchanged values.
+    pub fn completes_partial_rows(&self) -> bool {
+        self.filter.is_some() || self.columns.iter().any(|c| c.inputs.len() > 1)
+    }
+
     /// Whether this mapping's expressions read the target table `label` (`schema.table`).
     pub fn reads_table(&self, label: &str) -> bool {
         let (schema, name) = label.split_once('.').unwrap_or(("public", label));
@@ -381,6 +387,16 @@ pub fn build(
                 )));
             }
         }
+    }
+    if !key.is_empty() && row_key.is_empty() {
+        return Err(rule_error(format!(
+            "the primary key of green table {target} is computed from no column of {source_name}: changes could not be matched to rows; compute it from the source's key columns"
+        )));
+    }
+    if key.is_empty() && rule.is_some_and(|r| r.filter.is_some()) {
+        return Err(rule_error(format!(
+            "green table {target} has no primary key, so rows leaving the filter could not be found: add a primary key on green, or drop the filter"
+        )));
     }
     let filter = rule.and_then(|r| r.filter.as_ref()).map(|f| Filter {
         inputs: expr::inputs(&f.value, &names),
