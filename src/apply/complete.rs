@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 use super::ApplyError;
 use super::batch::{Key, KeyedOp, TableOps};
 use crate::decode::{Datum, Tuple};
+use crate::failure::DbFailure;
 use crate::transform::{TableMap, quote_ident};
 
 /// Fills in unchanged-TOAST values that `tables`' rules need, from `blue`.
@@ -43,7 +44,27 @@ pub async fn complete_rows(
                 table: ops.map.label.clone(),
             });
         };
-        let rows = fetch(blue, &ops.map, &needing).await?;
+        // Only the missing values (and the key) are read: columns blue has since dropped and
+        // nobody needs cannot stop the stream.
+        let mut wanted: Vec<usize> = ops
+            .ops
+            .iter()
+            .filter(|(k, _)| needing.contains(k))
+            .flat_map(|(_, (op, _))| match op {
+                KeyedOp::Update(t) => {
+                    t.0.iter()
+                        .enumerate()
+                        .filter(|(_, d)| matches!(d, Datum::UnchangedToast))
+                        .map(|(i, _)| i)
+                        .collect()
+                }
+                _ => Vec::new(),
+            })
+            .chain(ops.map.row_key.iter().copied())
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let rows = fetch(blue, &ops.map, &needing, &wanted).await?;
         for key in needing {
             match rows.get(&key) {
                 Some(full) => {
@@ -87,12 +108,12 @@ async fn fetch(
     blue: &Client,
     map: &TableMap,
     keys: &[Key],
+    wanted: &[usize],
 ) -> Result<HashMap<Key, Vec<Option<Bytes>>>, ApplyError> {
-    let cols = map
-        .source_columns
+    let cols = wanted
         .iter()
-        .map(|c| {
-            let n = quote_ident(&c.name);
+        .map(|&i| {
+            let n = quote_ident(&map.source_columns[i].name);
             format!("CASE WHEN s.{n} IS NULL THEN NULL ELSE format('%s', s.{n}) END")
         })
         .collect::<Vec<_>>()
@@ -133,18 +154,26 @@ async fn fetch(
         .iter()
         .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
         .collect();
-    let rows = blue
-        .query(&sql, &params)
-        .await
-        .map_err(|source| ApplyError::Blue {
-            table: map.source.to_string(),
-            failure: crate::failure::DbFailure::from_pg(&source),
-        })?;
+    let rows = blue.query(&sql, &params).await.map_err(|source| {
+        let failure = DbFailure::from_pg(&source);
+        if matches!(failure.code.as_deref(), Some("42703" | "42P01")) {
+            ApplyError::ToastGone {
+                table: map.source.to_string(),
+                failure,
+            }
+        } else {
+            ApplyError::Blue {
+                table: map.source.to_string(),
+                failure,
+            }
+        }
+    })?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in rows {
-        let values: Vec<Option<Bytes>> = (0..map.source_columns.len())
-            .map(|i| row.get::<_, Option<String>>(i).map(Bytes::from))
-            .collect();
+        let mut values: Vec<Option<Bytes>> = vec![None; map.source_columns.len()];
+        for (n, &i) in wanted.iter().enumerate() {
+            values[i] = row.get::<_, Option<String>>(n).map(Bytes::from);
+        }
         let key: Key = map.row_key.iter().map(|&i| values[i].clone()).collect();
         out.insert(key, values);
     }

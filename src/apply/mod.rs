@@ -66,6 +66,10 @@ pub enum ApplyError {
         "table {table}: an update left out TOASTed values its rule needs, and there is no connection to blue to read them; this is a bug, report it"
     )]
     NeedsBlue { table: String },
+    #[error(
+        "blue table {table} no longer has the columns (or no longer exists) needed to complete unchanged TOAST values of a change still in the stream: {failure}; re-seed green for this table (or, before such schema changes, set REPLICA IDENTITY FULL on blue so the old row carries the values)"
+    )]
+    ToastGone { table: String, failure: DbFailure },
     #[error("reading unchanged TOAST values of blue table {table}: {failure}")]
     Blue { table: String, failure: DbFailure },
     #[error(
@@ -116,6 +120,7 @@ impl ApplyError {
             | ApplyError::Batch(_)
             | ApplyError::UnknownRelation { .. }
             | ApplyError::NeedsBlue { .. }
+            | ApplyError::ToastGone { .. }
             | ApplyError::Poison { .. }
             | ApplyError::NeedsReplicaRole { .. } => false,
         }
