@@ -12,12 +12,12 @@
 pub struct Chain(pub Vec<String>);
 
 /// Identifier chains of an expression, skipping string literals, quoted text and comments,
-/// plus the chain following each FROM/JOIN keyword.
+/// plus the relations of FROM lists (comma-separated, `ONLY`, `LATERAL`) and JOINs.
 pub fn scan(expr: &str) -> (Vec<Chain>, Vec<Chain>) {
     let b = expr.as_bytes();
     let mut chains = Vec::new();
     let mut relations = Vec::new();
-    let mut after_from = false;
+    let mut from = FromList::default();
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -39,7 +39,7 @@ pub fn scan(expr: &str) -> (Vec<Chain>, Vec<Chain>) {
             b'"' => {
                 let (chain, next) = read_chain(expr, i);
                 i = next;
-                push(chain, &mut chains, &mut relations, &mut after_from);
+                push(chain, &mut chains, &mut relations, &mut from);
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 // E'...' and similar prefixed literals.
@@ -51,12 +51,32 @@ pub fn scan(expr: &str) -> (Vec<Chain>, Vec<Chain>) {
                 }
                 let (chain, next) = read_chain(expr, i);
                 i = next;
-                push(chain, &mut chains, &mut relations, &mut after_from);
+                push(chain, &mut chains, &mut relations, &mut from);
             }
             c if c.is_ascii_digit() => {
                 while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
                     i += 1;
                 }
+            }
+            b'(' => {
+                // A subquery in the FROM list: its own FROM names its relations.
+                from.expecting = false;
+                from.depth += 1;
+                i += 1;
+            }
+            b')' => {
+                from.depth = from.depth.saturating_sub(1);
+                if from.list_depth.is_some_and(|d| d > from.depth) {
+                    from.list_depth = None;
+                }
+                i += 1;
+            }
+            b',' => {
+                // Another item of the FROM list at this level.
+                if from.list_depth == Some(from.depth) {
+                    from.expecting = true;
+                }
+                i += 1;
             }
             _ => i += 1,
         }
@@ -64,12 +84,36 @@ pub fn scan(expr: &str) -> (Vec<Chain>, Vec<Chain>) {
     (chains, relations)
 }
 
-fn push(chain: Chain, chains: &mut Vec<Chain>, relations: &mut Vec<Chain>, after_from: &mut bool) {
-    if *after_from {
-        relations.push(chain.clone());
-        *after_from = false;
-    } else if chain.0.len() == 1 && matches!(chain.0[0].as_str(), "from" | "join") {
-        *after_from = true;
+/// Where the scan is in a FROM list.
+#[derive(Default)]
+struct FromList {
+    /// Parenthesis depth.
+    depth: usize,
+    /// Depth of the FROM list being read, if any.
+    list_depth: Option<usize>,
+    /// The next chain names a relation.
+    expecting: bool,
+}
+
+fn push(chain: Chain, chains: &mut Vec<Chain>, relations: &mut Vec<Chain>, from: &mut FromList) {
+    let word = (chain.0.len() == 1).then(|| chain.0[0].as_str());
+    if from.expecting {
+        if !matches!(word, Some("only" | "lateral")) {
+            relations.push(chain.clone());
+            from.expecting = false;
+        }
+    } else {
+        match word {
+            Some("from" | "join") => {
+                from.expecting = true;
+                from.list_depth = Some(from.depth);
+            }
+            Some(
+                "where" | "group" | "order" | "limit" | "having" | "window" | "on" | "using"
+                | "union" | "except" | "intersect" | "returning",
+            ) if from.list_depth == Some(from.depth) => from.list_depth = None,
+            _ => {}
+        }
     }
     chains.push(chain);
 }
@@ -241,6 +285,20 @@ mod tests {
         assert_eq!(inputs("md5(to_jsonb(src)::text)", &cols), vec![0, 1, 2]);
         assert_eq!(inputs("row_to_json(src.*)", &cols), vec![0, 1, 2]);
         assert_eq!(inputs("src.title", &cols), vec![2]);
+    }
+
+    #[test]
+    fn from_lists_only_and_lateral_are_relations() {
+        assert_eq!(
+            relations(
+                "(SELECT 1 FROM users u, ONLY tenants t, LATERAL (SELECT 1) x WHERE u.id = 1, 2)"
+            ),
+            vec![names(&["users"]), names(&["tenants"])]
+        );
+        assert_eq!(
+            relations("coalesce((SELECT a FROM x WHERE b IN (1, 2)), (SELECT c FROM y))"),
+            vec![names(&["x"]), names(&["y"])]
+        );
     }
 
     #[test]

@@ -388,6 +388,17 @@ pub fn build(
             }
         }
     }
+    // A key computed through a lookup would be recomputed against green's later state when a
+    // delete arrives, and could miss the row.
+    if let Some(&k) = key
+        .iter()
+        .find(|&&k| !expr::relations(&columns[k].expr).is_empty())
+    {
+        return Err(rule_error(format!(
+            "primary key column {} of green table {target} is computed by reading another table: deletes could miss the row; compute the key from {source_name}'s own columns",
+            columns[k].name
+        )));
+    }
     if !key.is_empty() && row_key.is_empty() {
         return Err(rule_error(format!(
             "the primary key of green table {target} is computed from no column of {source_name}: changes could not be matched to rows; compute it from the source's key columns"
