@@ -275,3 +275,49 @@ async fn unique_swaps_are_replayed_in_blue_order() {
         shared.encode()
     );
 }
+
+/// A shutdown arriving while a large blue transaction is being received lets it finish: the
+/// batch in flight commits whole instead of being rolled back and streamed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_mid_transaction_commits_it_whole() {
+    init_logging();
+    let pair = Pair::start(SCHEMA);
+    pair.blue
+        .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE items")
+        .unwrap();
+    let mut config = pair.config();
+    config.batch.max_rows = 5_000;
+    let handle = start_streaming(config).await;
+    let blue = pair.blue().await;
+    let green = pair.green().await;
+    blue.batch_execute(
+        "INSERT INTO items SELECT g, 'x', g, NULL FROM generate_series(1, 300000) g",
+    )
+    .await
+    .unwrap();
+    // Green is writing chunks of the transaction: it is being received.
+    wait_for("a chunk being written", std::time::Duration::from_secs(60), || async {
+        green
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shadowsync-apply' AND xact_start IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+    })
+    .await;
+    handle.shutdown();
+    let report = handle.wait().await.unwrap();
+    assert_eq!(
+        report
+            .rows
+            .get("public.items")
+            .and_then(|r| r.get("insert"))
+            .copied(),
+        Some(300_000),
+        "{report:?}"
+    );
+    assert_eq!(count(&green, "items").await, 300_000);
+}

@@ -8,7 +8,12 @@
 //! - The LSN confirmed to blue is either the end of a blue commit green has committed (as
 //!   published by the apply stage), or, when nothing received is unapplied and no transaction
 //!   is open, the WAL end of a keepalive: blue never keeps WAL for nothing, and never forgets
-//!   WAL green still needs.
+//!   WAL green still needs. A keepalive position may fall inside a blue transaction that has
+//!   not committed yet (the walsender decodes its WAL but sends nothing before the commit):
+//!   confirming it is safe, because blue skips only transactions that *commit* before the
+//!   confirmed position, as with PostgreSQL's own apply worker.
+//! - A stop (shutdown, drain) ends intake at a transaction boundary: a transaction being
+//!   received is read to its Commit (within `STOP_GRACE`) so the batch in flight commits whole.
 //! - Events are forwarded in stream order through a bounded channel (backpressure reaches blue
 //!   through TCP).
 
@@ -149,6 +154,16 @@ pub async fn connect(cfg: ReplicationConfig, dsn: &Dsn) -> Result<ReplicationCli
     Ok(client)
 }
 
+/// How long a stop waits for the transaction being received to reach its Commit.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 pub struct SourceStage {
     client: ReplicationClient,
     dsn: String,
@@ -185,6 +200,7 @@ impl SourceStage {
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), SourceError> {
         let mut tx = Some(tx);
+        let mut stop_by: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let metrics = self.client.metrics();
@@ -200,12 +216,23 @@ impl SourceStage {
                     self.committed = self.committed.max(lsn);
                     self.client.update_applied_lsn(Lsn::from_u64(self.committed));
                 }
-                // 2. Stop intake on shutdown or drain; the apply stage finishes what it holds.
-                _ = stop.changed(), if tx.is_some() => {
+                // 2. Stop intake on shutdown or drain, at a transaction boundary: a transaction
+                //    being received is read to its Commit (within STOP_GRACE), so the batch in
+                //    flight commits whole; the apply stage finishes what it holds.
+                _ = stop.changed(), if tx.is_some() && stop_by.is_none() => {
                     if *stop.borrow() {
-                        info!("stopping intake from blue");
-                        tx = None;
+                        stop_by = Some(tokio::time::Instant::now() + STOP_GRACE);
+                        if !self.in_txn {
+                            info!("stopping intake from blue");
+                            tx = None;
+                        } else {
+                            info!("stopping intake from blue after the transaction being received");
+                        }
                     }
+                }
+                _ = sleep_until(stop_by), if tx.is_some() => {
+                    warn!("the transaction being received did not end in time; it will be streamed again");
+                    tx = None;
                 }
                 // 3. Publish what blue has been told, for metrics and drains.
                 _ = tick.tick() => {
@@ -218,6 +245,10 @@ impl SourceStage {
                         Ok(Some(ev)) => self.forward(ev, sender).await?,
                         Ok(None) => return Err(SourceError::StreamEnded),
                         Err(source) => return Err(SourceError::Replication { dsn: self.dsn.clone(), source }),
+                    }
+                    if stop_by.is_some() && !self.in_txn {
+                        info!("stopping intake from blue");
+                        tx = None;
                     }
                 }
             }
