@@ -176,6 +176,7 @@ pub struct Applier {
 type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
 
 /// Where a pipelined request came from, to name it in errors.
+#[derive(Clone)]
 struct Origin {
     what: &'static str,
     table: String,
@@ -311,11 +312,7 @@ impl Applier {
             }));
         }
         for ((stmt, _, origin), p) in plans.iter().zip(params.iter()) {
-            origins.push(Origin {
-                what: origin.what,
-                table: origin.table.clone(),
-                lsn: origin.lsn,
-            });
+            origins.push(origin.clone());
             pending.push(Box::pin(client.execute(stmt, p)));
         }
         if let Some((slot, end, time)) = &progress_params {

@@ -131,18 +131,6 @@ impl TableMap {
     pub fn is_keyed(&self) -> bool {
         !self.key.is_empty()
     }
-
-    /// Source columns needed to compute every target column.
-    pub fn used_source_columns(&self) -> Vec<usize> {
-        let mut used: Vec<usize> = self
-            .columns
-            .iter()
-            .flat_map(|c| c.inputs.iter().copied())
-            .collect();
-        used.sort_unstable();
-        used.dedup();
-        used
-    }
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
