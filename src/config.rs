@@ -542,6 +542,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configs_and_rules_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for name in ["example.toml", "novacron.toml"] {
+            let c = Config::load(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            c.rules().unwrap_or_else(|e| panic!("{name} rules: {e}"));
+        }
+        let novacron = Config::load(&dir.join("novacron.toml")).unwrap();
+        assert_eq!(novacron.rules().unwrap().rules.len(), 3 + 1);
+    }
+
+    #[test]
     fn debug_output_never_shows_the_password() {
         let d = Dsn::parse("host=h user=u password=s3cret dbname=d", "blue.dsn").unwrap();
         assert!(!format!("{d:?}").contains("s3cret"));
