@@ -28,42 +28,34 @@ pub async fn complete_rows(
             // Keyless tables have REPLICA IDENTITY FULL: the old image filled them already.
             continue;
         }
-        let needing: Vec<Key> = ops
-            .ops
-            .iter()
-            .filter_map(|(k, (op, _))| match op {
-                KeyedOp::Update(t) if needs_full_row(&ops.map, t) => Some(k.clone()),
-                _ => None,
-            })
-            .collect();
+        // One pass: the keys that need their row, and the columns to read (only the missing
+        // values and the key: columns blue has since dropped and nobody needs cannot stop the
+        // stream).
+        let mut needing: Vec<Key> = Vec::new();
+        let mut wanted: Vec<usize> = ops.map.row_key.clone();
+        for (k, (op, _)) in &ops.ops {
+            if let KeyedOp::Update(t) = op
+                && needs_full_row(&ops.map, t)
+            {
+                needing.push(k.clone());
+                wanted.extend(
+                    t.0.iter()
+                        .enumerate()
+                        .filter(|(_, d)| matches!(d, Datum::UnchangedToast))
+                        .map(|(i, _)| i),
+                );
+            }
+        }
         if needing.is_empty() {
             continue;
         }
+        wanted.sort_unstable();
+        wanted.dedup();
         let Some(blue) = blue else {
             return Err(ApplyError::NeedsBlue {
                 table: ops.map.label.clone(),
             });
         };
-        // Only the missing values (and the key) are read: columns blue has since dropped and
-        // nobody needs cannot stop the stream.
-        let mut wanted: Vec<usize> = ops
-            .ops
-            .iter()
-            .filter(|(k, _)| needing.contains(k))
-            .flat_map(|(_, (op, _))| match op {
-                KeyedOp::Update(t) => {
-                    t.0.iter()
-                        .enumerate()
-                        .filter(|(_, d)| matches!(d, Datum::UnchangedToast))
-                        .map(|(i, _)| i)
-                        .collect()
-                }
-                _ => Vec::new(),
-            })
-            .chain(ops.map.row_key.iter().copied())
-            .collect();
-        wanted.sort_unstable();
-        wanted.dedup();
         let rows = fetch(blue, &ops.map, &needing, &wanted).await?;
         for key in needing {
             match rows.get(&key) {

@@ -114,7 +114,7 @@ impl ApplyStage {
                 biased;
                 // A committed blue transaction must not wait longer than max_delay, however
                 // busy the stream: check the deadline before taking more input.
-                _ = sleep_until(deadline), if self.last_commit.is_some() && !self.in_txn => {
+                _ = crate::pipeline::sleep_until(deadline), if self.last_commit.is_some() && !self.in_txn => {
                     self.commit().await?;
                     continue;
                 }
@@ -446,13 +446,6 @@ impl ApplyStage {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -89,6 +89,14 @@ impl PipelineError {
     }
 }
 
+/// Sleeps until `deadline`, or forever without one: a `select!` branch that may be disarmed.
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What a run did; printed as JSON by `run --drain` and `drain`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {

@@ -157,13 +157,6 @@ pub async fn connect(cfg: ReplicationConfig, dsn: &Dsn) -> Result<ReplicationCli
 /// How long a stop waits for the transaction being received to reach its Commit.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
 pub struct SourceStage {
     client: ReplicationClient,
     dsn: String,
@@ -230,7 +223,7 @@ impl SourceStage {
                         }
                     }
                 }
-                _ = sleep_until(stop_by), if tx.is_some() => {
+                _ = crate::pipeline::sleep_until(stop_by), if tx.is_some() => {
                     warn!("the transaction being received did not end in time; it will be streamed again");
                     tx = None;
                 }
