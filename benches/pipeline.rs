@@ -77,6 +77,7 @@ fn map() -> Arc<TableMap> {
         filter: None,
         reads: vec![],
         origin: None,
+        conflicts: shadowsync::transform::ConflictPolicy::Off,
     })
 }
 

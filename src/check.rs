@@ -147,7 +147,7 @@ async fn check_table(
             return Ok(verdict);
         }
     }
-    let map = match transform::build(&source, rule, &green_table) {
+    let map = match transform::build(&source, rule, &green_table, &rules.conflicts) {
         Ok(Some(map)) => map,
         Ok(None) => return Ok(verdict),
         Err(e) => {
@@ -158,6 +158,10 @@ async fn check_table(
     if rule.is_some() {
         prepare_statements(green, &map, rule, &mut verdict.problems).await?;
     }
+    verdict.notes.push(format!(
+        "conflicts with rows changed on green: {}",
+        map.conflicts.describe(&map.columns)
+    ));
     let mixed = map.columns.iter().any(|c| c.inputs.len() > 1);
     if (map.filter.is_some() || mixed) && map.replica_identity != ReplicaIdentity::Full {
         verdict.notes.push(format!(

@@ -29,6 +29,12 @@ pub const DEFAULT_MAX_BACKOFF_MS: u64 = 30_000;
 pub const DEFAULT_STARTUP_TIMEOUT_MS: u64 = 60_000;
 /// Default `[blue] status_interval_ms`: how often progress is confirmed to blue.
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 100;
+/// Default `[conflicts] lww_column`.
+pub const DEFAULT_LWW_COLUMN: &str = "updated_at";
+/// Default `[conflicts] commit_time_column`.
+pub const DEFAULT_COMMIT_TIME_COLUMN: &str = "shadowsync_commit_time";
+/// The `lww_column` value that compares blue's commit time instead of a row column.
+pub const LWW_COMMIT_TIME: &str = "commit_time";
 
 /// Session settings pinned on both sides so that the text blue's walsender prints is exactly the
 /// text green parses back (dates, intervals, floats, bytea, money, xml fragments).
@@ -79,6 +85,9 @@ pub struct Config {
     /// Transform rule files.
     #[serde(default)]
     pub transforms: TransformsConfig,
+    /// What to do when green's row disagrees with blue's change.
+    #[serde(default)]
+    pub conflicts: ConflictsConfig,
     /// Directory the config file is in: rule file paths are relative to it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -91,6 +100,51 @@ pub struct TransformsConfig {
     /// in the publication without a rule are replicated as identity.
     #[serde(default)]
     pub files: Vec<String>,
+}
+
+/// How a conflict (green's row disagreeing with a change from blue) is resolved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resolution {
+    /// Last writer wins: the change is applied only when its timestamp is later than or equal
+    /// to green's row; a table without the comparison column falls back to `apply`.
+    #[default]
+    Lww,
+    /// Blue always wins.
+    Apply,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictsConfig {
+    /// `lww` (default) or `apply`.
+    #[serde(default)]
+    pub resolution: Resolution,
+    /// Target column compared under `lww` (any ordered type, usually a timestamp), or
+    /// `commit_time` to compare blue's commit time with `commit_time_column`. A rule may
+    /// override it with its own `lww_column`.
+    #[serde(default = "default_lww_column")]
+    pub lww_column: String,
+    /// Target column (timestamptz) in which shadowsync stores blue's commit time for
+    /// `lww_column = "commit_time"`; green's own writers should set it too (e.g. a trigger
+    /// setting now(), which shadowsync's replica-role session does not fire).
+    #[serde(default = "default_commit_time_column")]
+    pub commit_time_column: String,
+    /// Detect and record conflicts (true); false applies blue's changes blindly, as
+    /// PostgreSQL's own apply worker does, and records nothing.
+    #[serde(default = "default_true")]
+    pub detect: bool,
+}
+
+impl Default for ConflictsConfig {
+    fn default() -> Self {
+        ConflictsConfig {
+            resolution: Resolution::Lww,
+            lww_column: DEFAULT_LWW_COLUMN.to_string(),
+            commit_time_column: DEFAULT_COMMIT_TIME_COLUMN.to_string(),
+            detect: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +262,15 @@ fn default_max_backoff_ms() -> u64 {
 fn default_startup_timeout_ms() -> u64 {
     DEFAULT_STARTUP_TIMEOUT_MS
 }
+fn default_lww_column() -> String {
+    DEFAULT_LWW_COLUMN.to_string()
+}
+fn default_commit_time_column() -> String {
+    DEFAULT_COMMIT_TIME_COLUMN.to_string()
+}
+fn default_true() -> bool {
+    true
+}
 fn default_status_interval_ms() -> u64 {
     DEFAULT_STATUS_INTERVAL_MS
 }
@@ -236,12 +299,13 @@ impl Config {
 
     /// The transform rules named by `[transforms] files`.
     pub fn rules(&self) -> Result<crate::transform::rules::RuleSet, ConfigError> {
-        crate::transform::rules::load(&self.base_dir, &self.transforms.files).map_err(|e| {
-            ConfigError::Invalid {
+        let mut rules = crate::transform::rules::load(&self.base_dir, &self.transforms.files)
+            .map_err(|e| ConfigError::Invalid {
                 field: "transforms.files",
                 message: e.to_string(),
-            }
-        })
+            })?;
+        rules.conflicts = self.conflicts.clone();
+        Ok(rules)
     }
 
     /// Parses and validates TOML text (rule paths then resolve against the working directory).
@@ -293,6 +357,11 @@ impl Config {
         if self.blue.status_interval_ms == 0 {
             return Err(invalid("blue.status_interval_ms", "must be > 0"));
         }
+        check_identifier(&self.conflicts.lww_column, "conflicts.lww_column")?;
+        check_identifier(
+            &self.conflicts.commit_time_column,
+            "conflicts.commit_time_column",
+        )?;
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //!
 //! Pipeline: `source` (replication connection) -> `decode` (pgoutput) -> `transform` (mapping
 //! of source rows to target statements) -> `apply` (set-based, group-committed writes to green,
-//! with `progress` in the same transaction) -> acknowledgement to blue. `metrics` and `admin`
+//! with `progress` and the `conflicts` record in the same transaction) -> acknowledgement to
+//! blue. `metrics` and `admin`
 //! observe and steer it; `pipeline` wires the stages together; `cluster` starts throwaway
 //! PostgreSQL servers for tests and `demo`.
 
@@ -12,6 +13,7 @@ pub mod apply;
 pub mod check;
 pub mod cluster;
 pub mod config;
+pub mod conflicts;
 pub mod decode;
 pub mod demo;
 pub mod failure;

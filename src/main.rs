@@ -45,6 +45,25 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// List the conflicts recorded in green (shadowsync.conflicts), or replay some of them.
+    Conflicts {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only conflicts detected since then: a duration back from now (30m, 2h, 1d) or a
+        /// timestamp (2026-11-21 14:00).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only conflicts of this table (schema.table, target or source).
+        #[arg(long)]
+        table: Option<String>,
+        /// Show at most this many, the newest.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Re-apply the incoming (blue) row of these conflicts and mark them resolved, in one
+        /// transaction.
+        #[arg(long, num_args = 1..)]
+        replay: Vec<i64>,
+    },
     /// Throwaway blue and green clusters, a workload, live progress, drain and a report.
     Demo {
         /// Seconds of workload before draining.
@@ -114,6 +133,24 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 .await
                 .context("drain")?;
             println!("{report}");
+        }
+        Command::Conflicts {
+            config,
+            since,
+            table,
+            limit,
+            replay,
+        } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            let opts = shadowsync::conflicts::ListOptions {
+                since,
+                table,
+                limit,
+            };
+            print!(
+                "{}",
+                shadowsync::conflicts::command(&cfg, &opts, &replay).await?
+            );
         }
         Command::Demo { seconds } => {
             shadowsync::demo::run(Duration::from_secs(seconds)).await?;

@@ -31,6 +31,13 @@ pub struct RowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConflictLabels {
+    pub table: String,
+    pub kind: String,
+    pub resolution: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -82,6 +89,8 @@ pub struct Applied {
     pub batches: u64,
     /// table -> operation -> rows.
     pub rows: BTreeMap<String, BTreeMap<String, u64>>,
+    /// table -> conflict kind -> conflicts recorded.
+    pub conflicts: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// Everything the stages publish and the HTTP endpoints read.
@@ -90,6 +99,7 @@ pub struct Shared {
     lag_bytes: Gauge,
     lag_seconds: Gauge<f64, AtomicU64>,
     rows: Family<RowLabels, Counter>,
+    conflicts: Family<ConflictLabels, Counter>,
     transactions: Counter,
     batches: Counter,
     batch_rows: Histogram,
@@ -137,6 +147,12 @@ impl Shared {
             "rows_applied",
             "Row changes committed in green, by target table and operation (insert, update, delete, truncate)",
             rows.clone(),
+        );
+        let conflicts = Family::<ConflictLabels, Counter>::default();
+        registry.register(
+            "conflicts",
+            "Changes from blue that disagreed with green's row, committed in green with their record in shadowsync.conflicts, by target table, kind and resolution",
+            conflicts.clone(),
         );
         let transactions = Counter::default();
         registry.register(
@@ -191,6 +207,7 @@ impl Shared {
             lag_bytes,
             lag_seconds,
             rows,
+            conflicts,
             transactions,
             batches,
             batch_rows,
@@ -270,6 +287,26 @@ impl Shared {
             .or_default()
             .entry(op.to_string())
             .or_default() += n;
+    }
+
+    /// Green committed these conflicts' records.
+    pub fn add_conflicts(&self, seen: &[crate::conflicts::Seen]) {
+        let mut applied = self.applied.lock().expect("report lock");
+        for c in seen {
+            self.conflicts
+                .get_or_create(&ConflictLabels {
+                    table: c.table.clone(),
+                    kind: c.kind.clone(),
+                    resolution: c.resolution.clone(),
+                })
+                .inc();
+            *applied
+                .conflicts
+                .entry(c.table.clone())
+                .or_default()
+                .entry(c.kind.clone())
+                .or_default() += 1;
+        }
     }
 
     /// Green committed a batch ending at blue commit `end_lsn`.

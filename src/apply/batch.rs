@@ -35,6 +35,29 @@ pub enum KeyedOp {
     Delete(Tuple),
 }
 
+/// A key's pending op, with what conflict detection needs to know about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    pub op: KeyedOp,
+    /// LSN of the change that left the key so (for errors).
+    pub lsn: u64,
+    /// Commit LSN of that change's blue transaction.
+    pub commit_lsn: u64,
+    /// Commit time of that change's blue transaction, in µs since 2000-01-01 UTC.
+    pub commit_time: i64,
+    /// Whether green should hold the key before the batch: the key's first change in the batch
+    /// was an update or a delete. An insert says blue had no such row.
+    pub existed: bool,
+}
+
+impl KeyedOp {
+    pub fn tuple(&self) -> &Tuple {
+        match self {
+            KeyedOp::Upsert(t) | KeyedOp::Update(t) | KeyedOp::Delete(t) => t,
+        }
+    }
+}
+
 /// Changes of a keyless table, kept in order as runs of one kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum KeylessRun {
@@ -82,8 +105,8 @@ pub enum BatchError {
 #[derive(Debug)]
 pub struct TableOps {
     pub map: Arc<TableMap>,
-    /// Keyed tables: one op per key, with the LSN of the change that left it so (for errors).
-    pub ops: HashMap<Key, (KeyedOp, u64)>,
+    /// Keyed tables: one op per key.
+    pub ops: HashMap<Key, Pending>,
     /// Keyless tables: runs in arrival order.
     pub runs: Vec<KeylessRun>,
     /// Changes received, by operation (for metrics): insert, update, delete.
@@ -134,6 +157,8 @@ pub struct Batch {
     free_by_target: HashMap<String, usize>,
     /// Mappings whose rules read other tables (to tell which tables take part in lookups).
     readers: Vec<Arc<TableMap>>,
+    /// Commit LSN and time of the blue transaction being received.
+    txn: (u64, i64),
     /// Row changes received since the last `take` (not after coalescing: a memory bound).
     pub rows: usize,
     /// Column payload bytes received since the last `take`.
@@ -143,6 +168,11 @@ pub struct Batch {
 impl Batch {
     pub fn is_empty(&self) -> bool {
         self.tables.iter().all(TableOps::is_empty) && self.free.iter().all(TableOps::is_empty)
+    }
+
+    /// Following changes belong to the blue transaction with this commit LSN and time.
+    pub fn begin_txn(&mut self, commit_lsn: u64, commit_time: i64) {
+        self.txn = (commit_lsn, commit_time);
     }
 
     /// The mappings whose rules read other tables; call when mappings change.
@@ -229,6 +259,7 @@ impl Batch {
     pub fn insert(&mut self, map: &Arc<TableMap>, new: Tuple, lsn: u64) -> Result<(), BatchError> {
         check_arity(map, &new, lsn)?;
         self.account(&new);
+        let txn = self.txn;
         let ops = self.table(map);
         ops.counts[OP_INSERT] += 1;
         if !map.is_keyed() {
@@ -236,7 +267,7 @@ impl Batch {
             return Ok(());
         }
         let key = key_of(map, &new, lsn)?;
-        ops.ops.insert(key, (KeyedOp::Upsert(new), lsn));
+        put(&mut ops.ops, key, KeyedOp::Upsert(new), lsn, txn, false);
         Ok(())
     }
 
@@ -251,6 +282,7 @@ impl Batch {
         };
         check_arity(map, &old, lsn)?;
         self.account(&old);
+        let txn = self.txn;
         let ops = self.table(map);
         ops.counts[OP_DELETE] += 1;
         if !map.is_keyed() {
@@ -258,7 +290,7 @@ impl Batch {
             return Ok(());
         }
         let key = key_of(map, &old, lsn)?;
-        ops.ops.insert(key, (KeyedOp::Delete(old), lsn));
+        put(&mut ops.ops, key, KeyedOp::Delete(old), lsn, txn, true);
         Ok(())
     }
 
@@ -284,6 +316,7 @@ impl Batch {
             }
             None => (None, None),
         };
+        let txn = self.txn;
         let ops = self.table(map);
         ops.counts[OP_UPDATE] += 1;
         if !map.is_keyed() {
@@ -312,10 +345,13 @@ impl Batch {
         if moved {
             let old_key = old_key.expect("moved implies an old key");
             let prev = ops.ops.remove(&old_key);
+            // Green held the old key before the batch unless the batch inserted it.
+            let old_existed = prev.as_ref().is_none_or(|p| p.existed);
             if has_unchanged(&new) {
-                match &prev {
-                    Some((KeyedOp::Upsert(p), _)) => fill_unchanged(&mut new, p),
-                    Some((KeyedOp::Update(p), _)) => fill_unchanged(&mut new, p),
+                match prev.as_ref().map(|p| &p.op) {
+                    Some(KeyedOp::Upsert(p)) | Some(KeyedOp::Update(p)) => {
+                        fill_unchanged(&mut new, p)
+                    }
                     _ => {}
                 }
             }
@@ -323,8 +359,15 @@ impl Batch {
                 // The rule needs the real values (filter, mixed columns): delete the old key
                 // and leave a partial image for the new one, which is completed from blue.
                 let old_tuple = old_key_tuple.expect("moved implies an old key");
-                ops.ops.insert(old_key, (KeyedOp::Delete(old_tuple), lsn));
-                ops.ops.insert(new_key, (KeyedOp::Update(new), lsn));
+                put_first(
+                    &mut ops.ops,
+                    old_key,
+                    KeyedOp::Delete(old_tuple),
+                    lsn,
+                    txn,
+                    old_existed,
+                );
+                put(&mut ops.ops, new_key, KeyedOp::Update(new), lsn, txn, false);
                 return Ok(None);
             }
             if has_unchanged(&new) {
@@ -341,15 +384,30 @@ impl Batch {
                 }));
             }
             let old_tuple = old_key_tuple.expect("moved implies an old key");
-            ops.ops.insert(old_key, (KeyedOp::Delete(old_tuple), lsn));
-            ops.ops.insert(new_key, (KeyedOp::Upsert(new), lsn));
+            put_first(
+                &mut ops.ops,
+                old_key,
+                KeyedOp::Delete(old_tuple),
+                lsn,
+                txn,
+                old_existed,
+            );
+            put(&mut ops.ops, new_key, KeyedOp::Upsert(new), lsn, txn, false);
             return Ok(None);
         }
-        let (op, op_lsn) = match ops.ops.entry(new_key) {
-            Entry::Vacant(v) => v.insert((KeyedOp::Update(Tuple::default()), lsn)),
+        let pending = match ops.ops.entry(new_key) {
+            Entry::Vacant(v) => v.insert(Pending {
+                op: KeyedOp::Update(Tuple::default()),
+                lsn,
+                commit_lsn: txn.0,
+                commit_time: txn.1,
+                existed: true,
+            }),
             Entry::Occupied(o) => o.into_mut(),
         };
-        *op_lsn = lsn;
+        pending.lsn = lsn;
+        (pending.commit_lsn, pending.commit_time) = txn;
+        let op = &mut pending.op;
         let merged = match std::mem::replace(op, KeyedOp::Update(Tuple::default())) {
             KeyedOp::Upsert(prev) => {
                 fill_unchanged(&mut new, &prev);
@@ -368,6 +426,47 @@ impl Batch {
         };
         Ok(None)
     }
+}
+
+/// Sets a key's pending op; a key already pending keeps its `existed` (from its first change).
+fn put(
+    ops: &mut HashMap<Key, Pending>,
+    key: Key,
+    op: KeyedOp,
+    lsn: u64,
+    txn: (u64, i64),
+    existed: bool,
+) {
+    match ops.entry(key) {
+        Entry::Occupied(o) => {
+            let p = o.into_mut();
+            p.op = op;
+            p.lsn = lsn;
+            (p.commit_lsn, p.commit_time) = txn;
+        }
+        Entry::Vacant(v) => {
+            v.insert(Pending {
+                op,
+                lsn,
+                commit_lsn: txn.0,
+                commit_time: txn.1,
+                existed,
+            });
+        }
+    }
+}
+
+/// Sets a key's pending op with `existed` as given (the key was just removed).
+fn put_first(
+    ops: &mut HashMap<Key, Pending>,
+    key: Key,
+    op: KeyedOp,
+    lsn: u64,
+    txn: (u64, i64),
+    existed: bool,
+) {
+    ops.remove(&key);
+    put(ops, key, op, lsn, txn, existed);
 }
 
 /// A segment's tables, each after the tables of the segment it reads (first-touch order
@@ -479,6 +578,7 @@ mod tests {
             filter: None,
             reads: vec![],
             origin: None,
+            conflicts: crate::transform::ConflictPolicy::Off,
         })
     }
 

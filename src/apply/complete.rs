@@ -33,8 +33,8 @@ pub async fn complete_rows(
         // stream).
         let mut needing: Vec<Key> = Vec::new();
         let mut wanted: Vec<usize> = ops.map.row_key.clone();
-        for (k, (op, _)) in &ops.ops {
-            if let KeyedOp::Update(t) = op
+        for (k, p) in &ops.ops {
+            if let KeyedOp::Update(t) = &p.op
                 && needs_full_row(&ops.map, t)
             {
                 needing.push(k.clone());
@@ -60,8 +60,8 @@ pub async fn complete_rows(
         for key in needing {
             match rows.get(&key) {
                 Some(full) => {
-                    if let Some((op, _)) = ops.ops.get_mut(&key)
-                        && let KeyedOp::Update(t) = op
+                    if let Some(p) = ops.ops.get_mut(&key)
+                        && let KeyedOp::Update(t) = &mut p.op
                     {
                         for (d, value) in t.0.iter_mut().zip(full) {
                             if matches!(d, Datum::UnchangedToast) {
@@ -71,7 +71,7 @@ pub async fn complete_rows(
                                 };
                             }
                         }
-                        *op = KeyedOp::Upsert(std::mem::take(t));
+                        p.op = KeyedOp::Upsert(std::mem::take(t));
                     }
                 }
                 None => {

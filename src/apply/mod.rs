@@ -13,6 +13,7 @@
 
 pub mod batch;
 mod complete;
+pub mod conflict;
 mod poison;
 pub mod sql;
 pub mod stage;
@@ -158,6 +159,14 @@ fn hint_for(code: Option<&str>) -> &'static str {
 /// Rows written by one `write`, per target table and operation.
 pub type WriteCounts = Vec<(String, [u64; 3])>;
 
+/// What one `write` did.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub rows: WriteCounts,
+    /// Conflicts met (and recorded in green, in the same transaction).
+    pub conflicts: Vec<crate::conflicts::Seen>,
+}
+
 /// Green connection with its prepared statements and transaction state.
 pub struct Applier {
     client: Client,
@@ -173,7 +182,12 @@ pub struct Applier {
     keep_failed_transaction: bool,
 }
 
-type Pending<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+type Pending<'a> = Pin<
+    Box<dyn Future<Output = Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>> + Send + 'a>,
+>;
+
+/// The parameters of one planned statement.
+type Params<'t> = Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send + 't>>;
 
 /// Where a pipelined request came from, to name it in errors.
 #[derive(Clone)]
@@ -232,7 +246,7 @@ impl Applier {
                 slot: slot.to_string(),
             });
         }
-        crate::progress::ensure_schema(&client)
+        crate::conflicts::ensure_table(&client)
             .await
             .map_err(green_err("creating the shadowsync schema"))?;
         let progress_statement = client
@@ -276,9 +290,9 @@ impl Applier {
         tables: &[TableOps],
         commit: Option<(u64, i64)>,
         lsn: u64,
-    ) -> Result<WriteCounts, ApplyError> {
+    ) -> Result<Written, ApplyError> {
         // Statements first (preparing is a round trip, but only the first time per shape).
-        let mut plans: Vec<(Statement, Vec<TextArray<'_>>, Origin)> = Vec::new();
+        let mut plans: Vec<(Statement, Params<'_>, Origin)> = Vec::new();
         for ops in tables {
             self.plan_table(ops, lsn, &mut plans)
                 .await
@@ -288,10 +302,10 @@ impl Applier {
         }
         let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = plans
             .iter()
-            .map(|(_, arrays, _)| {
-                arrays
+            .map(|(_, params, _)| {
+                params
                     .iter()
-                    .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .map(|a| a.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
                     .collect()
             })
             .collect();
@@ -308,12 +322,12 @@ impl Applier {
                 lsn,
             });
             pending.push(Box::pin(async move {
-                client.batch_execute("BEGIN").await.map(|_| 0)
+                client.batch_execute("BEGIN").await.map(|_| Vec::new())
             }));
         }
         for ((stmt, _, origin), p) in plans.iter().zip(params.iter()) {
             origins.push(origin.clone());
-            pending.push(Box::pin(client.execute(stmt, p)));
+            pending.push(Box::pin(client.query(stmt, p)));
         }
         if let Some((slot, end, time)) = &progress_params {
             let stmt = &self.progress_statement;
@@ -323,7 +337,10 @@ impl Applier {
                 lsn,
             });
             pending.push(Box::pin(async move {
-                client.execute(stmt, &[slot, end, time]).await
+                client
+                    .execute(stmt, &[slot, end, time])
+                    .await
+                    .map(|_| Vec::new())
             }));
             origins.push(Origin {
                 what: "COMMIT",
@@ -331,18 +348,32 @@ impl Applier {
                 lsn,
             });
             pending.push(Box::pin(async move {
-                client.batch_execute("COMMIT").await.map(|_| 0)
+                client.batch_execute("COMMIT").await.map(|_| Vec::new())
             }));
         }
         self.in_txn = true;
         // join_all (not try_join_all) so that every response is read and the first error in
         // pipeline order is the one reported: later ones only say the transaction is aborted.
         let results = futures_util::future::join_all(pending).await;
-        let mut counts = WriteCounts::new();
+        let mut written = Written::default();
         for (result, origin) in results.into_iter().zip(origins) {
-            if let Err(source) = result {
-                if self.keep_failed_transaction {
-                    // Bisecting under a savepoint: the caller rolls back to it.
+            let rows = match result {
+                Ok(rows) => rows,
+                Err(source) => {
+                    if self.keep_failed_transaction {
+                        // Bisecting under a savepoint: the caller rolls back to it.
+                        return Err(statement_error(
+                            origin.what,
+                            &origin.table,
+                            origin.lsn,
+                            source,
+                        ));
+                    }
+                    self.in_txn = false;
+                    // A pipelined COMMIT has already ended the aborted transaction.
+                    if commit.is_none() {
+                        let _ = self.client.batch_execute("ROLLBACK").await;
+                    }
                     return Err(statement_error(
                         origin.what,
                         &origin.table,
@@ -350,26 +381,24 @@ impl Applier {
                         source,
                     ));
                 }
-                self.in_txn = false;
-                // A pipelined COMMIT has already ended the aborted transaction.
-                if commit.is_none() {
-                    let _ = self.client.batch_execute("ROLLBACK").await;
-                }
-                return Err(statement_error(
-                    origin.what,
-                    &origin.table,
-                    origin.lsn,
-                    source,
-                ));
+            };
+            // Only the conflict-detecting statements return rows: one per recorded conflict.
+            for r in rows {
+                written.conflicts.push(crate::conflicts::Seen {
+                    table: origin.table.clone(),
+                    kind: r.get(0),
+                    resolution: r.get(1),
+                    key: r.get(2),
+                });
             }
         }
         for ops in tables {
-            counts.push((ops.map.label.clone(), ops.counts));
+            written.rows.push((ops.map.label.clone(), ops.counts));
         }
         if commit.is_some() {
             self.in_txn = false;
         }
-        Ok(counts)
+        Ok(written)
     }
 
     /// Commits the open transaction (or an empty one) with the progress row.
@@ -395,7 +424,7 @@ impl Applier {
         &mut self,
         ops: &'t TableOps,
         lsn: u64,
-        plans: &mut Vec<(Statement, Vec<TextArray<'t>>, Origin)>,
+        plans: &mut Vec<(Statement, Params<'t>, Origin)>,
     ) -> Result<(), tokio_postgres::Error> {
         let map = &ops.map;
         let origin = |what| Origin {
@@ -405,39 +434,59 @@ impl Applier {
         };
         let all: Vec<usize> = (0..map.source_columns.len()).collect();
         if map.is_keyed() {
+            let detect = map.conflicts.detects();
+            let labels = (self.slot.clone(), map.source.to_string(), map.label.clone());
+            let params = |rows: &[&'t batch::Pending], cols: &[usize]| {
+                keyed_params(rows, cols, detect.then_some(&labels))
+            };
             let mut deletes = Vec::new();
             let mut upserts = Vec::new();
-            let mut partial: HashMap<Vec<bool>, Vec<&Tuple>> = HashMap::new();
-            for (op, _) in ops.ops.values() {
-                match op {
-                    KeyedOp::Delete(t) => deletes.push(t),
-                    KeyedOp::Upsert(t) => upserts.push(t),
+            let mut partial: HashMap<Vec<bool>, Vec<&batch::Pending>> = HashMap::new();
+            for p in ops.ops.values() {
+                match &p.op {
+                    KeyedOp::Delete(_) => deletes.push(p),
+                    KeyedOp::Upsert(_) => upserts.push(p),
                     KeyedOp::Update(t) => {
-                        partial.entry(batch::unchanged_mask(t)).or_default().push(t)
+                        partial.entry(batch::unchanged_mask(t)).or_default().push(p)
                     }
                 }
             }
             if !deletes.is_empty() {
-                let s = self.prepared(&sql::delete(map)).await?;
-                plans.push((s, arrays(&deletes, &map.row_key), origin("a delete")));
+                let text = if detect {
+                    conflict::delete(map)
+                } else {
+                    sql::delete(map)
+                };
+                let s = self.prepared(&text).await?;
+                plans.push((s, params(&deletes, &map.row_key), origin("a delete")));
             }
             if !upserts.is_empty() {
                 if let Some(text) = sql::delete_unmatched(map, &all) {
                     let s = self.prepared(&text).await?;
                     plans.push((
                         s,
-                        arrays(&upserts, &all),
+                        keyed_params(&upserts, &all, None),
                         origin("a delete of rows the filter excludes"),
                     ));
                 }
-                let s = self.prepared(&sql::upsert(map, &all)).await?;
-                plans.push((s, arrays(&upserts, &all), origin("an insert or update")));
+                let text = if detect {
+                    conflict::upsert(map, &all)
+                } else {
+                    sql::upsert(map, &all)
+                };
+                let s = self.prepared(&text).await?;
+                plans.push((s, params(&upserts, &all), origin("an insert or update")));
             }
             for (mask, rows) in partial {
                 let cols: Vec<usize> = all.iter().copied().filter(|&c| !mask[c]).collect();
-                if let Some(text) = sql::update(map, &cols) {
+                let text = if detect {
+                    conflict::update(map, &cols)
+                } else {
+                    sql::update(map, &cols)
+                };
+                if let Some(text) = text {
                     let s = self.prepared(&text).await?;
-                    plans.push((s, arrays(&rows, &cols), origin("an update")));
+                    plans.push((s, params(&rows, &cols), origin("an update")));
                 }
             }
         } else {
@@ -446,12 +495,16 @@ impl Applier {
                     KeylessRun::Insert(rows) => {
                         let s = self.prepared(&sql::upsert(map, &all)).await?;
                         let rows: Vec<&Tuple> = rows.iter().collect();
-                        plans.push((s, arrays(&rows, &all), origin("an insert")));
+                        plans.push((s, boxed(arrays(&rows, &all)), origin("an insert")));
                     }
                     KeylessRun::Delete(rows) => {
                         let s = self.prepared(&sql::delete_full_rows(map, &all)).await?;
                         let rows: Vec<&Tuple> = rows.iter().collect();
-                        plans.push((s, arrays(&rows, &all), origin("a delete (full-row match)")));
+                        plans.push((
+                            s,
+                            boxed(arrays(&rows, &all)),
+                            origin("a delete (full-row match)"),
+                        ));
                     }
                 }
             }
@@ -529,6 +582,40 @@ fn statement_error(
         hint: hint_for(failure.code.as_deref()),
         failure: Box::new(failure),
     }
+}
+
+fn boxed(arrays: Vec<TextArray<'_>>) -> Params<'_> {
+    arrays
+        .into_iter()
+        .map(|a| Box::new(a) as Box<dyn tokio_postgres::types::ToSql + Sync + Send>)
+        .collect()
+}
+
+/// Parameters of a keyed statement: the listed columns' arrays, then, for the
+/// conflict-detecting forms (`labels` = slot, source, target), the per-row metadata and labels
+/// (see `conflict`).
+fn keyed_params<'t>(
+    rows: &[&'t batch::Pending],
+    cols: &[usize],
+    labels: Option<&(String, String, String)>,
+) -> Params<'t> {
+    let tuples: Vec<&Tuple> = rows.iter().map(|p| p.op.tuple()).collect();
+    let mut params = boxed(arrays(&tuples, cols));
+    if let Some((slot, source, target)) = labels {
+        params.push(Box::new(
+            rows.iter().map(|p| p.existed).collect::<Vec<bool>>(),
+        ));
+        params.push(Box::new(conflict::WordArray(
+            rows.iter().map(|p| p.commit_lsn as i64).collect(),
+        )));
+        params.push(Box::new(conflict::WordArray(
+            rows.iter().map(|p| p.commit_time).collect(),
+        )));
+        params.push(Box::new(slot.clone()));
+        params.push(Box::new(source.clone()));
+        params.push(Box::new(target.clone()));
+    }
+    params
 }
 
 /// One text array per listed source column, one element per row.

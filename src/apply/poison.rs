@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use super::batch::{KeyedOp, TableOps};
+use super::batch::TableOps;
 use super::{Applier, ApplyError, hint_for};
 use crate::failure::DbFailure;
 
@@ -43,7 +43,7 @@ impl Applier {
     async fn bisect(&mut self, table: &TableOps) -> Result<Option<Poison>, ApplyError> {
         let mut candidates: Vec<_> = table.ops.iter().collect();
         // Deterministic order: by LSN, the order blue made the changes in.
-        candidates.sort_by_key(|(_, (_, lsn))| *lsn);
+        candidates.sort_by_key(|(_, p)| p.lsn);
         loop {
             let half = candidates.len().div_ceil(2);
             let first = subset(table, &candidates[..half]);
@@ -53,13 +53,13 @@ impl Applier {
                     self.savepoint("ROLLBACK TO SAVEPOINT shadowsync_bisect")
                         .await?;
                     if half == 1 {
-                        let (key, (_, lsn)) = candidates[0];
+                        let (key, pending) = candidates[0];
                         let ApplyError::Statement { failure, .. } = e else {
                             unreachable!("is_data_error matched a statement error")
                         };
                         return Ok(Some(Poison {
                             key: key_text(table, key),
-                            lsn: *lsn,
+                            lsn: pending.lsn,
                             failure: *failure,
                         }));
                     }
@@ -90,7 +90,7 @@ impl Applier {
     }
 }
 
-fn subset(table: &TableOps, entries: &[(&super::batch::Key, &(KeyedOp, u64))]) -> TableOps {
+fn subset(table: &TableOps, entries: &[(&super::batch::Key, &super::batch::Pending)]) -> TableOps {
     TableOps {
         map: table.map.clone(),
         ops: entries

@@ -45,7 +45,7 @@ pub fn computable(map: &TableMap, cols: &[usize]) -> Vec<usize> {
 
 /// How a target expression is cast.
 #[derive(Clone, Copy)]
-enum Cast {
+pub(crate) enum Cast {
     /// Values written to green: cast to the type without its modifier, so that the INSERT or
     /// UPDATE applies `varchar(n)`, `char(n)`, `bit(n)`, ... with assignment semantics and
     /// rejects a value that does not fit (an explicit cast would silently truncate it).
@@ -64,7 +64,7 @@ fn target_expr(map: &TableMap, i: usize, cast: Cast) -> String {
     format!("CAST(({}) AS {})", c.expr, ty)
 }
 
-fn select_list(map: &TableMap, targets: &[usize], cast: Cast) -> String {
+pub(crate) fn select_list(map: &TableMap, targets: &[usize], cast: Cast) -> String {
     targets
         .iter()
         .map(|&i| {
@@ -331,6 +331,7 @@ mod tests {
             filter: None,
             reads: vec![],
             origin: None,
+            conflicts: crate::transform::ConflictPolicy::Off,
         }
     }
 

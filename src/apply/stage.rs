@@ -7,12 +7,12 @@
 //! - Transactions whose commit precedes green's progress row are skipped: they are in green.
 //! - The LSN published on `committed` is the end of a blue commit that green has committed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::batch::{Batch, OP_NAMES};
 use super::{Applier, ApplyError};
@@ -55,6 +55,8 @@ pub struct ApplyStage {
     /// Rows written to green in the open transaction, per table and operation; recorded in
     /// metrics and the report only once green commits them.
     written: HashMap<String, HashMap<&'static str, u64>>,
+    /// Conflicts met in the open green transaction; counted once green commits them.
+    conflicts: Vec<crate::conflicts::Seen>,
     last_lsn: u64,
     /// Transactions committing at or before this LSN are written change by change, in blue's
     /// order: a secondary unique constraint on green rejected them coalesced (see
@@ -95,6 +97,7 @@ impl ApplyStage {
             batch_rows: 0,
             batch_started: None,
             written: HashMap::new(),
+            conflicts: Vec::new(),
             last_lsn: skip_before,
             serial_until,
             txn_final_lsn: 0,
@@ -132,6 +135,7 @@ impl ApplyStage {
         }
         if self.in_txn || !self.written.is_empty() {
             self.written.clear();
+            self.conflicts.clear();
             info!(
                 "abandoning an incomplete blue transaction at shutdown; it will be streamed again"
             );
@@ -219,6 +223,7 @@ impl ApplyStage {
     fn begin(&mut self, b: Begin) {
         self.skipping = b.final_lsn < self.skip_before;
         self.txn_final_lsn = b.final_lsn;
+        self.batch.begin_txn(b.final_lsn, b.commit_time);
         if self.skipping {
             debug!(final_lsn = %crate::progress::format_lsn(b.final_lsn), "skipping a transaction green already has");
         }
@@ -260,7 +265,7 @@ impl ApplyStage {
                 target: target.to_string(),
             })?;
         let map = match rule {
-            None => transform::identity(&r, &green)?,
+            None => transform::identity(&r, &green, &self.rules.conflicts)?,
             Some(rule) => {
                 let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
                 let user: Vec<Option<String>> =
@@ -278,7 +283,7 @@ impl ApplyStage {
                 if let Some(Some(old)) = self.maps.get(&r.oid) {
                     dropped_column_check(old, &r, rule)?;
                 }
-                let map = transform::build(&table, Some(rule), &green)?
+                let map = transform::build(&table, Some(rule), &green, &self.rules.conflicts)?
                     .expect("skipped rules return above");
                 // The rule meets this shape of the table for the first time in this session:
                 // let green type-check it now, rather than fail on the first row.
@@ -378,6 +383,11 @@ impl ApplyStage {
                 self.shared.add_rows(&table, op, n);
             }
         }
+        if !self.conflicts.is_empty() {
+            let conflicts = std::mem::take(&mut self.conflicts);
+            log_conflicts(&conflicts, c.end_lsn);
+            self.shared.add_conflicts(&conflicts);
+        }
         self.shared
             .batch_committed(self.txns, self.batch_rows, elapsed, c.end_lsn);
         debug!(
@@ -401,7 +411,7 @@ impl ApplyStage {
         tables: &[super::batch::TableOps],
         commit: Option<(u64, i64)>,
         lsn: u64,
-    ) -> Result<super::WriteCounts, ApplyError> {
+    ) -> Result<super::Written, ApplyError> {
         match self.applier.write(tables, commit, lsn).await {
             Err(e) if super::poison::is_data_error(&e) => {
                 let ApplyError::Statement { table, failure, .. } = &e else {
@@ -437,8 +447,9 @@ impl ApplyStage {
         }
     }
 
-    fn record(&mut self, counts: super::WriteCounts) {
-        for (table, ops) in counts {
+    fn record(&mut self, written: super::Written) {
+        self.conflicts.extend(written.conflicts);
+        for (table, ops) in written.rows {
             let entry = self.written.entry(table).or_default();
             for (i, n) in ops.iter().enumerate() {
                 if *n > 0 {
@@ -446,6 +457,43 @@ impl ApplyStage {
                 }
             }
         }
+    }
+}
+
+/// One warning per batch and table: counts by kind and resolution, and the first keys (values
+/// are in `shadowsync.conflicts`, never in logs).
+fn log_conflicts(conflicts: &[crate::conflicts::Seen], end_lsn: u64) {
+    const KEYS_SHOWN: usize = 10;
+    let mut by_table: BTreeMap<&str, Vec<&crate::conflicts::Seen>> = BTreeMap::new();
+    for c in conflicts {
+        by_table.entry(&c.table).or_default().push(c);
+    }
+    for (table, seen) in by_table {
+        let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for c in &seen {
+            *counts.entry((&c.kind, &c.resolution)).or_default() += 1;
+        }
+        let counts = counts
+            .iter()
+            .map(|((k, r), n)| format!("{k}/{r}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut keys: Vec<&str> = seen
+            .iter()
+            .take(KEYS_SHOWN)
+            .map(|c| c.key.as_str())
+            .collect();
+        if seen.len() > KEYS_SHOWN {
+            keys.push("...");
+        }
+        warn!(
+            table,
+            conflicts = seen.len(),
+            counts = %counts,
+            keys = %keys.join(" "),
+            end_lsn = %crate::progress::format_lsn(end_lsn),
+            "conflicts with green's rows resolved (recorded in shadowsync.conflicts)"
+        );
     }
 }
 

@@ -116,6 +116,8 @@ pub struct Report {
     pub batches: u64,
     /// target table -> operation -> rows.
     pub rows: BTreeMap<String, BTreeMap<String, u64>>,
+    /// target table -> conflict kind -> conflicts recorded in `shadowsync.conflicts`.
+    pub conflicts: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
 /// Options of `run`.
@@ -439,6 +441,7 @@ impl Supervisor {
             transactions: applied.transactions,
             batches: applied.batches,
             rows: applied.rows,
+            conflicts: applied.conflicts,
         }
     }
 }

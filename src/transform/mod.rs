@@ -12,12 +12,15 @@
 
 pub mod catalog;
 pub mod expr;
+pub mod lww;
 pub mod rules;
 
 use std::sync::Arc;
 
+use crate::config::ConflictsConfig;
 use crate::decode::{Relation, ReplicaIdentity};
 use catalog::GreenTable;
+pub use lww::{ConflictPolicy, Lww};
 use rules::{Origin, Rule};
 
 /// `schema.table`, unquoted.
@@ -101,6 +104,8 @@ pub struct TableMap {
     pub reads: Vec<Vec<String>>,
     /// Where the rule was written; `None` for identity mappings.
     pub origin: Option<Origin>,
+    /// Conflict detection and last-writer-wins for this table.
+    pub conflicts: ConflictPolicy,
 }
 
 /// A rule's row filter.
@@ -165,6 +170,8 @@ pub enum MapError {
         target: String,
         column: String,
     },
+    #[error("[conflicts]: {message}")]
+    Conflicts { message: String },
 }
 
 /// A blue table as a mapping needs it, from a Relation message or from blue's catalog.
@@ -212,7 +219,11 @@ impl SourceTable {
 }
 
 /// Identity mapping: every source column lands in the green column of the same name.
-pub fn identity(relation: &Relation, green: &GreenTable) -> Result<Arc<TableMap>, MapError> {
+pub fn identity(
+    relation: &Relation,
+    green: &GreenTable,
+    conflicts: &ConflictsConfig,
+) -> Result<Arc<TableMap>, MapError> {
     let types: Vec<String> = relation
         .columns
         .iter()
@@ -227,7 +238,7 @@ pub fn identity(relation: &Relation, green: &GreenTable) -> Result<Arc<TableMap>
         .collect();
     let blue_types = types.clone();
     let source = SourceTable::from_relation(relation, types, blue_types);
-    build(&source, None, green).map(|m| m.expect("identity mappings are never skipped"))
+    build(&source, None, green, conflicts).map(|m| m.expect("identity mappings are never skipped"))
 }
 
 /// The mapping of `source` onto `green` under `rule` (identity without one); `None` when the
@@ -236,6 +247,7 @@ pub fn build(
     source: &SourceTable,
     rule: Option<&Rule>,
     green: &GreenTable,
+    conflicts: &ConflictsConfig,
 ) -> Result<Option<Arc<TableMap>>, MapError> {
     if rule.is_some_and(|r| r.skip) {
         return Ok(None);
@@ -408,6 +420,7 @@ pub fn build(
         .collect();
     reads.sort();
     reads.dedup();
+    let conflicts = lww::policy(conflicts, rule, green, &columns)?;
     Ok(Some(Arc::new(TableMap {
         label: target.to_string(),
         source: source.name.clone(),
@@ -420,5 +433,6 @@ pub fn build(
         filter,
         reads,
         origin: rule.map(|r| r.origin.clone()),
+        conflicts,
     })))
 }

@@ -45,12 +45,16 @@ pub struct Rule {
     pub skip: bool,
     /// Target column -> SQL expression over `src`.
     pub columns: BTreeMap<String, Located<String>>,
+    /// Conflict comparison column for this table (overrides `[conflicts] lww_column`).
+    pub lww_column: Option<Located<String>>,
 }
 
-/// All rules, by source table.
+/// All rules, by source table, and the conflict settings they apply with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleSet {
     pub rules: Vec<Rule>,
+    /// `[conflicts]` of the config (defaults when rules are loaded alone).
+    pub conflicts: crate::config::ConflictsConfig,
 }
 
 impl RuleSet {
@@ -94,6 +98,8 @@ struct RuleText {
     /// Target column = SQL expression over `src`.
     #[serde(default)]
     columns: BTreeMap<String, toml::Spanned<String>>,
+    /// Column compared for last-writer-wins, or `commit_time`.
+    lww_column: Option<toml::Spanned<String>>,
 }
 
 /// Reads every file named by `patterns` (relative to `base`; `*` and `?` allowed in the file
@@ -188,6 +194,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<Rule>, RuleError> {
                 .iter()
                 .map(|(c, e)| (c.clone(), located(e)))
                 .collect(),
+            lww_column: r.lww_column.as_ref().map(located),
         });
     }
     Ok(rules)

@@ -1,0 +1,400 @@
+//! Conflict-detecting forms of the keyed apply statements: each writes its rows, keeps green's
+//! row where last-writer-wins says so, and records every disagreement in `shadowsync.conflicts`,
+//! all in one set-based statement.
+//!
+//! How a statement sees a conflict: each incoming row carries whether green should hold its key
+//! before the batch (`~existed`: the key's first change in the batch was an update or delete)
+//! and its blue transaction's commit LSN and time. The write's `RETURNING` says which rows were
+//! written and whether as inserts (`xmax = 0`); comparing that with `~existed` finds inserts
+//! meeting a row, updates meeting none, and rows kept by last-writer-wins. Green's row as it was
+//! before the statement comes from the same snapshot (sub-statements of one statement do not
+//! see each other's writes), so the record holds both versions.
+//!
+//! Invariants: a conflict-free batch writes exactly what the plain statements write, and the
+//! extra work is one hash join of the batch with what it wrote (the record's lookup of green's
+//! rows runs over the conflicting rows only); the record is part of the batch's transaction;
+//! values travel as parameters; identifiers are quoted.
+//!
+//! Parameters of every statement: the source columns' text arrays (`$1..$n`), then
+//! `~existed bool[]`, `~commit_lsn pg_lsn[]`, `~commit_time timestamptz[]`, then the slot, the
+//! source table and the target table (text).
+
+use bytes::{BufMut, BytesMut};
+use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
+
+use super::sql::{Cast, computable, select_list};
+use crate::transform::{Lww, TableMap, quote_ident};
+
+/// Metadata columns of the incoming rows (never target column names: they start with `~`).
+const META: [&str; 3] = ["~existed", "~commit_lsn", "~commit_time"];
+const INSERTED: &str = "\"~inserted\"";
+
+/// `unnest(...) AS "~u"(...) CROSS JOIN LATERAL (SELECT ... ) AS src`: the source row as
+/// `src`, with the metadata columns beside it (not in `src`, whose whole-row value a rule may
+/// read).
+fn source_with_meta(map: &TableMap, cols: &[usize]) -> String {
+    let mut arrays = Vec::with_capacity(cols.len() + 3);
+    let mut aliases = Vec::with_capacity(cols.len() + 3);
+    let mut select = Vec::with_capacity(cols.len());
+    for (n, &c) in cols.iter().enumerate() {
+        let col = &map.source_columns[c];
+        arrays.push(format!("${}::text[]", n + 1));
+        aliases.push(format!("\"~c{n}\""));
+        select.push(format!(
+            "\"~u\".\"~c{n}\"::{} AS {}",
+            col.sql_type,
+            quote_ident(&col.name)
+        ));
+    }
+    let n = cols.len();
+    for (i, ty) in ["bool", "pg_lsn", "timestamptz"].iter().enumerate() {
+        arrays.push(format!("${}::{ty}[]", n + 1 + i));
+        aliases.push(quote_ident(META[i]));
+    }
+    format!(
+        "unnest({}) AS \"~u\"({}) CROSS JOIN LATERAL (SELECT {}) AS src",
+        arrays.join(", "),
+        aliases.join(", "),
+        select.join(", ")
+    )
+}
+
+/// The incoming rows `s`: target expressions over `src` plus the metadata columns.
+fn incoming(map: &TableMap, cols: &[usize], targets: &str) -> String {
+    let meta = META
+        .iter()
+        .map(|m| format!("\"~u\".{}", quote_ident(m)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sql = format!(
+        "SELECT {targets}, {meta} FROM {}",
+        source_with_meta(map, cols)
+    );
+    if let Some(f) = &map.filter {
+        sql.push_str(&format!(" WHERE ({})", f.expr));
+    }
+    sql
+}
+
+fn key_names(map: &TableMap) -> Vec<String> {
+    map.key
+        .iter()
+        .map(|&k| quote_ident(&map.columns[k].name))
+        .collect()
+}
+
+fn key_match(map: &TableMap, left: &str, right: &str) -> String {
+    key_names(map)
+        .iter()
+        .map(|n| format!("{left}.{n} = {right}.{n}"))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+fn returning_key(map: &TableMap) -> String {
+    key_names(map)
+        .iter()
+        .map(|n| format!("t.{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Incoming row of a conflict: the written target columns (a delete has none: NULL).
+const INCOMING_ROW: &str = "to_jsonb(c) - '{~existed,~commit_lsn,~commit_time,~inserted}'::text[]";
+
+/// The record insert over conflicting rows `c` (with green's pre-statement row `e`).
+fn record(
+    map: &TableMap,
+    params_from: usize,
+    (kind, resolution, incoming): (&str, &str, &str),
+    rest: &str,
+) -> String {
+    let key_json = map
+        .key
+        .iter()
+        .map(|&k| {
+            let n = &map.columns[k].name;
+            format!("{}, c.{}", quote_literal(n), quote_ident(n))
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "INSERT INTO shadowsync.conflicts (slot, source_table, target_table, key, kind, resolution, incoming, existing, commit_lsn, commit_time) \
+         SELECT ${}, ${}, ${}, jsonb_build_object({key_json}), {kind}, {resolution}, {incoming}, to_jsonb(e), c.\"~commit_lsn\", c.\"~commit_time\" \
+         FROM c LEFT JOIN {} AS e ON {} {rest} \
+         RETURNING kind, resolution, key::text",
+        params_from,
+        params_from + 1,
+        params_from + 2,
+        map.target.quoted(),
+        key_match(map, "c", "e"),
+    )
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Green's row is absent (key columns are never NULL in a primary key).
+fn absent(map: &TableMap, alias: &str) -> String {
+    format!("{alias}.{} IS NULL", key_names(map)[0])
+}
+
+/// Upsert of full rows with detection: `insert_exists`, `update_missing` (applied as an
+/// insert), and under lww `insert_older` / `update_older` (green's row kept).
+pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
+    let targets = computable(map, cols);
+    let names: Vec<String> = targets
+        .iter()
+        .map(|&i| quote_ident(&map.columns[i].name))
+        .collect();
+    let mut insert_cols = names.clone();
+    let mut select_cols: Vec<String> = names.iter().map(|n| format!("s.{n}")).collect();
+    let mut sets: Vec<String> = targets
+        .iter()
+        .filter(|i| !map.key.contains(i))
+        .map(|&i| {
+            let n = quote_ident(&map.columns[i].name);
+            format!("{n} = EXCLUDED.{n}")
+        })
+        .collect();
+    let mut guard = String::new();
+    match map.conflicts.lww() {
+        Some(Lww::Column(i)) if targets.contains(i) => {
+            let n = quote_ident(&map.columns[*i].name);
+            guard = format!(" WHERE (t.{n} > EXCLUDED.{n}) IS NOT TRUE");
+        }
+        Some(Lww::CommitTime(c)) => {
+            let n = quote_ident(c);
+            insert_cols.push(n.clone());
+            select_cols.push("s.\"~commit_time\"".into());
+            sets.push(format!("{n} = EXCLUDED.{n}"));
+            guard = format!(" WHERE (t.{n} > EXCLUDED.{n}) IS NOT TRUE");
+        }
+        _ => {}
+    }
+    if sets.is_empty() {
+        // Every column is a key: a no-op update, so that an existing row is still returned.
+        let k = &key_names(map)[0];
+        sets.push(format!("{k} = EXCLUDED.{k}"));
+    }
+    let s = incoming(map, cols, &select_list(map, &targets, Cast::Write));
+    // Rows whose values equal green's are not a conflict, whatever their history.
+    let same = format!(
+        "ROW({})::text = ROW({})::text",
+        targets
+            .iter()
+            .map(|&i| format!(
+                "CAST(c.{} AS {})",
+                quote_ident(&map.columns[i].name),
+                map.columns[i].sql_type
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        targets
+            .iter()
+            .map(|&i| format!("e.{}", quote_ident(&map.columns[i].name)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // With a filter, an update finding no row is a row moving in, not a conflict.
+    let moved_in = if map.filter.is_some() {
+        format!(" AND NOT (c.{INSERTED} AND c.\"~existed\")")
+    } else {
+        String::new()
+    };
+    format!(
+        "WITH s AS ({s}), \
+         w AS (INSERT INTO {tbl} AS t ({ins}) OVERRIDING SYSTEM VALUE SELECT {sel} FROM s \
+               ON CONFLICT ({keys}) DO UPDATE SET {sets}{guard} \
+               RETURNING {ret}, (t.xmax = 0) AS {INSERTED}), \
+         c AS MATERIALIZED (SELECT s.*, w.{INSERTED} FROM s LEFT JOIN w ON {sw} \
+               WHERE w.{INSERTED} IS NULL OR w.{INSERTED} = s.\"~existed\") {record}",
+        tbl = map.target.quoted(),
+        ins = insert_cols.join(", "),
+        sel = select_cols.join(", "),
+        keys = key_names(map).join(", "),
+        sets = sets.join(", "),
+        ret = returning_key(map),
+        sw = key_match(map, "s", "w"),
+        record = record(
+            map,
+            cols.len() + 4,
+            (
+                &format!(
+                    "CASE WHEN c.{INSERTED} IS NULL THEN CASE WHEN c.\"~existed\" THEN 'update_older' ELSE 'insert_older' END \
+                     WHEN c.\"~existed\" THEN 'update_missing' ELSE 'insert_exists' END"
+                ),
+                &format!("CASE WHEN c.{INSERTED} IS NULL THEN 'keep' ELSE 'apply' END"),
+                INCOMING_ROW,
+            ),
+            &format!(
+                "WHERE NOT (c.{INSERTED} IS NOT NULL AND NOT c.\"~existed\" AND {same}){moved_in}"
+            ),
+        ),
+    )
+}
+
+/// Update from partial images (unchanged TOAST) with detection: `update_missing` (skipped:
+/// the full row is unknown) and under lww `update_older`. `None` when no column would change.
+pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
+    let sets: Vec<usize> = computable(map, cols)
+        .into_iter()
+        .filter(|i| !map.key.contains(i))
+        .collect();
+    if sets.is_empty() {
+        return None;
+    }
+    let mut assignments: Vec<String> = sets
+        .iter()
+        .map(|&i| {
+            let n = quote_ident(&map.columns[i].name);
+            format!("{n} = s.{n}")
+        })
+        .collect();
+    let mut guard = String::new();
+    match map.conflicts.lww() {
+        Some(Lww::Column(i)) if sets.contains(i) => {
+            let n = quote_ident(&map.columns[*i].name);
+            guard = format!(" AND (t.{n} > s.{n}) IS NOT TRUE");
+        }
+        Some(Lww::CommitTime(c)) => {
+            let n = quote_ident(c);
+            assignments.push(format!("{n} = s.\"~commit_time\""));
+            guard = format!(" AND (t.{n} > s.\"~commit_time\") IS NOT TRUE");
+        }
+        _ => {}
+    }
+    let targets = [
+        select_list(map, &map.key, Cast::Match),
+        select_list(map, &sets, Cast::Write),
+    ]
+    .join(", ");
+    let s = incoming(map, cols, &targets);
+    let missing_ok = if map.filter.is_some() {
+        format!("WHERE NOT {}", absent(map, "e"))
+    } else {
+        String::new()
+    };
+    Some(format!(
+        "WITH s AS ({s}), \
+         w AS (UPDATE {tbl} AS t SET {assign} FROM s WHERE {ts}{guard} RETURNING {ret}), \
+         c AS MATERIALIZED (SELECT s.* FROM s WHERE NOT EXISTS (SELECT 1 FROM w WHERE {ws})) {record}",
+        tbl = map.target.quoted(),
+        assign = assignments.join(", "),
+        ts = key_match(map, "t", "s"),
+        ret = returning_key(map),
+        ws = key_match(map, "w", "s"),
+        record = record(
+            map,
+            cols.len() + 4,
+            (
+                &format!(
+                    "CASE WHEN {} THEN 'update_missing' ELSE 'update_older' END",
+                    absent(map, "e")
+                ),
+                &format!("CASE WHEN {} THEN 'skip' ELSE 'keep' END", absent(map, "e")),
+                INCOMING_ROW,
+            ),
+            &missing_ok,
+        ),
+    ))
+}
+
+/// Delete by key with detection: `delete_missing`, and under lww `delete_older` (green's row
+/// changed after blue committed the delete: kept). Parameters start with the `row_key` columns.
+pub fn delete(map: &TableMap) -> String {
+    let guard = match map.conflicts.lww() {
+        Some(Lww::Column(i)) => {
+            let n = quote_ident(&map.columns[*i].name);
+            format!(" AND (t.{n} > s.\"~commit_time\") IS NOT TRUE")
+        }
+        Some(Lww::CommitTime(c)) => {
+            format!(
+                " AND (t.{} > s.\"~commit_time\") IS NOT TRUE",
+                quote_ident(c)
+            )
+        }
+        None => String::new(),
+    };
+    let s = incoming(
+        &TableMap {
+            // Deletes carry only the identity: no filter applies to them.
+            filter: None,
+            ..map.clone()
+        },
+        &map.row_key,
+        &select_list(map, &map.key, Cast::Match),
+    );
+    // A key the batch inserted and deleted was never meant to be in green; with a filter, a
+    // missing row may simply never have matched it.
+    let relevant = if map.filter.is_some() {
+        format!("WHERE NOT {}", absent(map, "e"))
+    } else {
+        format!("WHERE NOT {} OR c.\"~existed\"", absent(map, "e"))
+    };
+    format!(
+        "WITH s AS ({s}), \
+         w AS (DELETE FROM {tbl} AS t USING s WHERE {ts}{guard} RETURNING {ret}), \
+         c AS MATERIALIZED (SELECT s.* FROM s WHERE NOT EXISTS (SELECT 1 FROM w WHERE {ws})) {record}",
+        tbl = map.target.quoted(),
+        ts = key_match(map, "t", "s"),
+        ret = returning_key(map),
+        ws = key_match(map, "w", "s"),
+        record = record(
+            map,
+            map.row_key.len() + 4,
+            (
+                &format!(
+                    "CASE WHEN {} THEN 'delete_missing' ELSE 'delete_older' END",
+                    absent(map, "e")
+                ),
+                &format!(
+                    "CASE WHEN {} THEN 'apply' ELSE 'keep' END",
+                    absent(map, "e")
+                ),
+                "NULL::jsonb",
+            ),
+            &relevant,
+        ),
+    )
+}
+
+/// An array of 8-byte binary values (`pg_lsn`, `timestamptz`: both are 64-bit integers on the
+/// wire), sent without conversion.
+#[derive(Debug)]
+pub struct WordArray(pub Vec<i64>);
+
+impl ToSql for WordArray {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        let element = match *ty {
+            Type::PG_LSN_ARRAY => Type::PG_LSN,
+            _ => Type::TIMESTAMPTZ,
+        };
+        let dims = [postgres_protocol::types::ArrayDimension {
+            len: i32::try_from(self.0.len())?,
+            lower_bound: 1,
+        }];
+        postgres_protocol::types::array_to_sql(
+            dims,
+            element.oid(),
+            self.0.iter(),
+            |v, buf| {
+                buf.put_i64(*v);
+                Ok(postgres_protocol::IsNull::No)
+            },
+            out,
+        )?;
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::PG_LSN_ARRAY || *ty == Type::TIMESTAMPTZ_ARRAY
+    }
+
+    to_sql_checked!();
+}
