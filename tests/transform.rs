@@ -105,6 +105,7 @@ async fn assert_matches_plan(pair: &Pair) {
     }
     let audit = count(&green, "pg_tables WHERE tablename = 'audit_log'").await;
     assert_eq!(audit, 0, "audit_log is skipped, green has no such table");
+    assert_no_conflicts(&green).await;
 }
 
 const VM_STATUSES: [&str; 8] = [

@@ -95,6 +95,8 @@ pub struct Outcome {
     pub ceiling: Timing,
     pub native: Timing,
     pub shadowsync: Timing,
+    /// The same run with `[conflicts] detect = false`: what detection costs.
+    pub blind: Timing,
     pub shadowsync_peak_rss_kib: u64,
     pub shadowsync_cpu_seconds: f64,
 }
@@ -106,7 +108,7 @@ impl Outcome {
             "{:?}: {} row changes ({} backlog, {} preloaded); both greens verified\n\n| method | seconds | rows/s | vs native | vs ceiling |\n|---|---:|---:|---:|---:|\n",
             self.workload, self.rows, self.size.backlog, self.size.preload
         );
-        for t in [&self.ceiling, &self.native, &self.shadowsync] {
+        for t in [&self.ceiling, &self.native, &self.shadowsync, &self.blind] {
             out.push_str(&format!(
                 "| {} | {:.2} | {:.0} | {:.2}x | {:.2}x |\n",
                 t.method,
@@ -117,9 +119,10 @@ impl Outcome {
             ));
         }
         out.push_str(&format!(
-            "\nshadowsync: peak RSS {} MiB, CPU {:.2} s\n",
+            "\nshadowsync: peak RSS {} MiB, CPU {:.2} s; conflict detection costs {:+.1}% of the time without it\n",
             self.shadowsync_peak_rss_kib / 1024,
-            self.shadowsync_cpu_seconds
+            self.shadowsync_cpu_seconds,
+            (self.shadowsync.seconds / self.blind.seconds - 1.0) * 100.0
         ));
         out
     }
@@ -288,7 +291,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
     let blue = Cluster::start("bench-blue").expect("blue");
     let green = Cluster::start("bench-green").expect("green");
     blue.create_database(DB).unwrap();
-    for db in ["native", DB] {
+    for db in ["native", DB, BLIND] {
         green.create_database(db).unwrap();
     }
     let publication = match workload {
@@ -310,12 +313,14 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
                     ),
                 )
                 .unwrap();
-            green.psql(DB, shadowsync::demo::GREEN_SCHEMA).unwrap();
+            for db in [DB, BLIND] {
+                green.psql(db, shadowsync::demo::GREEN_SCHEMA).unwrap();
+            }
             "novacron_migration"
         }
         _ => {
             blue.psql(DB, W1_SCHEMA).unwrap();
-            for db in ["native", DB] {
+            for db in ["native", DB, BLIND] {
                 green.psql(db, W1_SCHEMA).unwrap();
                 if workload == Workload::W3 {
                     green.psql(db, W3_INDEXES).unwrap();
@@ -325,7 +330,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
                 let preload = preload_sql(size.preload);
                 blue.psql(DB, &preload).unwrap();
                 // The preloaded rows are on both greens (an initial copy would have put them).
-                for db in ["native", DB] {
+                for db in ["native", DB, BLIND] {
                     green.psql(db, &preload).unwrap();
                 }
             }
@@ -335,7 +340,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
         }
     };
     // Slots first: the backlog is what they must catch up on.
-    for slot in ["ceiling", "native", "shadowsync"] {
+    for slot in ["ceiling", "native", "shadowsync", BLIND] {
         blue.psql(
             DB,
             &format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
@@ -395,32 +400,9 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
         .psql("native", "ALTER SUBSCRIPTION native DISABLE")
         .unwrap();
 
-    // 3. shadowsync.
-    let dir = std::env::temp_dir().join(format!("shadowsync-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("config.toml");
-    let mut text = format!(
-        "[blue]\ndsn = \"{}\"\nslot = \"shadowsync\"\npublication = \"{publication}\"\n[green]\ndsn = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
-        blue.dsn(DB),
-        green.dsn(DB)
-    );
-    if workload == Workload::W2 {
-        let rules = dir.join("novacron.toml");
-        std::fs::write(&rules, shadowsync::demo::RULES).unwrap();
-        text.push_str(&format!(
-            "[transforms]\nfiles = [\"{}\"]\n",
-            rules.display()
-        ));
-    }
-    std::fs::write(&config, text).unwrap();
-    let mut cmd = Command::new(binary);
-    cmd.args(["run", "--drain", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null());
-    let (ours, rss, cpu, ok) = run_watched(cmd);
-    assert!(ok, "shadowsync run --drain failed");
-    let _ = std::fs::remove_dir_all(&dir);
+    // 3. shadowsync, then 4. shadowsync without conflict detection (its own slot and database).
+    let (ours, rss, cpu) = run_shadowsync(binary, workload, &blue, &green, publication, DB, true);
+    let (blind, _, _) = run_shadowsync(binary, workload, &blue, &green, publication, BLIND, false);
 
     verify(workload, &blue, &green).await;
     let timing = |method, d: Duration| Timing {
@@ -441,9 +423,53 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
             native,
         ),
         shadowsync: timing("shadowsync run --drain", ours),
+        blind: timing("shadowsync, conflict detection off", blind),
         shadowsync_peak_rss_kib: rss,
         shadowsync_cpu_seconds: cpu,
     }
+}
+
+/// Green database and slot of the run without conflict detection.
+const BLIND: &str = "blind";
+
+/// `shadowsync run --drain` into green database `db` (slot `shadowsync`, or `blind` for that
+/// database); returns its wall time, peak RSS and CPU time.
+fn run_shadowsync(
+    binary: &Path,
+    workload: Workload,
+    blue: &Cluster,
+    green: &Cluster,
+    publication: &str,
+    db: &str,
+    detect: bool,
+) -> (Duration, u64, f64) {
+    let slot = if db == BLIND { BLIND } else { "shadowsync" };
+    let dir = std::env::temp_dir().join(format!("shadowsync-bench-{}-{db}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.toml");
+    let mut text = format!(
+        "[blue]\ndsn = \"{}\"\nslot = \"{slot}\"\npublication = \"{publication}\"\n[green]\ndsn = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n[conflicts]\ndetect = {detect}\n",
+        blue.dsn(DB),
+        green.dsn(db)
+    );
+    if workload == Workload::W2 {
+        let rules = dir.join("novacron.toml");
+        std::fs::write(&rules, shadowsync::demo::RULES).unwrap();
+        text.push_str(&format!(
+            "[transforms]\nfiles = [\"{}\"]\n",
+            rules.display()
+        ));
+    }
+    std::fs::write(&config, text).unwrap();
+    let mut cmd = Command::new(binary);
+    cmd.args(["run", "--drain", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    let (took, rss, cpu, ok) = run_watched(cmd);
+    assert!(ok, "shadowsync run --drain failed ({db})");
+    let _ = std::fs::remove_dir_all(&dir);
+    (took, rss, cpu)
 }
 
 /// Both greens equal blue (W2: equal each other, and hold every filtered row).
@@ -466,6 +492,13 @@ async fn verify(workload: Workload, blue: &Cluster, green: &Cluster) {
             .0;
             let got = digest(&green.dsn(DB), "(SELECT id FROM vms)").await.0;
             assert_eq!(want, got, "vms rows");
+            for table in ["users", "compute_nodes", "vms"] {
+                assert_eq!(
+                    digest(&green.dsn(DB), table).await,
+                    digest(&green.dsn(BLIND), table).await,
+                    "{table}: runs with and without conflict detection differ"
+                );
+            }
         }
         _ => {
             let b = digest(&blue.dsn(DB), "w1").await;
@@ -478,6 +511,11 @@ async fn verify(workload: Workload, blue: &Cluster, green: &Cluster) {
                 b,
                 digest(&green.dsn(DB), "w1").await,
                 "shadowsync green differs"
+            );
+            assert_eq!(
+                b,
+                digest(&green.dsn(BLIND), "w1").await,
+                "shadowsync green (detection off) differs"
             );
         }
     }

@@ -615,10 +615,45 @@ mod tests {
         assert_eq!(b.rows, 2);
         let ops = only_table(&mut b);
         assert_eq!(
-            ops.ops[&key("1")].0,
+            ops.ops[&key("1")].op,
             KeyedOp::Upsert(t(&[Some("1"), Some("y"), Some("big")]))
         );
         assert_eq!(ops.counts, [1, 1, 0]);
+    }
+
+    #[test]
+    fn existed_follows_each_key_s_first_change_and_commit_follows_its_last() {
+        let m = map(true);
+        let mut b = Batch::default();
+        b.begin_txn(100, 7);
+        b.insert(&m, t(&[Some("1"), Some("x"), Some("a")]), 10)
+            .unwrap();
+        b.update(&m, None, t(&[Some("2"), Some("x"), Some("a")]), 11)
+            .unwrap();
+        b.delete(&m, OldTuple::Key(t(&[Some("3"), None, None])), 12)
+            .unwrap();
+        b.begin_txn(200, 8);
+        b.delete(&m, OldTuple::Key(t(&[Some("1"), None, None])), 20)
+            .unwrap();
+        b.insert(&m, t(&[Some("3"), Some("y"), Some("b")]), 21)
+            .unwrap();
+        // A key change: the old key existed, the new one did not.
+        b.update(
+            &m,
+            Some(OldTuple::Key(t(&[Some("2"), None, None]))),
+            t(&[Some("4"), Some("z"), Some("c")]),
+            22,
+        )
+        .unwrap();
+        let ops = only_table(&mut b);
+        let seen = |k: &str| {
+            let p = &ops.ops[&key(k)];
+            (p.existed, p.commit_lsn, p.commit_time)
+        };
+        assert_eq!(seen("1"), (false, 200, 8));
+        assert_eq!(seen("2"), (true, 200, 8));
+        assert_eq!(seen("3"), (true, 200, 8));
+        assert_eq!(seen("4"), (false, 200, 8));
     }
 
     #[test]
@@ -631,7 +666,7 @@ mod tests {
             .unwrap();
         let ops = only_table(&mut b);
         assert_eq!(
-            ops.ops[&key("1")].0,
+            ops.ops[&key("1")].op,
             KeyedOp::Update(t(&[Some("1"), Some("z"), Some("<u>")]))
         );
     }
@@ -646,7 +681,7 @@ mod tests {
             .unwrap();
         let ops = only_table(&mut b);
         assert_eq!(
-            ops.ops[&key("1")].0,
+            ops.ops[&key("1")].op,
             KeyedOp::Upsert(t(&[Some("1"), Some("z"), Some("new")]))
         );
     }
@@ -664,9 +699,9 @@ mod tests {
         b.insert(&m, t(&[Some("2"), Some("again"), None]), 5)
             .unwrap();
         let ops = only_table(&mut b);
-        assert!(matches!(ops.ops[&key("1")].0, KeyedOp::Delete(_)));
+        assert!(matches!(ops.ops[&key("1")].op, KeyedOp::Delete(_)));
         assert_eq!(
-            ops.ops[&key("2")].0,
+            ops.ops[&key("2")].op,
             KeyedOp::Upsert(t(&[Some("2"), Some("again"), None]))
         );
     }
@@ -685,8 +720,8 @@ mod tests {
             .unwrap();
         assert!(mv.is_none());
         let ops = only_table(&mut b);
-        assert!(matches!(ops.ops[&key("1")].0, KeyedOp::Delete(_)));
-        assert!(matches!(ops.ops[&key("2")].0, KeyedOp::Upsert(_)));
+        assert!(matches!(ops.ops[&key("1")].op, KeyedOp::Delete(_)));
+        assert!(matches!(ops.ops[&key("2")].op, KeyedOp::Upsert(_)));
     }
 
     #[test]
@@ -701,13 +736,13 @@ mod tests {
         b.update(&m, k("3"), t(&[Some("2"), Some("one"), None]), 3)
             .unwrap();
         let ops = only_table(&mut b);
-        assert!(matches!(ops.ops[&key("3")].0, KeyedOp::Delete(_)));
+        assert!(matches!(ops.ops[&key("3")].op, KeyedOp::Delete(_)));
         assert_eq!(
-            ops.ops[&key("1")].0,
+            ops.ops[&key("1")].op,
             KeyedOp::Upsert(t(&[Some("1"), Some("two"), None]))
         );
         assert_eq!(
-            ops.ops[&key("2")].0,
+            ops.ops[&key("2")].op,
             KeyedOp::Upsert(t(&[Some("2"), Some("one"), None]))
         );
     }
@@ -730,7 +765,7 @@ mod tests {
         assert_eq!(mv.lsn, 5);
         // The pending partial update of key 1 is still there, to be flushed before the move.
         let ops = only_table(&mut b);
-        assert!(matches!(ops.ops[&key("1")].0, KeyedOp::Update(_)));
+        assert!(matches!(ops.ops[&key("1")].op, KeyedOp::Update(_)));
     }
 
     #[test]
@@ -750,7 +785,7 @@ mod tests {
         assert!(mv.is_none());
         let ops = only_table(&mut b);
         assert_eq!(
-            ops.ops[&key("2")].0,
+            ops.ops[&key("2")].op,
             KeyedOp::Upsert(t(&[Some("2"), Some("x"), Some("big")]))
         );
     }

@@ -75,6 +75,25 @@ pub async fn assert_same(pair: &Pair, tables: &[&str]) {
             );
         }
     }
+    assert_no_conflicts(&g).await;
+}
+
+/// Nobody else wrote to green: shadowsync must not have recorded a conflict.
+pub async fn assert_no_conflicts(green: &Client) {
+    let found: Vec<String> = green
+        .query(
+            "SELECT c::text FROM shadowsync.conflicts AS c WHERE to_regclass('shadowsync.conflicts') IS NOT NULL LIMIT 5",
+            &[],
+        )
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        found.is_empty(),
+        "conflicts recorded without interference: {found:?}"
+    );
 }
 
 /// Waits for a condition with a deadline (never a bare sleep).
