@@ -162,6 +162,26 @@ async fn check_table(
         "conflicts with rows changed on green: {}",
         map.conflicts.describe(&map.columns)
     ));
+    if let Some(transform::Lww::Column(i)) = map.conflicts.lww() {
+        let col = &map.columns[*i];
+        let name = transform::quote_ident(&col.name);
+        let text = format!(
+            "SELECT t.{name} > t.{name} FROM {} AS t LIMIT 0",
+            map.target.quoted()
+        );
+        if let Err(e) = green.prepare(&text).await {
+            if !is_rule_problem(&e) {
+                return Err(e);
+            }
+            verdict.problems.push(format!(
+                "{at}last-writer-wins column {} of {} ({}) cannot be compared: {}; name an ordered column such as a timestamp (lww_column), or use [conflicts] resolution = \"apply\"",
+                col.name,
+                map.label,
+                col.sql_type,
+                db_message(&e)
+            ));
+        }
+    }
     let mixed = map.columns.iter().any(|c| c.inputs.len() > 1);
     if (map.filter.is_some() || mixed) && map.replica_identity != ReplicaIdentity::Full {
         verdict.notes.push(format!(

@@ -56,6 +56,17 @@ pub async fn read(client: &Client, slot: &str) -> Result<Option<Progress>, tokio
     }))
 }
 
+/// A PostgreSQL timestamp (µs since 2000-01-01 UTC) as a `SystemTime`.
+pub fn pg_time(micros: i64) -> std::time::SystemTime {
+    const PG_EPOCH_UNIX_SECS: u64 = 946_684_800;
+    let epoch = std::time::UNIX_EPOCH + std::time::Duration::from_secs(PG_EPOCH_UNIX_SECS);
+    if micros >= 0 {
+        epoch + std::time::Duration::from_micros(micros as u64)
+    } else {
+        epoch - std::time::Duration::from_micros(micros.unsigned_abs())
+    }
+}
+
 /// Formats an LSN the way PostgreSQL prints it (`16/B374D848`).
 pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)

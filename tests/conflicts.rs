@@ -358,3 +358,41 @@ async fn green_writes_meet_lww_apply_and_commit_time() {
     assert_eq!(code, Some(0));
     assert!(out.contains("already resolved"), "{out}");
 }
+
+/// Blue's own concurrency is not a conflict: a transaction that started earlier (older
+/// `now()`) can commit a row's last version after a later-started one. Green must follow blue's
+/// commit order, whatever the timestamps say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_timestamps_committed_later_on_blue_still_win() {
+    init_logging();
+    let pair = Pair::start(SCHEMA);
+    let config = pair.config();
+    let blue = pair.blue().await;
+    let early = pair.blue().await;
+    let green = pair.green().await;
+    let handle = start_streaming(config).await;
+    blue.batch_execute("INSERT INTO items VALUES (7, 'first', now())")
+        .await
+        .unwrap();
+    caught_up(&pair).await;
+    // `early` starts first: its now() is older than the update committed in between.
+    early.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    blue.batch_execute("UPDATE items SET name = 'later-start', updated_at = now() WHERE id = 7")
+        .await
+        .unwrap();
+    caught_up(&pair).await;
+    early
+        .batch_execute(
+            "UPDATE items SET name = 'earlier-start', updated_at = now() WHERE id = 7; COMMIT",
+        )
+        .await
+        .unwrap();
+    caught_up(&pair).await;
+    assert_same(&pair, &["items"]).await;
+    assert_eq!(
+        by_id(&green, "id, name", "items").await,
+        vec!["(7,earlier-start)"]
+    );
+    handle.shutdown();
+    handle.wait().await.expect("pipeline ends");
+}

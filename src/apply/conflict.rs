@@ -140,6 +140,31 @@ fn absent(map: &TableMap, alias: &str) -> String {
     format!("{alias}.{} IS NULL", key_names(map)[0])
 }
 
+/// Whether a last-writer-wins timestamp is a point in time (so blue's commit time bounds it).
+fn is_time(base_type: &str) -> bool {
+    matches!(
+        base_type,
+        "timestamp with time zone" | "timestamp without time zone" | "date"
+    )
+}
+
+/// Whether [`upsert`] takes one more parameter after the labels: the latest commit time among
+/// its rows (timestamptz), the floor of each incoming row's timestamp.
+///
+/// Why: a row's own timestamp (`updated_at = now()`) is when its transaction started, not when
+/// it committed. Two blue transactions updating one row can commit in the opposite order of
+/// their `now()`, so blue's final row can carry the older timestamp; compared alone, it would
+/// lose to the version shadowsync wrote just before, and green would keep a row blue no longer
+/// has. An incoming change is therefore as new as the later of its timestamp and its commit,
+/// and green's row is kept only when it is newer than both. (A green write between two
+/// commits of one batch loses to blue: the bound is the statement's latest commit.)
+pub fn upsert_takes_commit_bound(map: &TableMap) -> bool {
+    match map.conflicts.lww() {
+        Some(Lww::Column(i)) => is_time(&map.columns[*i].base_type),
+        _ => false,
+    }
+}
+
 /// Upsert of full rows with detection: `insert_exists`, `update_missing` (applied as an
 /// insert), and under lww `insert_older` / `update_older` (green's row kept).
 pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
@@ -162,7 +187,16 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
     match map.conflicts.lww() {
         Some(Lww::Column(i)) if targets.contains(i) => {
             let n = quote_ident(&map.columns[*i].name);
-            guard = format!(" WHERE (t.{n} > EXCLUDED.{n}) IS NOT TRUE");
+            guard = if upsert_takes_commit_bound(map) {
+                // EXCLUDED carries no per-row metadata: the statement's latest commit time
+                // stands in for each row's (see `upsert_takes_commit_bound`).
+                format!(
+                    " WHERE (t.{n} > GREATEST(EXCLUDED.{n}, ${}::timestamptz)) IS NOT TRUE",
+                    cols.len() + 7
+                )
+            } else {
+                format!(" WHERE (t.{n} > EXCLUDED.{n}) IS NOT TRUE")
+            };
         }
         Some(Lww::CommitTime(c)) => {
             let n = quote_ident(c);
@@ -256,7 +290,11 @@ pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
     match map.conflicts.lww() {
         Some(Lww::Column(i)) if sets.contains(i) => {
             let n = quote_ident(&map.columns[*i].name);
-            guard = format!(" AND (t.{n} > s.{n}) IS NOT TRUE");
+            guard = if is_time(&map.columns[*i].base_type) {
+                format!(" AND (t.{n} > GREATEST(s.{n}, s.\"~commit_time\")) IS NOT TRUE")
+            } else {
+                format!(" AND (t.{n} > s.{n}) IS NOT TRUE")
+            };
         }
         Some(Lww::CommitTime(c)) => {
             let n = quote_ident(c);

@@ -436,8 +436,8 @@ impl Applier {
         if map.is_keyed() {
             let detect = map.conflicts.detects();
             let labels = (self.slot.clone(), map.source.to_string(), map.label.clone());
-            let params = |rows: &[&'t batch::Pending], cols: &[usize]| {
-                keyed_params(rows, cols, detect.then_some(&labels))
+            let params = |rows: &[&'t batch::Pending], cols: &[usize], bound: bool| {
+                keyed_params(rows, cols, detect.then_some(&labels), bound)
             };
             let mut deletes = Vec::new();
             let mut upserts = Vec::new();
@@ -458,14 +458,14 @@ impl Applier {
                     sql::delete(map)
                 };
                 let s = self.prepared(&text).await?;
-                plans.push((s, params(&deletes, &map.row_key), origin("a delete")));
+                plans.push((s, params(&deletes, &map.row_key, false), origin("a delete")));
             }
             if !upserts.is_empty() {
                 if let Some(text) = sql::delete_unmatched(map, &all) {
                     let s = self.prepared(&text).await?;
                     plans.push((
                         s,
-                        keyed_params(&upserts, &all, None),
+                        keyed_params(&upserts, &all, None, false),
                         origin("a delete of rows the filter excludes"),
                     ));
                 }
@@ -475,7 +475,12 @@ impl Applier {
                     sql::upsert(map, &all)
                 };
                 let s = self.prepared(&text).await?;
-                plans.push((s, params(&upserts, &all), origin("an insert or update")));
+                let bound = detect && conflict::upsert_takes_commit_bound(map);
+                plans.push((
+                    s,
+                    params(&upserts, &all, bound),
+                    origin("an insert or update"),
+                ));
             }
             for (mask, rows) in partial {
                 let cols: Vec<usize> = all.iter().copied().filter(|&c| !mask[c]).collect();
@@ -486,7 +491,7 @@ impl Applier {
                 };
                 if let Some(text) = text {
                     let s = self.prepared(&text).await?;
-                    plans.push((s, params(&rows, &cols), origin("an update")));
+                    plans.push((s, params(&rows, &cols, false), origin("an update")));
                 }
             }
         } else {
@@ -593,11 +598,12 @@ fn boxed(arrays: Vec<TextArray<'_>>) -> Params<'_> {
 
 /// Parameters of a keyed statement: the listed columns' arrays, then, for the
 /// conflict-detecting forms (`labels` = slot, source, target), the per-row metadata and labels
-/// (see `conflict`).
+/// (see `conflict`), and with `bound` the latest commit time among the rows.
 fn keyed_params<'t>(
     rows: &[&'t batch::Pending],
     cols: &[usize],
     labels: Option<&(String, String, String)>,
+    bound: bool,
 ) -> Params<'t> {
     let tuples: Vec<&Tuple> = rows.iter().map(|p| p.op.tuple()).collect();
     let mut params = boxed(arrays(&tuples, cols));
@@ -614,6 +620,10 @@ fn keyed_params<'t>(
         params.push(Box::new(slot.clone()));
         params.push(Box::new(source.clone()));
         params.push(Box::new(target.clone()));
+        if bound {
+            let latest = rows.iter().map(|p| p.commit_time).max().unwrap_or(0);
+            params.push(Box::new(crate::progress::pg_time(latest)));
+        }
     }
     params
 }
