@@ -27,6 +27,8 @@ pub struct MappingCheck {
     pub problems: Vec<String>,
     /// Things worth knowing that are not problems.
     pub notes: Vec<String>,
+    /// The mapping, as blue's catalog describes the table now (when it could be built).
+    pub map: Option<std::sync::Arc<TableMap>>,
 }
 
 impl MappingCheck {
@@ -113,6 +115,7 @@ async fn check_table(
         rule: rule.map(|r| r.origin.clone()),
         problems: Vec::new(),
         notes: Vec::new(),
+        map: None,
     };
     if rule.is_some_and(|r| r.skip) {
         return Ok(verdict);
@@ -182,6 +185,7 @@ async fn check_table(
             ));
         }
     }
+    verdict.map = Some(map.clone());
     let mixed = map.columns.iter().any(|c| c.inputs.len() > 1);
     if (map.filter.is_some() || mixed) && map.replica_identity != ReplicaIdentity::Full {
         verdict.notes.push(format!(

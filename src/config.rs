@@ -29,6 +29,10 @@ pub const DEFAULT_MAX_BACKOFF_MS: u64 = 30_000;
 pub const DEFAULT_STARTUP_TIMEOUT_MS: u64 = 60_000;
 /// Default `[blue] status_interval_ms`: how often progress is confirmed to blue.
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 100;
+/// Default `[snapshot] range_pages`: 65536 pages of 8 KiB = 512 MiB per range.
+pub const DEFAULT_SNAPSHOT_RANGE_PAGES: u64 = 65_536;
+/// Most copy workers chosen by default (`[snapshot] workers = 0`).
+pub const DEFAULT_SNAPSHOT_MAX_WORKERS: usize = 4;
 /// Default `[conflicts] lww_column`.
 pub const DEFAULT_LWW_COLUMN: &str = "updated_at";
 /// Default `[conflicts] commit_time_column`.
@@ -88,6 +92,9 @@ pub struct Config {
     /// What to do when green's row disagrees with blue's change.
     #[serde(default)]
     pub conflicts: ConflictsConfig,
+    /// Initial copy of blue's existing rows.
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
     /// Directory the config file is in: rule file paths are relative to it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -100,6 +107,59 @@ pub struct TransformsConfig {
     /// in the publication without a rule are replicated as identity.
     #[serde(default)]
     pub files: Vec<String>,
+}
+
+/// When the initial copy runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Copy when shadowsync creates the slot (and finish an interrupted copy).
+    #[default]
+    Auto,
+    /// Also copy, from a new snapshot, every mapped table not yet copied for this slot when the
+    /// slot already exists.
+    Always,
+    /// Never copy: the operator backfilled green (or nothing existed before the slot).
+    Never,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// `auto` (default), `always` or `never`.
+    #[serde(default)]
+    pub mode: SnapshotMode,
+    /// Tables (or ranges of a table) copied at once (connections to each side); 0 picks
+    /// min(4, CPUs).
+    #[serde(default)]
+    pub workers: usize,
+    /// Tables larger than this many pages (8 KiB each) are split into ranges of this size,
+    /// copied concurrently under the same snapshot (pages).
+    #[serde(default = "default_range_pages")]
+    pub range_pages: u64,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            mode: SnapshotMode::Auto,
+            workers: 0,
+            range_pages: DEFAULT_SNAPSHOT_RANGE_PAGES,
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// Copy workers to run.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(DEFAULT_SNAPSHOT_MAX_WORKERS)
+    }
 }
 
 /// How a conflict (green's row disagreeing with a change from blue) is resolved.
@@ -262,6 +322,9 @@ fn default_max_backoff_ms() -> u64 {
 fn default_startup_timeout_ms() -> u64 {
     DEFAULT_STARTUP_TIMEOUT_MS
 }
+fn default_range_pages() -> u64 {
+    DEFAULT_SNAPSHOT_RANGE_PAGES
+}
 fn default_lww_column() -> String {
     DEFAULT_LWW_COLUMN.to_string()
 }
@@ -358,6 +421,15 @@ impl Config {
             return Err(invalid("blue.status_interval_ms", "must be > 0"));
         }
         check_identifier(&self.conflicts.lww_column, "conflicts.lww_column")?;
+        if self.snapshot.range_pages == 0 {
+            return Err(invalid("snapshot.range_pages", "must be at least 1"));
+        }
+        if self.snapshot.workers > 64 {
+            return Err(invalid(
+                "snapshot.workers",
+                "at most 64 (each is a connection to blue and to green)",
+            ));
+        }
         check_identifier(
             &self.conflicts.commit_time_column,
             "conflicts.commit_time_column",

@@ -5,7 +5,7 @@
 //! of source rows to target statements) -> `apply` (set-based, group-committed writes to green,
 //! with `progress` and the `conflicts` record in the same transaction) -> acknowledgement to
 //! blue. `metrics` and `admin`
-//! observe and steer it; `pipeline` wires the stages together; `cluster` starts throwaway
+//! observe and steer it; `snapshot` copies blue's existing rows before streaming; `pipeline` wires the stages together; `cluster` starts throwaway
 //! PostgreSQL servers for tests and `demo`.
 
 pub mod admin;
@@ -21,5 +21,6 @@ pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;
+pub mod snapshot;
 pub mod source;
 pub mod transform;

@@ -30,6 +30,9 @@ enum Command {
         /// Apply everything committed on blue before now, confirm it, print the report, exit 0.
         #[arg(long)]
         drain: bool,
+        /// Let the initial copy empty green tables that already hold rows (otherwise refused).
+        #[arg(long)]
+        snapshot_truncate: bool,
     },
     /// Check the config and every mapping against the live blue and green schemas; writes nothing.
     /// Exit code 0 only when all is well.
@@ -102,9 +105,16 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { config, drain } => {
+        Command::Run {
+            config,
+            drain,
+            snapshot_truncate,
+        } => {
             let cfg = shadowsync::config::Config::load(&config)?;
-            let opts = shadowsync::pipeline::RunOptions { drain };
+            let opts = shadowsync::pipeline::RunOptions {
+                drain,
+                snapshot_truncate,
+            };
             let report =
                 shadowsync::pipeline::run(cfg, opts, shadowsync::logging::shutdown_signal())
                     .await?;

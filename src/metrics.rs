@@ -38,6 +38,11 @@ pub struct ConflictLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabels {
     pub state: String,
 }
@@ -100,6 +105,8 @@ pub struct Shared {
     lag_seconds: Gauge<f64, AtomicU64>,
     rows: Family<RowLabels, Counter>,
     conflicts: Family<ConflictLabels, Counter>,
+    snapshot_rows: Family<TableLabels, Counter>,
+    snapshot_remaining: Gauge,
     transactions: Counter,
     batches: Counter,
     batch_rows: Histogram,
@@ -153,6 +160,18 @@ impl Shared {
             "conflicts",
             "Changes from blue that disagreed with green's row, committed in green with their record in shadowsync.conflicts, by target table, kind and resolution",
             conflicts.clone(),
+        );
+        let snapshot_rows = Family::<TableLabels, Counter>::default();
+        registry.register(
+            "snapshot_rows",
+            "Rows written to green by the initial copy, by target table",
+            snapshot_rows.clone(),
+        );
+        let snapshot_remaining = Gauge::default();
+        registry.register(
+            "snapshot_tables_remaining",
+            "Tables the initial copy has not finished (0 when no copy runs)",
+            snapshot_remaining.clone(),
         );
         let transactions = Counter::default();
         registry.register(
@@ -208,6 +227,8 @@ impl Shared {
             lag_seconds,
             rows,
             conflicts,
+            snapshot_rows,
+            snapshot_remaining,
             transactions,
             batches,
             batch_rows,
@@ -287,6 +308,19 @@ impl Shared {
             .or_default()
             .entry(op.to_string())
             .or_default() += n;
+    }
+
+    /// The initial copy committed `n` rows of target `table`.
+    pub fn add_snapshot_rows(&self, table: &str, n: u64) {
+        self.snapshot_rows
+            .get_or_create(&TableLabels {
+                table: table.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn set_snapshot_remaining(&self, tables: i64) {
+        self.snapshot_remaining.set(tables.max(0));
     }
 
     /// Green committed these conflicts' records.

@@ -65,6 +65,11 @@ pub struct ApplyStage {
     serial_until: u64,
     /// Commit LSN of the transaction being received (or last received).
     txn_final_lsn: u64,
+    /// Source table (`schema.table`) -> snapshot LSN of its initial copy: its changes from
+    /// transactions committing before it are in the copy.
+    copied_at: HashMap<String, u64>,
+    /// The same, by relation OID, for the relations seen so far.
+    copied_before: HashMap<u32, u64>,
     committed: watch::Sender<u64>,
     shared: Arc<Shared>,
 }
@@ -101,9 +106,26 @@ impl ApplyStage {
             last_lsn: skip_before,
             serial_until,
             txn_final_lsn: 0,
+            copied_at: HashMap::new(),
+            copied_before: HashMap::new(),
             committed,
             shared,
         }
+    }
+
+    /// Tables whose initial copy holds their changes up to a snapshot (see `snapshot`).
+    pub fn with_copied_at(mut self, copied_at: HashMap<String, u64>) -> Self {
+        self.copied_at = copied_at;
+        self
+    }
+
+    /// Whether a change of `relation` in the current transaction is in its table's copy.
+    fn in_copy(&self, relation: u32) -> bool {
+        !self.copied_before.is_empty()
+            && self
+                .copied_before
+                .get(&relation)
+                .is_some_and(|&lsn| self.txn_final_lsn < lsn)
     }
 
     /// Runs until the source closes the channel, then commits every complete blue transaction
@@ -154,6 +176,10 @@ impl ApplyStage {
             Message::Begin(b) => self.begin(b),
             Message::Commit(c) => self.end(c),
             Message::Relation(r) => self.relation(r).await?,
+            Message::Insert { relation, .. }
+            | Message::Update { relation, .. }
+            | Message::Delete { relation, .. }
+                if self.in_copy(relation) => {}
             Message::Insert { relation, new } if !self.skipping => {
                 if let Some(map) = self.map_for_change(relation, lsn)? {
                     self.batch.insert(&map, new, lsn)?;
@@ -178,6 +204,9 @@ impl ApplyStage {
             Message::Truncate { options, relations } if !self.skipping => {
                 let mut maps = Vec::with_capacity(relations.len());
                 for &oid in &relations {
+                    if self.in_copy(oid) {
+                        continue;
+                    }
                     if let Some(map) = self.map(oid, lsn)? {
                         maps.push(map);
                     }
@@ -244,6 +273,9 @@ impl ApplyStage {
 
     async fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
         let source = transform::QualifiedName::new(&r.namespace, &r.name);
+        if let Some(&lsn) = self.copied_at.get(&source.to_string()) {
+            self.copied_before.insert(r.oid, lsn);
+        }
         let rule = self.rules.get(&source);
         if rule.is_some_and(|rule| rule.skip) {
             debug!(table = %source, "skipped by rule");

@@ -36,6 +36,8 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error("initial copy: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("cannot listen on {addr} (metrics.listen): {source}; choose a free address")]
     Listen {
         addr: String,
@@ -56,6 +58,7 @@ impl PipelineError {
         match self {
             PipelineError::Source(e) => e.is_retryable(),
             PipelineError::Apply(e) => e.is_retryable(),
+            PipelineError::Snapshot(e) => e.is_retryable(),
             PipelineError::Config(_)
             | PipelineError::Listen { .. }
             | PipelineError::Task { .. }
@@ -77,6 +80,7 @@ impl PipelineError {
         match self {
             PipelineError::Source(_) => "source",
             PipelineError::Apply(_) => "apply",
+            PipelineError::Snapshot(_) => "snapshot",
             _ => "pipeline",
         }
     }
@@ -125,6 +129,8 @@ pub struct Report {
 pub struct RunOptions {
     /// Drain as soon as streaming starts, then exit (the cutover flag).
     pub drain: bool,
+    /// Let the initial copy empty non-empty green tables it copies into.
+    pub snapshot_truncate: bool,
 }
 
 /// A drain request from the admin endpoint.
@@ -274,6 +280,7 @@ impl Supervisor {
                     &self.shared,
                     stop_rx,
                     self.serial_until,
+                    opts.snapshot_truncate,
                     |lsn| {
                         session_start = Some(lsn);
                     },

@@ -30,6 +30,7 @@ pub async fn run(
     shared: &Arc<Shared>,
     stop: watch::Receiver<bool>,
     serial_until: u64,
+    snapshot_truncate: bool,
     on_start: impl FnOnce(u64),
 ) -> Result<(), PipelineError> {
     let green_dsn = config.green_dsn()?;
@@ -67,11 +68,21 @@ pub async fn run(
     if !applier.replica_role {
         check_foreign_keys(&applier, &state.tables).await?;
     }
+    let prepared = crate::snapshot::prepare(
+        config,
+        &blue,
+        applier.client(),
+        &state.maps,
+        state.slot_confirmed,
+        snapshot_truncate,
+        shared,
+    )
+    .await?;
     let green_lsn = progress.map(|p| p.end_lsn).unwrap_or(0);
-    let start = state.slot_confirmed.max(green_lsn);
+    let start = prepared.slot_confirmed.max(green_lsn);
     info!(
         slot = %config.blue.slot,
-        slot_confirmed = %format_lsn(state.slot_confirmed),
+        slot_confirmed = %format_lsn(prepared.slot_confirmed),
         green_progress = %format_lsn(green_lsn),
         start = %format_lsn(start),
         tables = state.tables.len(),
@@ -118,7 +129,8 @@ pub async fn run(
         serial_until,
         committed_tx,
         shared.clone(),
-    );
+    )
+    .with_copied_at(prepared.copied_at);
     let source = SourceStage::new(client, &blue_dsn, start, shared.clone());
     let apply_task = tokio::spawn(apply.run(rx).instrument(info_span!("apply")));
     let source_task = tokio::spawn(

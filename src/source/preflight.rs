@@ -13,11 +13,12 @@ use crate::transform::rules::RuleSet;
 /// What the preflight learned about blue.
 #[derive(Debug, Clone)]
 pub struct BlueState {
-    /// The slot's `confirmed_flush_lsn` (its creation point if just created).
-    pub slot_confirmed: u64,
-    pub slot_created: bool,
+    /// The slot's `confirmed_flush_lsn`; `None` when the slot does not exist yet.
+    pub slot_confirmed: Option<u64>,
     /// Tables in the publication.
     pub tables: Vec<QualifiedName>,
+    /// Mappings of the replicated tables (not skipped), from blue's catalog.
+    pub maps: Vec<std::sync::Arc<crate::transform::TableMap>>,
 }
 
 fn blue_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
@@ -27,8 +28,8 @@ fn blue_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Sour
     }
 }
 
-/// Checks blue's settings, the user's privilege, the publication, and the mapping of every
-/// published table (see `check`); then creates the slot when missing.
+/// Checks blue's settings, the user's privilege, the publication, the mapping of every
+/// published table (see `check`) and the slot (see [`slot_state`]). Creates nothing.
 pub async fn check(
     blue: &Client,
     green: &Client,
@@ -44,11 +45,16 @@ pub async fn check(
     if !report.ok() {
         return Err(SourceError::Setup(report.problems_text()));
     }
-    let (slot_confirmed, slot_created) = ensure_slot(blue, slot, green_progress).await?;
+    let maps = report
+        .mappings
+        .iter()
+        .filter_map(|m| m.map.clone())
+        .collect();
+    let slot_confirmed = slot_state(blue, slot, green_progress).await?;
     Ok(BlueState {
         slot_confirmed,
-        slot_created,
         tables,
+        maps,
     })
 }
 
@@ -107,14 +113,14 @@ pub async fn check_blue(
     Ok(tables)
 }
 
-/// Returns the slot's confirmed position, creating the slot when missing. A missing slot that
-/// green has progress for is refused: changes between that progress and a new slot's start
-/// would be lost without a trace (a failover to a standby without the slot, a dropped slot).
-async fn ensure_slot(
+/// The slot's confirmed position; `None` when it does not exist. A missing slot that green has
+/// progress for is refused: changes between that progress and a new slot's start would be lost
+/// without a trace (a failover to a standby without the slot, a dropped slot).
+async fn slot_state(
     blue: &Client,
     slot: &str,
     green_progress: Option<u64>,
-) -> Result<(u64, bool), SourceError> {
+) -> Result<Option<u64>, SourceError> {
     let row = blue
         .query_opt(
             "SELECT plugin::text, database::text, confirmed_flush_lsn::text, current_database()::text
@@ -134,7 +140,7 @@ async fn ensure_slot(
             )));
         }
         let lsn = confirmed.as_deref().and_then(parse_lsn).unwrap_or(0);
-        return Ok((lsn, false));
+        return Ok(Some(lsn));
     }
     if let Some(progress) = green_progress {
         return Err(SourceError::Setup(format!(
@@ -142,6 +148,11 @@ async fn ensure_slot(
             crate::progress::format_lsn(progress)
         )));
     }
+    Ok(None)
+}
+
+/// Creates the slot without a snapshot (nothing to copy); returns its creation point.
+pub async fn create_slot(blue: &Client, slot: &str) -> Result<u64, SourceError> {
     let lsn: String = blue
         .query_one(
             "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -151,7 +162,7 @@ async fn ensure_slot(
         .map_err(blue_err("creating the replication slot"))?
         .get(0);
     tracing::info!(slot, lsn = %lsn, "created replication slot on blue; streaming starts at its creation point");
-    Ok((parse_lsn(&lsn).unwrap_or(0), true))
+    Ok(parse_lsn(&lsn).unwrap_or(0))
 }
 
 /// Blue's current WAL insert position: it covers every commit that has returned to its client,

@@ -8,6 +8,8 @@ use shadowsync::cluster::{Cluster, pipeline_config};
 use shadowsync::config::Config;
 use tokio_postgres::{Client, NoTls};
 
+pub mod novacron;
+
 pub const DB: &str = "app";
 
 pub struct Pair {
