@@ -29,8 +29,8 @@ pub const DEFAULT_MAX_BACKOFF_MS: u64 = 30_000;
 pub const DEFAULT_STARTUP_TIMEOUT_MS: u64 = 60_000;
 /// Default `[blue] status_interval_ms`: how often progress is confirmed to blue.
 pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 100;
-/// Default `[snapshot] range_pages`: 65536 pages of 8 KiB = 512 MiB per range.
-pub const DEFAULT_SNAPSHOT_RANGE_PAGES: u64 = 65_536;
+/// Default `[snapshot] range_pages`: 16384 pages of 8 KiB = 128 MiB per range.
+pub const DEFAULT_SNAPSHOT_RANGE_PAGES: u64 = 16_384;
 /// Most copy workers chosen by default (`[snapshot] workers = 0`).
 pub const DEFAULT_SNAPSHOT_MAX_WORKERS: usize = 4;
 /// Default `[conflicts] lww_column`.

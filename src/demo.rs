@@ -1,7 +1,8 @@
 //! `shadowsync demo`: the NovaCron migration on a laptop. Throwaway blue and green clusters with
-//! the example schemas and rules (`transforms/novacron*`, embedded in the binary), a write
-//! workload on blue while streaming, a live progress line, a drain, the report, and a
-//! per-mapping row-count check of green against blue.
+//! the example schemas and rules (`transforms/novacron*`, embedded in the binary), existing rows
+//! on blue copied from a snapshot, a write workload on blue from the start (during the copy and
+//! while streaming), a live progress line, a drain, the report, and a per-mapping row-count
+//! check of green against blue.
 //!
 //! Invariant: the demo's verdict compares every mapping's rows (blue, through the rule's
 //! filter, against green); it fails loudly rather than report success on a mismatch.
@@ -63,20 +64,13 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
     std::fs::write(&rules, RULES)?;
     let mut config = pipeline_config(&blue, &green, "novacron", "demo", "novacron_migration");
     config.transforms.files = vec![rules.display().to_string()];
-    let handle = pipeline::start(config, RunOptions::default()).await?;
-    // Writes committed before the slot exists are not in its stream (copying existing rows is
-    // the initial snapshot's job), so the workload starts once the pipeline streams.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !handle.shared.ready() {
-        if Instant::now() > deadline {
-            return Err(DemoError::Drain(
-                "the pipeline did not start streaming within 60 s".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     eprintln!(
-        "streaming blue -> green through transforms/novacron.toml; metrics at http://{}/metrics",
+        "writing {PRELOAD_ROWS} existing rows per table on blue (the years before the sync window)..."
+    );
+    blue.psql("novacron", &preload_sql(PRELOAD_ROWS))?;
+    let handle = pipeline::start(config, RunOptions::default()).await?;
+    eprintln!(
+        "copying blue's existing rows from a snapshot, then streaming, through transforms/novacron.toml; blue keeps writing meanwhile; metrics at http://{}/metrics",
         handle.addr
     );
 
@@ -176,6 +170,29 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
     }
     eprintln!("every mapping matches.");
     Ok(())
+}
+
+/// Rows per table that exist on blue before shadowsync starts (copied from a snapshot).
+const PRELOAD_ROWS: i64 = 50_000;
+
+/// Existing rows (ids from 2^50, apart from the workload's), set-based.
+pub fn preload_sql(rows: i64) -> String {
+    format!(
+        "INSERT INTO users (id, email, name)
+           SELECT (1::bigint << 50) + g, 'seed' || g || '@' || (ARRAY['acme.example','globex.example','example.org'])[g % 3 + 1], 'Seed ' || g
+             FROM generate_series(1, {rows}) g;
+         INSERT INTO hypervisors (id, hostname, status, type, capacity)
+           SELECT (1::bigint << 50) + g, 'seed-hv-' || g, (ARRAY['active','inactive','maintenance'])[g % 3 + 1], 'kvm',
+                  jsonb_build_object('cpu_cores', 8 + g % 56, 'memory_mb', 65536)
+             FROM generate_series(1, {rows}) g;
+         INSERT INTO virtual_machines (id, name, status, owner_id, hypervisor_id, resources, network_config)
+           SELECT (1::bigint << 50) + g, 'seed-vm-' || g, (ARRAY['creating','running','stopped','paused','migrating','deleted','crashed'])[g % 7 + 1],
+                  (1::bigint << 50) + g, (1::bigint << 50) + g, jsonb_build_object('cpu_cores', 2, 'memory_mb', 4096, 'disk_gb', 40),
+                  jsonb_build_object('ip_address', '10.1.' || (g % 250) || '.' || (g % 200 + 1))
+             FROM generate_series(1, {rows}) g;
+         INSERT INTO api_keys (id, user_id, key_hash)
+           SELECT (1::bigint << 50) + g, (1::bigint << 50) + g, md5(g::text) FROM generate_series(1, {rows}) g;"
+    )
 }
 
 /// A tiny deterministic generator: the demo needs variety, not statistics.

@@ -2,6 +2,8 @@
 //! thousand changes, drained three ways, both greens verified. Timings are printed, not
 //! asserted (performance goals are reported by the benchmark, not tested).
 
+#[path = "../benches/catchup/copy.rs"]
+mod copy;
 #[path = "../benches/catchup/harness.rs"]
 mod harness;
 
@@ -19,4 +21,5 @@ async fn every_workload_drains_three_ways_and_verifies() {
         let outcome = harness::run(w, harness::Size::smoke(w), binary).await;
         eprintln!("{}", outcome.table());
     }
+    eprintln!("{}", copy::run(20_000, 2_000, binary).await.table());
 }

@@ -128,7 +128,7 @@ impl Outcome {
     }
 }
 
-async fn connect(dsn: &str) -> Client {
+pub async fn connect(dsn: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(dsn, NoTls).await.expect("connect");
     tokio::spawn(conn);
     client
@@ -152,7 +152,7 @@ async fn slot_confirmed(blue: &Client, slot: &str) -> u64 {
 }
 
 /// Order-independent content of a query's rows.
-async fn digest(dsn: &str, from: &str) -> (i64, String) {
+pub async fn digest(dsn: &str, from: &str) -> (i64, String) {
     let c = connect(dsn).await;
     let row = c
         .query_one(
@@ -167,7 +167,7 @@ async fn digest(dsn: &str, from: &str) -> (i64, String) {
 }
 
 /// Runs a command to completion, sampling its peak RSS (KiB) and CPU time (s).
-fn run_watched(mut cmd: Command) -> (Duration, u64, f64, bool) {
+pub fn run_watched(mut cmd: Command) -> (Duration, u64, f64, bool) {
     let ticks = 100.0; // USER_HZ on Linux
     let started = Instant::now();
     let mut child = cmd.spawn().expect("spawn");
@@ -199,7 +199,7 @@ fn run_watched(mut cmd: Command) -> (Duration, u64, f64, bool) {
     (started.elapsed(), peak, cpu, status.success())
 }
 
-const W1_SCHEMA: &str = "
+pub const W1_SCHEMA: &str = "
 CREATE TABLE w1 (
     id bigint PRIMARY KEY,
     name text NOT NULL,
@@ -221,7 +221,7 @@ CREATE INDEX w1_n ON w1 (n);
 CREATE INDEX w1_tag ON w1 (tag, id);
 CREATE INDEX w1_doc ON w1 USING gin (doc);";
 
-fn preload_sql(rows: i64) -> String {
+pub fn preload_sql(rows: i64) -> String {
     format!(
         "INSERT INTO w1 (id, name, descr, doc, created_at, updated_at, n, status, ratio, flag, tag)
          SELECT g, 'name-' || g, 'preloaded row', jsonb_build_object('g', g), '2026-01-01 00:00:00+00',

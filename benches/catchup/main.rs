@@ -1,9 +1,10 @@
 //! Catch-up benchmark against PostgreSQL's own logical replication (see `harness.rs`).
 //!
-//! Run: `cargo build --release && cargo bench --bench catchup -- [w1|w2|w3|w4|all] [--smoke]`.
+//! Run: `cargo build --release && cargo bench --bench catchup -- [w1|w2|w3|w4|copy|all] [--smoke]`.
 //! Prints one Markdown table per workload (seconds, rows/s, ratio to native and to the
-//! ceiling, shadowsync's peak RSS and CPU time).
+//! ceiling, shadowsync's peak RSS and CPU time); `copy` is the initial-copy benchmark.
 
+mod copy;
 mod harness;
 
 use harness::{Size, Workload};
@@ -12,7 +13,9 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let smoke = args.iter().any(|a| a == "--smoke");
     let mut workloads: Vec<Workload> = args.iter().filter_map(|a| Workload::parse(a)).collect();
-    if workloads.is_empty() || args.iter().any(|a| a == "all") {
+    let all = args.iter().any(|a| a == "all");
+    let with_copy = all || args.iter().any(|a| a == "copy");
+    if all || (workloads.is_empty() && !with_copy) {
         workloads = vec![Workload::W1, Workload::W2, Workload::W3, Workload::W4];
     }
     if args.iter().any(|a| a == "--list") {
@@ -26,6 +29,15 @@ fn main() {
     for w in workloads {
         let size = if smoke { Size::smoke(w) } else { Size::full(w) };
         let outcome = runtime.block_on(harness::run(w, size, &binary));
+        println!("\n{}", outcome.table());
+    }
+    if with_copy {
+        let (rows, per_table) = if smoke {
+            (20_000, 5_000)
+        } else {
+            (5_000_000, 250_000)
+        };
+        let outcome = runtime.block_on(copy::run(rows, per_table, &binary));
         println!("\n{}", outcome.table());
     }
 }
