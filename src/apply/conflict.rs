@@ -29,46 +29,101 @@ use crate::transform::{Lww, TableMap, quote_ident};
 const META: [&str; 3] = ["~existed", "~commit_lsn", "~commit_time"];
 const INSERTED: &str = "\"~inserted\"";
 
-/// `unnest(...) AS "~u"(...) CROSS JOIN LATERAL (SELECT ... ) AS src`: the source row as
-/// `src`, with the metadata columns beside it (not in `src`, whose whole-row value a rule may
-/// read).
-fn source_with_meta(map: &TableMap, cols: &[usize]) -> String {
-    let mut arrays = Vec::with_capacity(cols.len() + 3);
-    let mut aliases = Vec::with_capacity(cols.len() + 3);
-    let mut select = Vec::with_capacity(cols.len());
-    for (n, &c) in cols.iter().enumerate() {
-        let col = &map.source_columns[c];
-        arrays.push(format!("${}::text[]", n + 1));
-        aliases.push(format!("\"~c{n}\""));
+/// `(SELECT unnest($1::text[]) AS "~c0", ...) AS "~u" CROSS JOIN LATERAL (SELECT ...) AS src`:
+/// the source row as `src` (only the columns at `positions` of `cols`), with the chosen
+/// metadata columns beside it in `"~u"` (not in `src`, whose whole-row value a rule may read).
+/// `unnest` in a select list streams the arrays in lockstep; in FROM it would first copy every
+/// row into a buffer (measured: 5 to 10% of a statement).
+fn source(map: &TableMap, cols: &[usize], positions: &[usize], meta: &[usize]) -> String {
+    let mut unnests = Vec::with_capacity(positions.len() + meta.len());
+    let mut select = Vec::with_capacity(positions.len());
+    for &n in positions {
+        let col = &map.source_columns[cols[n]];
+        unnests.push(format!("unnest(${}::text[]) AS \"~c{n}\"", n + 1));
         select.push(format!(
             "\"~u\".\"~c{n}\"::{} AS {}",
             col.sql_type,
             quote_ident(&col.name)
         ));
     }
-    let n = cols.len();
-    for (i, ty) in ["bool", "pg_lsn", "timestamptz"].iter().enumerate() {
-        arrays.push(format!("${}::{ty}[]", n + 1 + i));
-        aliases.push(quote_ident(META[i]));
+    for &m in meta {
+        let ty = ["bool", "pg_lsn", "timestamptz"][m];
+        unnests.push(format!(
+            "unnest(${}::{ty}[]) AS {}",
+            cols.len() + 1 + m,
+            quote_ident(META[m])
+        ));
     }
     format!(
-        "unnest({}) AS \"~u\"({}) CROSS JOIN LATERAL (SELECT {}) AS src",
-        arrays.join(", "),
-        aliases.join(", "),
+        "(SELECT {}) AS \"~u\" CROSS JOIN LATERAL (SELECT {}) AS src",
+        unnests.join(", "),
         select.join(", ")
     )
 }
 
-/// The incoming rows `s`: target expressions over `src` plus the metadata columns.
-fn incoming(map: &TableMap, cols: &[usize], targets: &str) -> String {
-    let meta = META
-        .iter()
-        .map(|m| format!("\"~u\".{}", quote_ident(m)))
-        .collect::<Vec<_>>()
-        .join(", ");
+const EXISTED: usize = 0;
+const COMMIT_LSN: usize = 1;
+const COMMIT_TIME: usize = 2;
+
+fn meta_list(meta: &[usize]) -> String {
+    meta.iter()
+        .map(|&m| format!(", \"~u\".{}", quote_ident(META[m])))
+        .collect()
+}
+
+/// `SELECT <targets>, <meta> FROM <every column of cols> [WHERE filter]`.
+fn incoming(map: &TableMap, cols: &[usize], targets: &str, meta: &[usize]) -> String {
+    incoming_if(map, cols, targets, meta, None)
+}
+
+/// [`incoming`], with one more condition.
+fn incoming_if(
+    map: &TableMap,
+    cols: &[usize],
+    targets: &str,
+    meta: &[usize],
+    condition: Option<&str>,
+) -> String {
+    let all: Vec<usize> = (0..cols.len()).collect();
     let mut sql = format!(
-        "SELECT {targets}, {meta} FROM {}",
-        source_with_meta(map, cols)
+        "SELECT {targets}{} FROM {}",
+        meta_list(meta),
+        source(map, cols, &all, meta)
+    );
+    let conditions: Vec<String> = condition
+        .map(str::to_string)
+        .into_iter()
+        .chain(map.filter.iter().map(|f| format!("({})", f.expr)))
+        .collect();
+    if !conditions.is_empty() {
+        sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
+    }
+    sql
+}
+
+/// Positions in `cols` of the source columns the key (and the filter) read.
+fn key_positions(map: &TableMap, cols: &[usize]) -> Vec<usize> {
+    let mut inputs: Vec<usize> = map
+        .key
+        .iter()
+        .flat_map(|&k| map.columns[k].inputs.iter().copied())
+        .chain(map.filter.iter().flat_map(|f| f.inputs.iter().copied()))
+        .collect();
+    inputs.sort_unstable();
+    inputs.dedup();
+    inputs
+        .iter()
+        .filter_map(|c| cols.iter().position(|x| x == c))
+        .collect()
+}
+
+/// The keys of the incoming rows with whether each existed: `SELECT <keys>, "~existed" ...`.
+fn incoming_keys(map: &TableMap, cols: &[usize], cast: Cast) -> String {
+    let mut sql = format!(
+        "SELECT {}{} FROM {}",
+        select_list(map, &map.key, cast),
+        meta_list(&[EXISTED]),
+        source(map, cols, &key_positions(map, cols), &[EXISTED])
     );
     if let Some(f) = &map.filter {
         sql.push_str(&format!(" WHERE ({})", f.expr));
@@ -100,13 +155,15 @@ fn returning_key(map: &TableMap) -> String {
 }
 
 /// Incoming row of a conflict: the written target columns (a delete has none: NULL).
-const INCOMING_ROW: &str = "to_jsonb(c) - '{~existed,~commit_lsn,~commit_time,~inserted}'::text[]";
+const INCOMING_ROW: &str = "to_jsonb(s) - '{~existed,~commit_lsn,~commit_time}'::text[]";
 
-/// The record insert over conflicting rows `c` (with green's pre-statement row `e`).
+/// The record insert over conflicting rows `c` (with green's pre-statement row `e`). `rows`
+/// is the FROM list that provides `c`, the incoming row `s` (its key and values) and `e`.
 fn record(
     map: &TableMap,
     params_from: usize,
     (kind, resolution, incoming): (&str, &str, &str),
+    rows: &str,
     rest: &str,
 ) -> String {
     let key_json = map
@@ -114,25 +171,32 @@ fn record(
         .iter()
         .map(|&k| {
             let n = &map.columns[k].name;
-            format!("{}, c.{}", quote_literal(n), quote_ident(n))
+            format!("{}, s.{}", quote_literal(n), quote_ident(n))
         })
         .collect::<Vec<_>>()
         .join(", ");
     format!(
         "INSERT INTO shadowsync.conflicts (slot, source_table, target_table, key, kind, resolution, incoming, existing, commit_lsn, commit_time) \
-         SELECT ${}, ${}, ${}, jsonb_build_object({key_json}), {kind}, {resolution}, {incoming}, to_jsonb(e), c.\"~commit_lsn\", c.\"~commit_time\" \
-         FROM c LEFT JOIN {} AS e ON {} {rest} \
+         SELECT ${}, ${}, ${}, jsonb_build_object({key_json}), {kind}, {resolution}, {incoming}, to_jsonb(e), s.\"~commit_lsn\", s.\"~commit_time\" \
+         FROM {rows} {rest} \
          RETURNING kind, resolution, key::text",
         params_from,
         params_from + 1,
         params_from + 2,
-        map.target.quoted(),
-        key_match(map, "c", "e"),
     )
 }
 
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The record's rows when `c` holds the whole incoming rows: `s` is `c` itself.
+fn copy_of_c(map: &TableMap) -> String {
+    format!(
+        "c CROSS JOIN LATERAL (SELECT c.*) AS s LEFT JOIN {} AS e ON {}",
+        map.target.quoted(),
+        key_match(map, "s", "e")
+    )
 }
 
 /// Green's row is absent (key columns are never NULL in a primary key).
@@ -174,7 +238,7 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
         .map(|&i| quote_ident(&map.columns[i].name))
         .collect();
     let mut insert_cols = names.clone();
-    let mut select_cols: Vec<String> = names.iter().map(|n| format!("s.{n}")).collect();
+    let mut write_meta: Vec<usize> = Vec::new();
     let mut sets: Vec<String> = targets
         .iter()
         .filter(|i| !map.key.contains(i))
@@ -201,7 +265,7 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
         Some(Lww::CommitTime(c)) => {
             let n = quote_ident(c);
             insert_cols.push(n.clone());
-            select_cols.push("s.\"~commit_time\"".into());
+            write_meta.push(COMMIT_TIME);
             sets.push(format!("{n} = EXCLUDED.{n}"));
             guard = format!(" WHERE (t.{n} > EXCLUDED.{n}) IS NOT TRUE");
         }
@@ -212,14 +276,26 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
         let k = &key_names(map)[0];
         sets.push(format!("{k} = EXCLUDED.{k}"));
     }
-    let s = incoming(map, cols, &select_list(map, &targets, Cast::Write));
+    let written = select_list(map, &targets, Cast::Write);
+    // The rows written, the batch's keys with what each expected (read again, keys only), and
+    // the full incoming rows only when some key disagreed.
+    let rows = incoming(map, cols, &written, &write_meta);
+    let keys = incoming_keys(map, cols, Cast::Write);
+    // Uncorrelated, so green evaluates it once: a conflict-free batch never reads these.
+    let s = incoming_if(
+        map,
+        cols,
+        &written,
+        &[COMMIT_LSN, COMMIT_TIME],
+        Some("EXISTS (SELECT FROM c)"),
+    );
     // Rows whose values equal green's are not a conflict, whatever their history.
     let same = format!(
         "ROW({})::text = ROW({})::text",
         targets
             .iter()
             .map(|&i| format!(
-                "CAST(c.{} AS {})",
+                "CAST(s.{} AS {})",
                 quote_ident(&map.columns[i].name),
                 map.columns[i].sql_type
             ))
@@ -237,20 +313,24 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
     } else {
         String::new()
     };
+    let key_list = key_names(map)
+        .iter()
+        .map(|k| format!("k.{k}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "WITH s AS ({s}), \
-         w AS (INSERT INTO {tbl} AS t ({ins}) OVERRIDING SYSTEM VALUE SELECT {sel} FROM s \
+        "WITH w AS (INSERT INTO {tbl} AS t ({ins}) OVERRIDING SYSTEM VALUE {rows} \
                ON CONFLICT ({keys}) DO UPDATE SET {sets}{guard} \
                RETURNING {ret}, (t.xmax = 0) AS {INSERTED}), \
-         c AS MATERIALIZED (SELECT s.*, w.{INSERTED} FROM s LEFT JOIN w ON {sw} \
-               WHERE w.{INSERTED} IS NULL OR w.{INSERTED} = s.\"~existed\") {record}",
+         c AS MATERIALIZED (SELECT {key_list}, k.\"~existed\", w.{INSERTED} FROM ({k}) AS k LEFT JOIN w ON {kw} \
+               WHERE w.{INSERTED} IS NULL OR w.{INSERTED} = k.\"~existed\") {record}",
         tbl = map.target.quoted(),
         ins = insert_cols.join(", "),
-        sel = select_cols.join(", "),
         keys = key_names(map).join(", "),
         sets = sets.join(", "),
         ret = returning_key(map),
-        sw = key_match(map, "s", "w"),
+        k = keys,
+        kw = key_match(map, "k", "w"),
         record = record(
             map,
             cols.len() + 4,
@@ -261,6 +341,12 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
                 ),
                 &format!("CASE WHEN c.{INSERTED} IS NULL THEN 'keep' ELSE 'apply' END"),
                 INCOMING_ROW,
+            ),
+            &format!(
+                "c JOIN ({s}) AS s ON {} LEFT JOIN {} AS e ON {}",
+                key_match(map, "c", "s"),
+                map.target.quoted(),
+                key_match(map, "s", "e")
             ),
             &format!(
                 "WHERE NOT (c.{INSERTED} IS NOT NULL AND NOT c.\"~existed\" AND {same}){moved_in}"
@@ -308,7 +394,7 @@ pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
         select_list(map, &sets, Cast::Write),
     ]
     .join(", ");
-    let s = incoming(map, cols, &targets);
+    let s = incoming(map, cols, &targets, &[EXISTED, COMMIT_LSN, COMMIT_TIME]);
     let missing_ok = if map.filter.is_some() {
         format!("WHERE NOT {}", absent(map, "e"))
     } else {
@@ -334,6 +420,7 @@ pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
                 &format!("CASE WHEN {} THEN 'skip' ELSE 'keep' END", absent(map, "e")),
                 INCOMING_ROW,
             ),
+            &copy_of_c(map),
             &missing_ok,
         ),
     ))
@@ -363,6 +450,7 @@ pub fn delete(map: &TableMap) -> String {
         },
         &map.row_key,
         &select_list(map, &map.key, Cast::Match),
+        &[EXISTED, COMMIT_LSN, COMMIT_TIME],
     );
     // A key the batch inserted and deleted was never meant to be in green; with a filter, a
     // missing row may simply never have matched it.
@@ -393,6 +481,7 @@ pub fn delete(map: &TableMap) -> String {
                 ),
                 "NULL::jsonb",
             ),
+            &copy_of_c(map),
             &relevant,
         ),
     )
