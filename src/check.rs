@@ -84,7 +84,7 @@ pub async fn check(
 ) -> Result<Report, tokio_postgres::Error> {
     let mut mappings = Vec::with_capacity(tables.len());
     for table in tables {
-        mappings.push(check_table(blue, green, table, rules).await?);
+        mappings.push(check_table(blue, green, table, publication, rules).await?);
     }
     let problems = rules
         .rules
@@ -106,6 +106,7 @@ async fn check_table(
     blue: &Client,
     green: &Client,
     table: &QualifiedName,
+    publication: &str,
     rules: &RuleSet,
 ) -> Result<MappingCheck, tokio_postgres::Error> {
     let rule = rules.get(table);
@@ -135,7 +136,7 @@ async fn check_table(
         });
         return Ok(verdict);
     };
-    let (source, categories) = blue_table(blue, green, table).await?;
+    let (source, categories) = blue_table(blue, green, table, publication).await?;
     if rule.is_none() {
         identity_types(
             green,
@@ -203,6 +204,7 @@ async fn blue_table(
     blue: &Client,
     green: &Client,
     table: &QualifiedName,
+    publication: &str,
 ) -> Result<(SourceTable, Vec<String>), tokio_postgres::Error> {
     let identity: String = blue
         .query_one(
@@ -230,8 +232,14 @@ async fn blue_table(
                JOIN pg_class c ON c.oid = a.attrelid
               WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
                 AND a.attgenerated = ''
+                -- A publication column list (PostgreSQL 15+) limits what the stream carries.
+                AND a.attname = ANY (coalesce(
+                      (SELECT p.attnames FROM pg_publication_tables p
+                        WHERE p.pubname = $2 AND p.schemaname = c.relnamespace::regnamespace::name
+                          AND p.tablename = c.relname),
+                      ARRAY[a.attname]))
               ORDER BY a.attnum",
-            &[&table.quoted()],
+            &[&table.quoted(), &publication],
         )
         .await?;
     let blue_types: Vec<String> = rows.iter().map(|r| r.get(1)).collect();

@@ -191,3 +191,37 @@ async fn a_copy_killed_half_way_is_finished_from_a_new_snapshot() {
     assert_same(&pair, &["items", "events"]).await;
     assert_eq!(count(&green, "events").await, 50_001, "no duplicate rows");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_copy_honours_publication_row_filters_and_column_lists() {
+    init_logging();
+    let pair = Pair::start("");
+    pair.blue
+        .psql(
+            DB,
+            "CREATE TABLE t (id bigint PRIMARY KEY, a text, secret text);
+             INSERT INTO t SELECT g, 'a' || g, 'do not copy' FROM generate_series(1, 20) g;
+             CREATE PUBLICATION test_pub FOR TABLE t (id, a) WHERE (id > 10);",
+        )
+        .unwrap();
+    pair.green
+        .psql(DB, "CREATE TABLE t (id bigint PRIMARY KEY, a text)")
+        .unwrap();
+    let handle = start_streaming(pair.config()).await;
+    let blue = pair.blue().await;
+    blue.batch_execute(
+        "INSERT INTO t SELECT g, 'a' || g, 'no' FROM generate_series(21, 25) g;
+         INSERT INTO t VALUES (0, 'filtered out', 'no');",
+    )
+    .await
+    .unwrap();
+    handle.drain().await.expect("drain");
+    handle.wait().await.expect("pipeline ends");
+    let green = pair.green().await;
+    blue.batch_execute("CREATE VIEW f AS SELECT id, a FROM t WHERE id > 10")
+        .await
+        .unwrap();
+    let want = rows(&blue, "f").await;
+    assert_eq!(rows(&green, "t").await, want);
+    assert_eq!(want.len(), 15);
+}

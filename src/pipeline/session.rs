@@ -68,16 +68,26 @@ pub async fn run(
     if !applier.replica_role {
         check_foreign_keys(&applier, &state.tables).await?;
     }
-    let prepared = crate::snapshot::prepare(
-        config,
-        &blue,
-        applier.client(),
-        &state.maps,
-        state.slot_confirmed,
-        snapshot_truncate,
-        shared,
-    )
-    .await?;
+    let mut stop_copy = stop.clone();
+    let prepared = tokio::select! {
+        biased;
+        // A stop during the initial copy ends the session at once rather than after the copy:
+        // the copy is left interrupted, and the next run copies the unfinished tables again
+        // from a new snapshot (see `snapshot`).
+        _ = stop_copy.wait_for(|stop| *stop) => {
+            info!("stopping during the initial copy; the next run finishes it from a new snapshot");
+            return Ok(());
+        }
+        prepared = crate::snapshot::prepare(
+            config,
+            &blue,
+            applier.client(),
+            &state.maps,
+            state.slot_confirmed,
+            snapshot_truncate,
+            shared,
+        ) => prepared?,
+    };
     let green_lsn = progress.map(|p| p.end_lsn).unwrap_or(0);
     let start = prepared.slot_confirmed.max(green_lsn);
     info!(
