@@ -62,7 +62,8 @@ fn run_drain(
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.toml");
     let mut text = format!(
-        "[blue]\ndsn = \"{blue_dsn}\"\nslot = \"shadowsync\"\npublication = \"{publication}\"\n[green]\ndsn = \"{green_dsn}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n"
+        "[blue]\ndsn = \"{blue_dsn}\"\nslot = \"shadowsync_{}\"\npublication = \"{publication}\"\n[green]\ndsn = \"{green_dsn}\"\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+        if rules.is_some() { "rules" } else { "identity" }
     );
     if let Some(r) = rules {
         text.push_str(&format!("[transforms]\nfiles = [\"{}\"]\n", r.display()));
@@ -90,11 +91,12 @@ pub async fn run(rows: i64, novacron_rows_per_table: i64, binary: &Path) -> Copy
     }
     blue.psql(DB, W1_SCHEMA).unwrap();
     blue.psql(DB, &preload_sql(rows)).unwrap();
-    blue.psql(
-        DB,
-        "CREATE PUBLICATION bench_pub FOR TABLE w1; VACUUM ANALYZE w1; CHECKPOINT",
-    )
-    .unwrap();
+    blue.psql(DB, "CREATE PUBLICATION bench_pub FOR TABLE w1")
+        .unwrap();
+    // Outside a transaction block (psql here runs its input as one transaction).
+    let c = connect(&blue.dsn(DB)).await;
+    c.batch_execute("VACUUM ANALYZE w1").await.unwrap();
+    c.batch_execute("CHECKPOINT").await.unwrap();
     for db in ["native", DB] {
         green.psql(db, W1_SCHEMA).unwrap();
     }
@@ -104,7 +106,9 @@ pub async fn run(rows: i64, novacron_rows_per_table: i64, binary: &Path) -> Copy
         &shadowsync::demo::preload_sql(novacron_rows_per_table),
     )
     .unwrap();
-    blue.psql("nova", "VACUUM ANALYZE; CHECKPOINT").unwrap();
+    let c = connect(&blue.dsn("nova")).await;
+    c.batch_execute("VACUUM ANALYZE").await.unwrap();
+    c.batch_execute("CHECKPOINT").await.unwrap();
     green.psql("nova", shadowsync::demo::GREEN_SCHEMA).unwrap();
 
     // 1. Native initial sync.

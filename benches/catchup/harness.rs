@@ -387,7 +387,8 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
     let (ceiling, _, _, ok) = run_watched(cmd);
     assert!(ok, "pg_recvlogical failed");
 
-    // 2. Native logical replication.
+    // 2. Native logical replication (from a checkpointed green, as the shadowsync runs below).
+    green.psql("native", "CHECKPOINT").unwrap();
     let t = Instant::now();
     green
         .psql("native", "ALTER SUBSCRIPTION native ENABLE")
@@ -401,7 +402,10 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
         .unwrap();
 
     // 3. shadowsync, then 4. shadowsync without conflict detection (its own slot and database).
+    // Each run starts from a checkpointed green, so that neither pays for the other's dirty pages.
+    green.psql(DB, "CHECKPOINT").unwrap();
     let (ours, rss, cpu) = run_shadowsync(binary, workload, &blue, &green, publication, DB, true);
+    green.psql(DB, "CHECKPOINT").unwrap();
     let (blind, _, _) = run_shadowsync(binary, workload, &blue, &green, publication, BLIND, false);
 
     verify(workload, &blue, &green).await;

@@ -21,6 +21,9 @@ use crate::config::Config;
 use crate::metrics::Shared;
 use crate::transform::{TableMap, quote_ident};
 
+/// Bytes of COPY data handed to green at once (memory per worker: about twice this).
+const RELAY_BYTES: usize = 256 * 1024;
+
 /// One unit of copying: a page range of one table (`hi = None`: to the end).
 #[derive(Debug, Clone)]
 struct Job {
@@ -46,6 +49,9 @@ struct Table {
     row_filter: Option<String>,
     /// Whether blue's text goes straight into the target (identity, same types).
     direct: bool,
+    /// Whether the direct copy may use the binary format (every type built in, so that both
+    /// sides agree on its binary form; user types carry OIDs that differ between servers).
+    binary: bool,
     ranges: i32,
 }
 
@@ -172,10 +178,16 @@ pub(crate) async fn run(
             });
         }
         let direct = is_direct(map);
+        let binary = direct
+            && map
+                .source_columns
+                .iter()
+                .all(|c| BINARY_SAFE.contains(&c.blue_type.as_str()));
         tables.push(Table {
             map: map.clone(),
             row_filter,
             direct,
+            binary,
             ranges: ranges as i32,
         });
         workers[0]
@@ -293,6 +305,29 @@ fn levels(maps: &[Arc<TableMap>]) -> Vec<usize> {
 
 /// Identity mapping whose every column has the same type on both sides: blue's COPY text is
 /// green's COPY input, no staging needed.
+/// Built-in types whose binary COPY form is the same on any two PostgreSQL servers of one
+/// major version line (no OIDs inside, unlike arrays or composites of user types).
+const BINARY_SAFE: [&str; 18] = [
+    "smallint",
+    "integer",
+    "bigint",
+    "boolean",
+    "text",
+    "character varying",
+    "character",
+    "numeric",
+    "real",
+    "double precision",
+    "timestamp with time zone",
+    "timestamp without time zone",
+    "date",
+    "time without time zone",
+    "uuid",
+    "jsonb",
+    "json",
+    "bytea",
+];
+
 fn is_direct(map: &TableMap) -> bool {
     map.origin.is_none()
         && map.filter.is_none()
@@ -326,8 +361,9 @@ async fn copy_range(
     if let Some(f) = &t.row_filter {
         conds.push(format!("({f})"));
     }
+    let format = if t.binary { " (FORMAT binary)" } else { "" };
     let select = format!(
-        "COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT",
+        "COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT{format}",
         cols.join(", "),
         map.source.quoted(),
         conds.join(" AND ")
@@ -340,7 +376,7 @@ async fn copy_range(
         .map_err(green_err("starting a copy transaction"))?;
     let copy_in = if t.direct {
         format!(
-            "COPY {} ({}) FROM STDIN",
+            "COPY {} ({}) FROM STDIN{format}",
             map.target.quoted(),
             cols.join(", ")
         )
@@ -368,11 +404,25 @@ async fn copy_range(
         .map_err(green_err(format!("writing {}", map.label)))?;
     futures_util::pin_mut!(out);
     futures_util::pin_mut!(sink);
+    // Text COPY sends one row per message; rows are passed on in blocks of RELAY_BYTES, so
+    // that the hand-over to green costs once per block, not per row.
+    let mut block = bytes::BytesMut::with_capacity(RELAY_BYTES + 4096);
+    let mut block_rows = 0u64;
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(blue_err(format!("reading {source}")))?;
-        // Text COPY sends one row per message.
-        progress.add(job.table, 1, chunk.len() as u64);
-        sink.send(chunk)
+        block.extend_from_slice(&chunk);
+        block_rows += 1;
+        if block.len() >= RELAY_BYTES {
+            progress.add(job.table, block_rows, block.len() as u64);
+            block_rows = 0;
+            sink.send(block.split().freeze())
+                .await
+                .map_err(green_err(format!("writing {}", map.label)))?;
+        }
+    }
+    if !block.is_empty() {
+        progress.add(job.table, block_rows, block.len() as u64);
+        sink.send(block.split().freeze())
             .await
             .map_err(green_err(format!("writing {}", map.label)))?;
     }
