@@ -78,6 +78,8 @@ fn map() -> Arc<TableMap> {
         reads: vec![],
         origin: None,
         conflicts: shadowsync::transform::ConflictPolicy::Off,
+        keyed_lookups: vec![],
+        plain_key: None,
     })
 }
 

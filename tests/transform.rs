@@ -28,6 +28,53 @@ async fn novacron_rules_give_what_the_plan_sql_gives() {
     assert_matches_plan(&pair).await;
 }
 
+/// Lookups are evaluated as of the reader's change: a VM created while its owner was in one
+/// tenant keeps that tenant when the owner moves later in the same batch, while VMs of other
+/// users (keys no pending VM looked up) coalesce freely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_looked_up_row_changing_later_in_the_batch_does_not_reach_earlier_readers() {
+    init_logging();
+    let (pair, config) = novacron();
+    let handle = start_streaming(config.clone()).await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    // Written while shadowsync is stopped: one backlog, applied in one batch.
+    let blue = pair.blue().await;
+    blue.batch_execute(
+        "INSERT INTO users (id, email, name) VALUES (1, 'a@acme.example', 'a'), (2, 'b@acme.example', 'b');
+         INSERT INTO hypervisors (id, hostname) VALUES (1, 'hv1');
+         INSERT INTO virtual_machines (id, name, owner_id, hypervisor_id) VALUES (10, 'vm10', 1, 1);
+         UPDATE users SET email = 'a@globex.example' WHERE id = 1;
+         INSERT INTO users (id, email, name) VALUES (3, 'c@globex.example', 'c');
+         INSERT INTO virtual_machines (id, name, owner_id, hypervisor_id) VALUES (11, 'vm11', 3, 1);
+         INSERT INTO virtual_machines (id, name, owner_id, hypervisor_id) VALUES (12, 'vm12', 1, 1);",
+    )
+    .await
+    .unwrap();
+    let handle = start_streaming(config).await;
+    handle.drain().await.unwrap();
+    handle.wait().await.unwrap();
+    let green = pair.green().await;
+    let tenants: Vec<(i64, String)> = green
+        .query(
+            "SELECT v.id, t.slug FROM vms v JOIN tenants t ON t.id = v.tenant_id ORDER BY v.id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        tenants,
+        vec![
+            (10, "acme.example".to_string()),
+            (11, "globex.example".to_string()),
+            (12, "globex.example".to_string()),
+        ]
+    );
+}
+
 /// A row moving into green through the filter, whose TOASTed column the update left unchanged,
 /// is written whole; a target column mixing changed and unchanged inputs is recomputed; a
 /// column computed only from unchanged values keeps green's value.

@@ -12,8 +12,8 @@
 //! - Memory is counted as it arrives (`rows`, `bytes`), so the caller can flush before limits
 //!   are passed, whatever the size of a blue transaction.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -159,6 +159,10 @@ pub struct Batch {
     readers: Vec<Arc<TableMap>>,
     /// Commit LSN and time of the blue transaction being received.
     txn: (u64, i64),
+    /// Current segment: values of the source columns that pending readers' keyed lookups
+    /// compare with another table's key, per (reader label, source column); `None` once a
+    /// value was unknown (unchanged TOAST).
+    lookup_values: HashMap<(String, usize), Option<HashSet<Bytes>>>,
     /// Row changes received since the last `take` (not after coalescing: a memory bound).
     pub rows: usize,
     /// Column payload bytes received since the last `take`.
@@ -187,6 +191,7 @@ impl Batch {
     /// change of a read table precedes every change of its readers.
     pub fn take(&mut self) -> Vec<TableOps> {
         self.by_target.clear();
+        self.lookup_values.clear();
         self.rows = 0;
         self.bytes = 0;
         self.free_by_target.clear();
@@ -202,13 +207,60 @@ impl Batch {
         ordered.into_iter().rev().flatten().collect()
     }
 
-    /// Whether a pending change of the current segment belongs to a table whose rules read the
-    /// target `label`: such changes must be written before a change to `label`.
-    pub fn has_pending_reader(&self, label: &str) -> bool {
+    /// Whether a change of `changed`'s table with these keys (blue's text of its `plain_key`
+    /// column; `None` when unknown) may alter what a pending reader of the current segment
+    /// looks up: then the change must start a new segment, written after those readers.
+    /// A reader whose lookups of the table are keyed (see `TableMap::keyed_lookups`) is only
+    /// affected when it looked up one of these keys.
+    pub fn affects_pending_reader(&self, changed: &TableMap, keys: &[Option<&[u8]>]) -> bool {
         let start = self.segments.last().copied().unwrap_or(0);
+        let label = &changed.label;
         self.tables[start..]
             .iter()
-            .any(|t| !t.is_empty() && t.map.label != label && t.map.reads_table(label))
+            .filter(|t| !t.is_empty() && &t.map.label != label && t.map.reads_table(label))
+            .any(|t| {
+                let Some(lookups) = t.map.keyed_lookups_of(label) else {
+                    return true;
+                };
+                let Some(pk) = changed.plain_key else {
+                    return true;
+                };
+                let key_type = &changed.source_columns[pk].blue_type;
+                lookups.iter().any(|l| {
+                    if l.key != changed.columns[changed.key[0]].name
+                        || &t.map.source_columns[l.column].blue_type != key_type
+                        || !TEXT_EQUALITY.contains(&key_type.as_str())
+                    {
+                        return true;
+                    }
+                    match self.lookup_values.get(&(t.map.label.clone(), l.column)) {
+                        Some(Some(values)) => {
+                            keys.iter().any(|k| k.is_none_or(|k| values.contains(k)))
+                        }
+                        Some(None) => true,
+                        None => false,
+                    }
+                })
+            })
+    }
+
+    /// Records the values a reader's keyed lookups compare (see [`Self::affects_pending_reader`]).
+    fn note_lookups(&mut self, map: &TableMap, t: &Tuple) {
+        for l in &map.keyed_lookups {
+            let entry = self
+                .lookup_values
+                .entry((map.label.clone(), l.column))
+                .or_insert_with(|| Some(HashSet::new()));
+            match (&t.0[l.column], entry.as_mut()) {
+                (Datum::Text(b) | Datum::Binary(b), Some(set)) => {
+                    set.insert(b.clone());
+                }
+                // A NULL equals no key.
+                (Datum::Null, _) => {}
+                (Datum::UnchangedToast, _) => *entry = None,
+                (_, None) => {}
+            }
+        }
     }
 
     /// Later changes go into a new segment, written after everything pending (in the same
@@ -218,6 +270,7 @@ impl Batch {
             self.segments.push(self.tables.len());
         }
         self.by_target.clear();
+        self.lookup_values.clear();
     }
 
     fn table(&mut self, map: &Arc<TableMap>) -> &mut TableOps {
@@ -259,6 +312,9 @@ impl Batch {
     pub fn insert(&mut self, map: &Arc<TableMap>, new: Tuple, lsn: u64) -> Result<(), BatchError> {
         check_arity(map, &new, lsn)?;
         self.account(&new);
+        if !map.keyed_lookups.is_empty() {
+            self.note_lookups(map, &new);
+        }
         let txn = self.txn;
         let ops = self.table(map);
         ops.counts[OP_INSERT] += 1;
@@ -305,6 +361,9 @@ impl Batch {
     ) -> Result<Option<RowMove>, BatchError> {
         check_arity(map, &new, lsn)?;
         self.account(&new);
+        if !map.keyed_lookups.is_empty() {
+            self.note_lookups(map, &new);
+        }
         let (old_key_tuple, old_full) = match old {
             Some(OldTuple::Full(t)) => {
                 check_arity(map, &t, lsn)?;
@@ -469,6 +528,17 @@ fn put_first(
     put(ops, key, op, lsn, txn, existed);
 }
 
+/// Key types whose text form is canonical (equal values print alike), so that keys can be
+/// compared as blue printed them.
+const TEXT_EQUALITY: [&str; 6] = [
+    "smallint",
+    "integer",
+    "bigint",
+    "uuid",
+    "text",
+    "character varying",
+];
+
 /// A segment's tables, each after the tables of the segment it reads (first-touch order
 /// otherwise; a cycle of lookups falls back to first-touch order).
 fn order_segment(mut pending: Vec<TableOps>) -> Vec<TableOps> {
@@ -579,6 +649,8 @@ mod tests {
             reads: vec![],
             origin: None,
             conflicts: crate::transform::ConflictPolicy::Off,
+            keyed_lookups: vec![],
+            plain_key: None,
         })
     }
 
@@ -833,7 +905,10 @@ mod tests {
             .unwrap();
         b.insert(&vms, t(&[Some("1"), Some("vm"), None]), 2)
             .unwrap();
-        assert!(b.has_pending_reader("public.t"), "vms reads public.t");
+        assert!(
+            b.affects_pending_reader(&users, &[Some(b"9")]),
+            "vms reads public.t (not keyed)"
+        );
         b.start_segment();
         b.insert(&users, t(&[Some("9"), Some("u"), None]), 3)
             .unwrap();
@@ -842,7 +917,7 @@ mod tests {
         b.insert(&free, t(&[Some("2"), Some("f"), None]), 5)
             .unwrap();
         assert!(
-            b.has_pending_reader("public.t"),
+            b.affects_pending_reader(&users, &[Some(b"9")]),
             "a later users change would need yet another segment"
         );
         let taken = b.take();
@@ -854,6 +929,50 @@ mod tests {
             ["public.free", "public.vms", "public.t", "public.vms"]
         );
         assert_eq!(taken[0].ops.len(), 2);
+    }
+
+    #[test]
+    fn keyed_lookups_split_only_for_keys_a_pending_reader_looked_up() {
+        let mut users = (*map(true)).clone();
+        users.plain_key = Some(0);
+        let users = Arc::new(users);
+        let mut vms = (*map(true)).clone();
+        vms.label = "public.vms".into();
+        vms.reads = vec![vec!["t".into()]];
+        vms.keyed_lookups = vec![crate::transform::KeyedLookup {
+            relation: vec!["t".into()],
+            key: "id".into(),
+            column: 1,
+        }];
+        let vms = Arc::new(vms);
+        let mut b = Batch::default();
+        b.set_readers(vec![vms.clone()]);
+        b.insert(&vms, t(&[Some("1"), Some("5"), None]), 1).unwrap();
+        assert!(
+            !b.affects_pending_reader(&users, &[Some(b"9")]),
+            "a new user 9"
+        );
+        assert!(
+            b.affects_pending_reader(&users, &[Some(b"5")]),
+            "user 5 was looked up"
+        );
+        assert!(b.affects_pending_reader(&users, &[None]), "an unknown key");
+        b.update(&vms, None, t(&[Some("1"), Some("<u>"), None]), 2)
+            .unwrap();
+        assert!(
+            b.affects_pending_reader(&users, &[Some(b"9")]),
+            "a looked-up value is unknown"
+        );
+        b.start_segment();
+        assert!(
+            !b.affects_pending_reader(&users, &[Some(b"5")]),
+            "a new segment"
+        );
+        // A key that is not copied verbatim cannot be compared.
+        let mut computed = (*users).clone();
+        computed.plain_key = None;
+        b.insert(&vms, t(&[Some("2"), Some("7"), None]), 3).unwrap();
+        assert!(b.affects_pending_reader(&computed, &[Some(b"9")]));
     }
 
     #[test]

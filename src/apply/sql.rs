@@ -331,6 +331,8 @@ mod tests {
             reads: vec![],
             origin: None,
             conflicts: crate::transform::ConflictPolicy::Off,
+            keyed_lookups: vec![],
+            plain_key: None,
         }
     }
 

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::batch::{Batch, OP_NAMES};
 use super::{Applier, ApplyError};
-use crate::decode::{Begin, Commit, Message, Relation};
+use crate::decode::{Begin, Commit, Message, OldTuple, Relation};
 use crate::metrics::Shared;
 use crate::source::SourceEvent;
 use crate::transform::rules::RuleSet;
@@ -181,13 +181,16 @@ impl ApplyStage {
             | Message::Delete { relation, .. }
                 if self.in_copy(relation) => {}
             Message::Insert { relation, new } if !self.skipping => {
-                if let Some(map) = self.map_for_change(relation, lsn)? {
+                if let Some(map) = self.map_for_change(relation, lsn, &[Some(&new)])? {
                     self.batch.insert(&map, new, lsn)?;
                     self.after_change(lsn).await?;
                 }
             }
             Message::Update { relation, old, new } if !self.skipping => {
-                if let Some(map) = self.map_for_change(relation, lsn)? {
+                let old_image = old.as_ref().map(|o| match o {
+                    OldTuple::Key(t) | OldTuple::Full(t) => t,
+                });
+                if let Some(map) = self.map_for_change(relation, lsn, &[old_image, Some(&new)])? {
                     if let Some(mv) = self.batch.update(&map, old, new, lsn)? {
                         self.flush(lsn).await?;
                         self.applier.move_row(&mv).await?;
@@ -196,7 +199,10 @@ impl ApplyStage {
                 }
             }
             Message::Delete { relation, old } if !self.skipping => {
-                if let Some(map) = self.map_for_change(relation, lsn)? {
+                let old_image = match &old {
+                    OldTuple::Key(t) | OldTuple::Full(t) => t,
+                };
+                if let Some(map) = self.map_for_change(relation, lsn, &[Some(old_image)])? {
                     self.batch.delete(&map, old, lsn)?;
                     self.after_change(lsn).await?;
                 }
@@ -358,15 +364,34 @@ impl ApplyStage {
             })
     }
 
-    /// The mapping for a row change. Pending changes of tables whose rules read this one
-    /// precede it in blue's order, so they must not see it: the change opens a new segment of
-    /// the batch, written after them.
-    fn map_for_change(&mut self, oid: u32, lsn: u64) -> Result<Option<Arc<TableMap>>, ApplyError> {
+    /// The mapping for a row change of `tuples` (its old and new images). Pending changes of
+    /// tables whose rules read this one precede it in blue's order, so they must not see it:
+    /// the change opens a new segment of the batch, written after them, unless no pending
+    /// reader looked up its key.
+    fn map_for_change(
+        &mut self,
+        oid: u32,
+        lsn: u64,
+        tuples: &[Option<&crate::decode::Tuple>],
+    ) -> Result<Option<Arc<TableMap>>, ApplyError> {
         let map = self.map(oid, lsn)?;
-        if let Some(m) = &map
-            && self.batch.has_pending_reader(&m.label)
-        {
-            self.batch.start_segment();
+        if let Some(m) = &map {
+            let keys: Vec<Option<&[u8]>> = tuples
+                .iter()
+                .flatten()
+                .map(
+                    |t| match (m.plain_key, m.plain_key.and_then(|k| t.0.get(k))) {
+                        (
+                            Some(_),
+                            Some(crate::decode::Datum::Text(b) | crate::decode::Datum::Binary(b)),
+                        ) => Some(b.as_ref()),
+                        _ => None,
+                    },
+                )
+                .collect();
+            if self.batch.affects_pending_reader(m, &keys) {
+                self.batch.start_segment();
+            }
         }
         Ok(map)
     }

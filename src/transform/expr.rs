@@ -242,9 +242,188 @@ pub fn relations(expr: &str) -> Vec<Vec<String>> {
     scan(expr).1.into_iter().map(|c| c.0).collect()
 }
 
+/// A token of an expression: an identifier chain or one punctuation byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    Chain(Chain),
+    Symbol(u8),
+}
+
+/// The expression's tokens, skipping literals, quoted text and comments as [`scan`] does.
+fn tokens(expr: &str) -> Vec<Token> {
+    let b = expr.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'\'' => {
+                i = skip_quoted(b, i, b'\'');
+                out.push(Token::Symbol(b'\''));
+            }
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                    i += 1;
+                }
+                i += 2;
+            }
+            b'$' => {
+                i = skip_dollar(b, i);
+                out.push(Token::Symbol(b'$'));
+            }
+            b'"' => {
+                let (chain, next) = read_chain(expr, i);
+                i = next;
+                out.push(Token::Chain(chain));
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                if matches!(c, b'E' | b'e' | b'B' | b'b' | b'X' | b'x' | b'U' | b'u')
+                    && b.get(i + 1) == Some(&b'\'')
+                {
+                    i = skip_quoted(b, i + 1, b'\'');
+                    out.push(Token::Symbol(b'\''));
+                    continue;
+                }
+                let (chain, next) = read_chain(expr, i);
+                i = next;
+                out.push(Token::Chain(chain));
+            }
+            c if c.is_ascii_digit() => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
+                    i += 1;
+                }
+                out.push(Token::Symbol(b'0'));
+            }
+            c if c.is_ascii_whitespace() => i += 1,
+            c => {
+                out.push(Token::Symbol(c));
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn word(t: Option<&Token>) -> Option<&str> {
+    match t {
+        Some(Token::Chain(c)) if c.0.len() == 1 => Some(c.0[0].as_str()),
+        _ => None,
+    }
+}
+
+/// Words that end a FROM item instead of naming its alias.
+const NOT_ALIAS: [&str; 14] = [
+    "where", "join", "inner", "left", "right", "full", "cross", "natural", "on", "using", "group",
+    "order", "limit", "union",
+];
+
+/// A lookup of `relation` that reads only the rows whose column `key` equals the source row's
+/// column: `... FROM relation [AS] alias WHERE alias.key = src.column [AND ...]`, the relation
+/// read nowhere else in the expression, and no `OR` anywhere. Returns (`key`, index of
+/// `column` in `names`); `None` when the expression does not have exactly that shape (then any
+/// change of the relation may matter to it).
+pub fn keyed_lookup(expr: &str, relation: &[String], names: &[String]) -> Option<(String, usize)> {
+    if relations(expr)
+        .iter()
+        .filter(|r| r.as_slice() == relation)
+        .count()
+        != 1
+    {
+        return None;
+    }
+    let t = tokens(expr);
+    if t.iter().any(|x| word(Some(x)) == Some("or")) {
+        return None;
+    }
+    // The FROM item naming the relation.
+    let at = t.iter().enumerate().position(|(i, x)| {
+        matches!(x, Token::Chain(c) if c.0.as_slice() == relation)
+            && matches!(
+                word(i.checked_sub(1).and_then(|j| t.get(j))),
+                Some("from" | "only")
+            )
+    })?;
+    let mut i = at + 1;
+    if word(t.get(i)) == Some("as") {
+        i += 1;
+    }
+    let alias = match word(t.get(i)) {
+        Some(w) if !NOT_ALIAS.contains(&w) => {
+            i += 1;
+            w.to_string()
+        }
+        _ => relation.last()?.clone(),
+    };
+    if word(t.get(i)) != Some("where") {
+        return None;
+    }
+    let side = |x: Option<&Token>| match x {
+        Some(Token::Chain(c)) if c.0.len() == 2 => Some((c.0[0].clone(), c.0[1].clone())),
+        _ => None,
+    };
+    let (l, r) = (side(t.get(i + 1))?, side(t.get(i + 3))?);
+    if t.get(i + 2) != Some(&Token::Symbol(b'=')) {
+        return None;
+    }
+    // The comparison must end there: a closing parenthesis, AND, or the end of the query.
+    let ends = match t.get(i + 4) {
+        None | Some(Token::Symbol(b')')) => true,
+        Some(x) => matches!(word(Some(x)), Some("and" | "order" | "limit" | "group")),
+    };
+    if !ends {
+        return None;
+    }
+    let (key, source) = if l.0 == alias && r.0 == "src" {
+        (l.1, r.1)
+    } else if r.0 == alias && l.0 == "src" {
+        (r.1, l.1)
+    } else {
+        return None;
+    };
+    let column = names.iter().position(|n| *n == source)?;
+    Some((key, column))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyed_lookups_are_recognised_only_in_their_exact_shape() {
+        let cols = names(&["id", "owner_id", "email"]);
+        let users = vec!["users".to_string()];
+        let ok = |e: &str| keyed_lookup(e, &users, &cols);
+        assert_eq!(
+            ok("COALESCE((SELECT u.tenant_id FROM users u WHERE u.id = src.owner_id), 'x'::uuid)"),
+            Some(("id".into(), 1))
+        );
+        assert_eq!(
+            ok("(SELECT tenant_id FROM users AS u WHERE src.owner_id = u.id AND u.active LIMIT 1)"),
+            Some(("id".into(), 1))
+        );
+        assert_eq!(
+            ok("(SELECT tenant_id FROM users WHERE users.id = src.owner_id)"),
+            Some(("id".into(), 1))
+        );
+        for bad in [
+            "(SELECT u.t FROM users u WHERE u.id = src.owner_id OR u.admin)",
+            "(SELECT u.t FROM users u WHERE u.id = src.owner_id + 1)",
+            "(SELECT u.t FROM users u WHERE u.id <= src.owner_id)",
+            "(SELECT u.t FROM users u JOIN x ON true WHERE u.id = src.owner_id)",
+            "(SELECT u.t FROM users u WHERE u.email = lower(src.email))",
+            "(SELECT max(u.t) FROM users u) + (SELECT u.t FROM users u WHERE u.id = src.owner_id)",
+            "(SELECT u.t FROM users u WHERE NOT u.id = src.owner_id)",
+            "(SELECT u.t FROM users u WHERE u.id = src.nope)",
+        ] {
+            assert_eq!(ok(bad), None, "{bad}");
+        }
+    }
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()

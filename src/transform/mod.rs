@@ -23,6 +23,16 @@ use catalog::GreenTable;
 pub use lww::{ConflictPolicy, Lww};
 use rules::{Origin, Rule};
 
+/// Whether a relation chain as written in SQL (`name` or `schema.name`) names `label`.
+fn chain_names(chain: &[String], label: &str) -> bool {
+    let (schema, name) = label.split_once('.').unwrap_or(("public", label));
+    match chain {
+        [n] => n == name,
+        [s, n] => s == schema && n == name,
+        _ => false,
+    }
+}
+
 /// `schema.table`, unquoted.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QualifiedName {
@@ -106,6 +116,21 @@ pub struct TableMap {
     pub origin: Option<Origin>,
     /// Conflict detection and last-writer-wins for this table.
     pub conflicts: ConflictPolicy,
+    /// Lookups that read only the rows of another table whose key equals a source column (see
+    /// [`expr::keyed_lookup`]); a relation in `reads` without an entry here may be read whole.
+    pub keyed_lookups: Vec<KeyedLookup>,
+    /// The source column copied verbatim into the single key column, if the key is that simple
+    /// (a change's key is then blue's text of that column).
+    pub plain_key: Option<usize>,
+}
+
+/// One keyed lookup of a mapping: `relation` rows whose column `key` equals source column
+/// `column`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedLookup {
+    pub relation: Vec<String>,
+    pub key: String,
+    pub column: usize,
 }
 
 /// A rule's row filter.
@@ -125,12 +150,25 @@ impl TableMap {
 
     /// Whether this mapping's expressions read the target table `label` (`schema.table`).
     pub fn reads_table(&self, label: &str) -> bool {
-        let (schema, name) = label.split_once('.').unwrap_or(("public", label));
-        self.reads.iter().any(|chain| match chain.as_slice() {
-            [n] => n == name,
-            [s, n] => s == schema && n == name,
-            _ => false,
-        })
+        self.reads.iter().any(|chain| chain_names(chain, label))
+    }
+
+    /// The keyed lookups of table `label`, or `None` when some expression may read it whole.
+    pub fn keyed_lookups_of(&self, label: &str) -> Option<Vec<&KeyedLookup>> {
+        let unkeyed = self
+            .reads
+            .iter()
+            .filter(|c| chain_names(c, label))
+            .any(|c| !self.keyed_lookups.iter().any(|k| &k.relation == c));
+        if unkeyed {
+            return None;
+        }
+        Some(
+            self.keyed_lookups
+                .iter()
+                .filter(|k| chain_names(&k.relation, label))
+                .collect(),
+        )
     }
 
     pub fn is_keyed(&self) -> bool {
@@ -421,6 +459,45 @@ pub fn build(
     reads.sort();
     reads.dedup();
     let conflicts = lww::policy(conflicts, rule, green, &columns)?;
+    // A relation is keyed only if every expression that reads it reads it keyed.
+    let exprs: Vec<&str> = columns
+        .iter()
+        .map(|c| c.expr.as_str())
+        .chain(filter.iter().map(|f| f.expr.as_str()))
+        .collect();
+    let mut keyed_lookups = Vec::new();
+    for relation in &reads {
+        let mut found = Vec::new();
+        let mut all_keyed = true;
+        for e in exprs
+            .iter()
+            .filter(|e| expr::relations(e).iter().any(|r| r == relation))
+        {
+            match expr::keyed_lookup(e, relation, &names) {
+                Some((key, column)) => found.push(KeyedLookup {
+                    relation: relation.clone(),
+                    key,
+                    column,
+                }),
+                None => all_keyed = false,
+            }
+        }
+        if all_keyed {
+            keyed_lookups.extend(found);
+        }
+    }
+    let plain_key = match key.as_slice() {
+        [k] if columns[*k].inputs.len() == 1
+            && columns[*k].expr
+                == format!(
+                    "src.{}",
+                    quote_ident(&source.columns[columns[*k].inputs[0]].name)
+                ) =>
+        {
+            Some(columns[*k].inputs[0])
+        }
+        _ => None,
+    };
     Ok(Some(Arc::new(TableMap {
         label: target.to_string(),
         source: source.name.clone(),
@@ -434,5 +511,7 @@ pub fn build(
         reads,
         origin: rule.map(|r| r.origin.clone()),
         conflicts,
+        keyed_lookups,
+        plain_key,
     })))
 }
