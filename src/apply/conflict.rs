@@ -146,6 +146,22 @@ fn key_match(map: &TableMap, left: &str, right: &str) -> String {
         .join(" AND ")
 }
 
+/// `left.k = CAST(right.k AS <column type>)`: `right` holds written values (cast without the
+/// type modifier), `left` stored ones.
+fn key_match_stored(map: &TableMap, left: &str, right: &str) -> String {
+    map.key
+        .iter()
+        .map(|&k| {
+            let n = quote_ident(&map.columns[k].name);
+            format!(
+                "{left}.{n} = CAST({right}.{n} AS {})",
+                map.columns[k].sql_type
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
 fn returning_key(map: &TableMap) -> String {
     key_names(map)
         .iter()
@@ -280,7 +296,8 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
     // The rows written, the batch's keys with what each expected (read again, keys only), and
     // the full incoming rows only when some key disagreed.
     let rows = incoming(map, cols, &written, &write_meta);
-    let keys = incoming_keys(map, cols, Cast::Write);
+    // Keys as stored (the exact type, modifier included), to match what `w` returns.
+    let keys = incoming_keys(map, cols, Cast::Match);
     // Uncorrelated, so green evaluates it once: a conflict-free batch never reads these.
     let s = incoming_if(
         map,
@@ -309,7 +326,8 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
     );
     // With a filter, an update finding no row is a row moving in, not a conflict.
     let moved_in = if map.filter.is_some() {
-        format!(" AND NOT (c.{INSERTED} AND c.\"~existed\")")
+        // coalesce: a kept row has no `~inserted` and must stay recorded.
+        format!(" AND NOT coalesce(c.{INSERTED} AND c.\"~existed\", false)")
     } else {
         String::new()
     };
@@ -344,9 +362,9 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
             ),
             &format!(
                 "c JOIN ({s}) AS s ON {} LEFT JOIN {} AS e ON {}",
-                key_match(map, "c", "s"),
+                key_match_stored(map, "c", "s"),
                 map.target.quoted(),
-                key_match(map, "s", "e")
+                key_match_stored(map, "e", "s")
             ),
             &format!(
                 "WHERE NOT (c.{INSERTED} IS NOT NULL AND NOT c.\"~existed\" AND {same}){moved_in}"
@@ -430,10 +448,12 @@ pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
 /// changed after blue committed the delete: kept). Parameters start with the `row_key` columns.
 pub fn delete(map: &TableMap) -> String {
     let guard = match map.conflicts.lww() {
-        Some(Lww::Column(i)) => {
+        // A delete has only blue's commit time to compare, meaningful only against a time.
+        Some(Lww::Column(i)) if is_time(&map.columns[*i].base_type) => {
             let n = quote_ident(&map.columns[*i].name);
             format!(" AND (t.{n} > s.\"~commit_time\") IS NOT TRUE")
         }
+        Some(Lww::Column(_)) => String::new(),
         Some(Lww::CommitTime(c)) => {
             format!(
                 " AND (t.{} > s.\"~commit_time\") IS NOT TRUE",

@@ -143,6 +143,20 @@ pub(crate) async fn run(
 
     let slot = config.blue.slot.clone();
     let planner = &workers[0].blue;
+    // Binary COPY converts no character set: only between databases of one encoding.
+    let encoding = "SELECT current_setting('server_encoding')";
+    let blue_encoding: String = planner
+        .query_one(encoding, &[])
+        .await
+        .map_err(blue_err("reading the server encoding"))?
+        .get(0);
+    let green_encoding: String = workers[0]
+        .green
+        .query_one(encoding, &[])
+        .await
+        .map_err(green_err("reading the server encoding"))?
+        .get(0);
+    let same_encoding = blue_encoding == green_encoding;
     let mut tables = Vec::with_capacity(maps.len());
     let mut jobs_by_level: Vec<Vec<Job>> = Vec::new();
     let levels = levels(maps);
@@ -179,6 +193,7 @@ pub(crate) async fn run(
         }
         let direct = is_direct(map);
         let binary = direct
+            && same_encoding
             && map
                 .source_columns
                 .iter()
@@ -202,6 +217,9 @@ pub(crate) async fn run(
     let tables = Arc::new(tables);
     shared.set_snapshot_remaining(tables.len() as i64);
     let reporter = tokio::spawn(super::display::report(progress.clone()));
+    // Dropping this future (a stop during the copy) must stop the workers too: they would
+    // otherwise keep writing ranges of a copy the next session starts over.
+    let mut tasks = AbortOnDrop(vec![reporter.abort_handle()]);
     let done: Arc<Mutex<HashMap<usize, i32>>> = Arc::new(Mutex::new(HashMap::new()));
     let mut finished = Vec::new();
     let mut result = Ok(());
@@ -218,6 +236,7 @@ pub(crate) async fn run(
                 slot.clone(),
             );
             handles.push(tokio::spawn(async move {
+                // (a worker: copies ranges of this level until none is left)
                 let mut completed = Vec::new();
                 loop {
                     let job = queue.lock().expect("job queue").pop_front();
@@ -246,6 +265,7 @@ pub(crate) async fn run(
                 (w, Ok(()), completed)
             }));
         }
+        tasks.0.extend(handles.iter().map(|h| h.abort_handle()));
         for h in handles {
             match h.await {
                 Ok((w, r, completed)) => {
@@ -280,6 +300,17 @@ pub(crate) async fn run(
         .into_iter()
         .map(|i| (tables[i].map.source.to_string(), progress.rows(i)))
         .collect())
+}
+
+/// Aborts tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Copy order: a table comes after every table (among those copied) its rules read.

@@ -76,6 +76,10 @@ pub enum SnapshotError {
         "green tables {tables} are not empty, and the initial copy would add blue's rows to them; empty them, run with --snapshot-truncate to let shadowsync empty them, or set [snapshot] mode = \"never\" if green was backfilled by hand"
     )]
     NotEmpty { tables: String },
+    #[error(
+        "several source tables map to green table {target}; the initial copy cannot copy them again separately: copy that table by hand and set [snapshot] mode = \"never\""
+    )]
+    SharedTarget { target: String },
     #[error("the replication session exporting the snapshot: {0}")]
     Export(String),
     #[error("a copy worker stopped unexpectedly: {0}")]
@@ -91,7 +95,7 @@ impl SnapshotError {
                 failure.is_retryable()
             }
             SnapshotError::Export(_) | SnapshotError::Worker(_) => true,
-            SnapshotError::NotEmpty { .. } => false,
+            SnapshotError::NotEmpty { .. } | SnapshotError::SharedTarget { .. } => false,
         }
     }
 }
@@ -149,21 +153,25 @@ async fn read_state(
         )
         .await
         .map_err(green_err("reading shadowsync.copy_state"))?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|r| {
             let lsn: String = r.get(2);
-            (
+            let snapshot_lsn = parse_lsn(&lsn).ok_or_else(|| {
+                SnapshotError::Export(format!(
+                    "shadowsync.copy_state holds an unreadable snapshot LSN {lsn:?}"
+                ))
+            })?;
+            Ok((
                 r.get::<_, String>(0),
                 TableState {
                     done: r.get(1),
-                    snapshot_lsn: parse_lsn(&lsn).unwrap_or(0),
+                    snapshot_lsn,
                     ranges: r.get(3),
                     ranges_done: r.get(4),
                 },
-            )
+            ))
         })
-        .collect())
+        .collect()
 }
 
 /// Before streaming: creates the slot when missing and copies what must be copied (see the
@@ -224,7 +232,8 @@ pub async fn prepare(
     let mut interrupted_todo = Vec::new();
     for m in interrupted {
         let s = &state[&label(&m)];
-        if s.ranges_done.len() as i32 >= s.ranges {
+        // `ranges` is 0 until the copy planned them: nothing is known to be complete then.
+        if s.ranges > 0 && s.ranges_done.len() as i32 >= s.ranges {
             mark_done(green, slot, &label(&m)).await?;
             copied_at.insert(label(&m), s.snapshot_lsn);
         } else {
@@ -259,7 +268,41 @@ pub async fn prepare(
              tables already copied keep their rows, and changes to the re-copied tables are skipped up to the new snapshot's point"
         );
     }
-    let todo: Vec<Arc<TableMap>> = interrupted_todo.into_iter().chain(fresh).collect();
+    let mut todo: Vec<Arc<TableMap>> = interrupted_todo.into_iter().chain(fresh).collect();
+    // Tables linked by lookups must come from one snapshot: a reader copied from one and the
+    // table it reads from another would miss (or repeat) the lookups between the two. Tables
+    // shadowsync copied earlier that are linked to a table being copied are copied again with
+    // it (never a table it did not copy: that could be the operator's backfill).
+    loop {
+        let linked: Vec<Arc<TableMap>> = maps
+            .iter()
+            .filter(|m| !todo.iter().any(|t| t.source == m.source))
+            .filter(|m| copied_at.contains_key(&label(m)))
+            .filter(|m| {
+                todo.iter()
+                    .any(|t| m.reads_table(&t.label) || t.reads_table(&m.label))
+            })
+            .cloned()
+            .collect();
+        if linked.is_empty() {
+            break;
+        }
+        for m in linked {
+            if copied_at.remove(&label(&m)).is_some() {
+                warn!(table = %m.label, "copying again a table linked by lookups to one being copied, so that both come from one snapshot");
+            }
+            todo.push(m);
+        }
+    }
+    let mut targets_seen = std::collections::HashSet::new();
+    if let Some(m) = todo.iter().find(|m| !targets_seen.insert(m.label.clone())) {
+        return Err(SnapshotError::SharedTarget {
+            target: m.label.clone(),
+        });
+    }
+    // Recorded before the slot exists: a slot found later without copy state never means
+    // "nothing to copy" by accident (if the slot is never created, the state is cleared).
+    record_copying(green, slot, &todo).await?;
 
     // The exporting session: the real slot when it is new, else a temporary one.
     let blue_dsn = config
@@ -294,7 +337,13 @@ pub async fn prepare(
             .map(|b| String::from_utf8_lossy(b).into_owned())
             .unwrap_or_default()
     };
-    let (consistent, snapshot_name) = (parse_lsn(&text(1)).unwrap_or(0), text(2));
+    let consistent = parse_lsn(&text(1)).ok_or_else(|| {
+        SnapshotError::Export(format!(
+            "CREATE_REPLICATION_SLOT returned an unreadable consistent point {:?}",
+            text(1)
+        ))
+    })?;
+    let snapshot_name = text(2);
     info!(
         slot = %export_slot,
         temporary,
@@ -316,24 +365,14 @@ pub async fn prepare(
         tx.batch_execute(&format!("TRUNCATE {}", targets.join(", ")))
             .await
             .map_err(green_err(format!("emptying {}", targets.join(", "))))?;
-        for m in &todo {
-            tx.execute(
-                "DELETE FROM shadowsync.copy_ranges WHERE slot = $1 AND source_table = $2",
-                &[slot, &label(m)],
-            )
-            .await
-            .map_err(green_err("resetting copy state"))?;
-            tx.execute(
-                "INSERT INTO shadowsync.copy_state (slot, source_table, target_table, state, snapshot_lsn, ranges)
-                 VALUES ($1, $2, $3, 'copying', $4::text::pg_lsn, 0)
-                 ON CONFLICT (slot, source_table) DO UPDATE
-                    SET target_table = EXCLUDED.target_table, state = 'copying', snapshot_lsn = EXCLUDED.snapshot_lsn,
-                        ranges = 0, rows = 0, started_at = now(), finished_at = NULL",
-                &[slot, &label(m), &m.label, &format_lsn(consistent)],
-            )
-            .await
-            .map_err(green_err("recording copy state"))?;
-        }
+        let sources: Vec<String> = todo.iter().map(label).collect();
+        tx.execute(
+            "UPDATE shadowsync.copy_state SET snapshot_lsn = $3::text::pg_lsn
+              WHERE slot = $1 AND source_table = ANY ($2)",
+            &[slot, &sources, &format_lsn(consistent)],
+        )
+        .await
+        .map_err(green_err("recording the copy's snapshot"))?;
         tx.commit()
             .await
             .map_err(green_err("committing the copy setup"))?;
@@ -349,6 +388,37 @@ pub async fn prepare(
         slot_confirmed: slot_confirmed.unwrap_or(consistent),
         copied_at,
     })
+}
+
+/// Records `todo` as being copied (no snapshot yet: LSN 0/0, no ranges) and forgets their
+/// earlier ranges.
+async fn record_copying(
+    green: &Client,
+    slot: &str,
+    todo: &[Arc<TableMap>],
+) -> Result<(), SnapshotError> {
+    for m in todo {
+        let source = m.source.to_string();
+        green
+            .execute(
+                "DELETE FROM shadowsync.copy_ranges WHERE slot = $1 AND source_table = $2",
+                &[&slot, &source],
+            )
+            .await
+            .map_err(green_err("resetting copy state"))?;
+        green
+            .execute(
+                "INSERT INTO shadowsync.copy_state (slot, source_table, target_table, state, snapshot_lsn, ranges)
+                 VALUES ($1, $2, $3, 'copying', '0/0', 0)
+                 ON CONFLICT (slot, source_table) DO UPDATE
+                    SET target_table = EXCLUDED.target_table, state = 'copying', snapshot_lsn = '0/0',
+                        ranges = 0, rows = 0, started_at = now(), finished_at = NULL",
+                &[&slot, &source, &m.label],
+            )
+            .await
+            .map_err(green_err("recording copy state"))?;
+    }
+    Ok(())
 }
 
 /// Marks a table's copy done.

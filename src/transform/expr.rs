@@ -360,6 +360,10 @@ pub fn keyed_lookup(expr: &str, relation: &[String], names: &[String]) -> Option
         }
         _ => relation.last()?.clone(),
     };
+    // `src.x` would then name the looked-up table, not the source row.
+    if alias == "src" {
+        return None;
+    }
     if word(t.get(i)) != Some("where") {
         return None;
     }
