@@ -396,3 +396,85 @@ async fn older_timestamps_committed_later_on_blue_still_win() {
     handle.shutdown();
     handle.wait().await.expect("pipeline ends");
 }
+
+const EDGES: &str = "
+CREATE TABLE vms (id bigint PRIMARY KEY, status text NOT NULL, updated_at timestamptz NOT NULL);
+CREATE TABLE docs (id bigint PRIMARY KEY, body text, version bigint NOT NULL);
+CREATE TABLE prices (code numeric(10,2) PRIMARY KEY, v text);
+CREATE PUBLICATION test_pub FOR TABLE vms, docs, prices;
+";
+
+const EDGE_RULES: &str = r#"
+[[table]]
+source = "public.vms"
+filter = "status <> 'deleted'"
+
+[[table]]
+source = "public.docs"
+lww_column = "version"
+"#;
+
+/// A filtered table still records update_older; a version counter as lww column compares
+/// versions (deletes apply: blue wins); keys rounded by their column type are no conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_version_counters_and_rounded_keys() {
+    init_logging();
+    let pair = Pair::start(EDGES);
+    let dir = TestDir::new("conflict-edges");
+    std::fs::write(dir.join("rules.toml"), EDGE_RULES).unwrap();
+    let config_path = write_config(
+        &pair,
+        &dir,
+        free_addr(),
+        "[transforms]\nfiles = [\"rules.toml\"]\n",
+    );
+    let config = shadowsync::config::Config::load(&config_path).unwrap();
+    let blue = pair.blue().await;
+    let green = pair.green().await;
+    let handle = start_streaming(config).await;
+    blue.batch_execute(
+        "INSERT INTO vms VALUES (1, 'running', '2026-01-01'), (2, 'running', '2026-01-01');
+         INSERT INTO docs VALUES (1, 'v1', 1), (2, 'v1', 1);
+         INSERT INTO prices VALUES (1.555, 'a'), (2.001, 'b');",
+    )
+    .await
+    .unwrap();
+    caught_up(&pair).await;
+    blue.batch_execute("UPDATE prices SET v = 'a2' WHERE code = 1.56")
+        .await
+        .unwrap();
+    caught_up(&pair).await;
+    assert_no_conflicts(&green).await;
+
+    green
+        .batch_execute(
+            "UPDATE vms SET status = 'green', updated_at = '2030-01-01' WHERE id = 1;
+             UPDATE docs SET body = 'green', version = 5 WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    blue.batch_execute(
+        "UPDATE vms SET status = 'stopped', updated_at = '2027-01-01' WHERE id = 1;
+         UPDATE docs SET body = 'blue', version = 2 WHERE id IN (1, 2);
+         DELETE FROM docs WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    caught_up(&pair).await;
+    handle.shutdown();
+    handle.wait().await.expect("pipeline ends");
+    assert_eq!(
+        by_id(&green, "id, status", "vms").await,
+        vec!["(1,green)", "(2,running)"]
+    );
+    // No commit time to compare with a version: blue's delete applies.
+    assert_eq!(
+        by_id(&green, "id, body, version", "docs").await,
+        vec!["(2,blue,2)"]
+    );
+    assert_eq!(
+        records(&green, "public.vms").await,
+        vec![rec("update_older", "keep", 1, false, false)]
+    );
+    assert!(records(&green, "public.prices").await.is_empty());
+}
