@@ -528,16 +528,10 @@ fn put_first(
     put(ops, key, op, lsn, txn, existed);
 }
 
-/// Key types whose text form is canonical (equal values print alike), so that keys can be
-/// compared as blue printed them.
-const TEXT_EQUALITY: [&str; 6] = [
-    "smallint",
-    "integer",
-    "bigint",
-    "uuid",
-    "text",
-    "character varying",
-];
+/// Key types whose text form is canonical (equal values print alike, on both servers), so that
+/// keys can be compared as blue printed them. Not text types: green's collation (possibly
+/// nondeterministic) decides their equality in the lookup.
+const TEXT_EQUALITY: [&str; 4] = ["smallint", "integer", "bigint", "uuid"];
 
 /// A segment's tables, each after the tables of the segment it reads (first-touch order
 /// otherwise; a cycle of lookups falls back to first-touch order).
@@ -623,7 +617,7 @@ mod tests {
                 .map(|c| SourceColumn {
                     name: c.to_string(),
                     sql_type: "text".into(),
-                    blue_type: "text".into(),
+                    blue_type: "bigint".into(),
                 })
                 .collect(),
             columns: cols
