@@ -330,6 +330,8 @@ async fn poison_row_is_named_and_the_stream_converges_after_the_fix() {
     write_rule("v::integer");
     let mut config = pair.config();
     config.transforms.files = vec![rules.display().to_string()];
+    // Chunks of 300 rows: the bad row is in a chunk written in the background, mid-transaction.
+    config.batch.max_rows = 300;
     let handle = start_streaming(config.clone()).await;
     let blue = pair.blue().await;
     blue.batch_execute(

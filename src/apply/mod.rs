@@ -102,6 +102,8 @@ pub enum ApplyError {
         until: u64,
         failure: Box<DbFailure>,
     },
+    #[error("the background write of a chunk failed: {0}; this is a bug, report it")]
+    WriteTask(String),
     #[error(
         "another shadowsync session for slot {slot} is connected to green (or a killed one's transaction is still open there); waiting for it to end"
     )]
@@ -123,6 +125,7 @@ impl ApplyError {
             | ApplyError::NeedsBlue { .. }
             | ApplyError::ToastGone { .. }
             | ApplyError::Poison { .. }
+            | ApplyError::WriteTask(_)
             | ApplyError::NeedsReplicaRole { .. } => false,
         }
     }

@@ -30,8 +30,18 @@ pub struct Limits {
     pub max_delay: Duration,
 }
 
+/// A chunk of a large blue transaction being written in the background: the applier, the
+/// chunk (for error attribution) and the result.
+type Inflight = tokio::task::JoinHandle<(
+    Applier,
+    Vec<super::batch::TableOps>,
+    Result<super::Written, ApplyError>,
+)>;
+
 pub struct ApplyStage {
-    applier: Applier,
+    /// `None` while a chunk is written in the background (`inflight`).
+    applier: Option<Applier>,
+    inflight: Option<Inflight>,
     batch: Batch,
     /// Mapping per blue relation OID; `None` for tables a rule skips.
     maps: HashMap<u32, Option<Arc<TableMap>>>,
@@ -87,7 +97,8 @@ impl ApplyStage {
         shared: Arc<Shared>,
     ) -> Self {
         ApplyStage {
-            applier,
+            applier: Some(applier),
+            inflight: None,
             batch: Batch::default(),
             maps: HashMap::new(),
             types: HashMap::new(),
@@ -162,7 +173,36 @@ impl ApplyStage {
                 "abandoning an incomplete blue transaction at shutdown; it will be streamed again"
             );
         }
-        self.applier.rollback().await?;
+        self.settle().await?;
+        self.applier().rollback().await?;
+        Ok(())
+    }
+
+    /// The applier; only valid when no chunk is in flight (see [`Self::settle`]).
+    fn applier(&mut self) -> &mut Applier {
+        self.applier
+            .as_mut()
+            .expect("no chunk in flight: callers settle first")
+    }
+
+    /// Green's connection, for catalog reads; only valid when no chunk is in flight.
+    fn green(&self) -> &tokio_postgres::Client {
+        self.applier
+            .as_ref()
+            .expect("no chunk in flight: callers settle first")
+            .client()
+    }
+
+    /// Waits for the chunk written in the background, if any, and takes back the applier.
+    async fn settle(&mut self) -> Result<(), ApplyError> {
+        if let Some(task) = self.inflight.take() {
+            let (applier, tables, result) = task
+                .await
+                .map_err(|e| ApplyError::WriteTask(e.to_string()))?;
+            self.applier = Some(applier);
+            let written = self.after_write(result, &tables).await?;
+            self.record(written);
+        }
         Ok(())
     }
 
@@ -193,7 +233,8 @@ impl ApplyStage {
                 if let Some(map) = self.map_for_change(relation, lsn, &[old_image, Some(&new)])? {
                     if let Some(mv) = self.batch.update(&map, old, new, lsn)? {
                         self.flush(lsn).await?;
-                        self.applier.move_row(&mv).await?;
+                        self.settle().await?;
+                        self.applier().move_row(&mv).await?;
                     }
                     self.after_change(lsn).await?;
                 }
@@ -220,7 +261,10 @@ impl ApplyStage {
                 if !maps.is_empty() {
                     // Earlier changes of the batch first, in order, then the truncate.
                     self.flush(lsn).await?;
-                    self.applier.truncate(&maps, options & 2 != 0, lsn).await?;
+                    self.settle().await?;
+                    self.applier()
+                        .truncate(&maps, options & 2 != 0, lsn)
+                        .await?;
                     for m in &maps {
                         *self
                             .written
@@ -278,6 +322,8 @@ impl ApplyStage {
     }
 
     async fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
+        // The catalog is read on the applier's connection.
+        self.settle().await?;
         let source = transform::QualifiedName::new(&r.namespace, &r.name);
         if let Some(&lsn) = self.copied_at.get(&source.to_string()) {
             self.copied_before.insert(r.oid, lsn);
@@ -295,7 +341,7 @@ impl ApplyStage {
             context: "reading the catalog",
             failure: crate::failure::DbFailure::from_pg(&source),
         };
-        let green = transform::catalog::green_table(self.applier.client(), &target)
+        let green = transform::catalog::green_table(self.green(), &target)
             .await
             .map_err(catalog_err)?
             .ok_or_else(|| transform::MapError::MissingTable {
@@ -308,7 +354,7 @@ impl ApplyStage {
                 let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
                 let user: Vec<Option<String>> =
                     oids.iter().map(|o| self.types.get(o).cloned()).collect();
-                let types = transform::catalog::resolve_types(self.applier.client(), &oids, &user)
+                let types = transform::catalog::resolve_types(self.green(), &oids, &user)
                     .await
                     .map_err(catalog_err)?;
                 // Builtin types are spelled alike on both sides; user types as blue named them.
@@ -325,7 +371,7 @@ impl ApplyStage {
                     .expect("skipped rules return above");
                 // The rule meets this shape of the table for the first time in this session:
                 // let green type-check it now, rather than fail on the first row.
-                let problems = crate::check::narrow_down(self.applier.client(), &map, Some(rule))
+                let problems = crate::check::narrow_down(self.green(), &map, Some(rule))
                     .await
                     .map_err(catalog_err)?;
                 if let Some(first) = problems.into_iter().next() {
@@ -400,9 +446,30 @@ impl ApplyStage {
         self.batch_rows += 1;
         // Inside a large blue transaction: write what we hold, keep the green transaction open.
         // Replaying a stretch green rejected coalesced: write each change on its own.
-        if (self.in_txn && self.full()) || self.txn_final_lsn <= self.serial_until {
+        if self.txn_final_lsn <= self.serial_until {
             self.flush(lsn).await?;
+        } else if self.in_txn && self.full() {
+            self.flush_in_background(lsn).await?;
         }
+        Ok(())
+    }
+
+    /// Writes pending ops of a large blue transaction without committing, in the background:
+    /// green executes this chunk while the next one is received and coalesced. At most one
+    /// chunk is in flight (memory: two chunks), and anything else that talks to green first
+    /// waits for it (`settle`), so statements still reach green in blue's order.
+    async fn flush_in_background(&mut self, lsn: u64) -> Result<(), ApplyError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.settle().await?;
+        let mut tables = self.batch.take();
+        super::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
+        let mut applier = self.applier.take().expect("settled above");
+        self.inflight = Some(tokio::spawn(async move {
+            let result = applier.write(&tables, None, lsn).await;
+            (applier, tables, result)
+        }));
         Ok(())
     }
 
@@ -424,7 +491,8 @@ impl ApplyStage {
             return Ok(());
         };
         let started = Instant::now();
-        if self.batch.is_empty() && !self.applier.in_transaction() {
+        self.settle().await?;
+        if self.batch.is_empty() && !self.applier().in_transaction() {
             // Nothing reached green: no need for a green transaction to advance.
         } else {
             let mut tables = self.batch.take();
@@ -469,7 +537,18 @@ impl ApplyStage {
         commit: Option<(u64, i64)>,
         lsn: u64,
     ) -> Result<super::Written, ApplyError> {
-        match self.applier.write(tables, commit, lsn).await {
+        self.settle().await?;
+        let result = self.applier().write(tables, commit, lsn).await;
+        self.after_write(result, tables).await
+    }
+
+    /// The outcome of a write of `tables`: a data error is attributed (see [`Self::write`]).
+    async fn after_write(
+        &mut self,
+        result: Result<super::Written, ApplyError>,
+        tables: &[super::batch::TableOps],
+    ) -> Result<super::Written, ApplyError> {
+        match result {
             Err(e) if super::poison::is_data_error(&e) => {
                 let ApplyError::Statement { table, failure, .. } = &e else {
                     return Err(e);
@@ -491,7 +570,7 @@ impl ApplyStage {
                 // fails alone for another reason (it needed earlier context) is not the culprit.
                 let original = failure.clone();
                 for t in tables.iter().filter(|t| &t.map.label == table) {
-                    if let Some(p) = self.applier.isolate(t).await?
+                    if let Some(p) = self.applier().isolate(t).await?
                         && p.failure.code == original.code
                         && p.failure.constraint == original.constraint
                     {
