@@ -3,7 +3,9 @@
 //! Invariants:
 //! - A green commit happens only right after a blue Commit, so green always equals blue at a
 //!   blue commit boundary; a blue transaction bigger than the batch limits is written in chunks
-//!   inside one green transaction (memory bounded by the limits, not by the transaction).
+//!   inside one green transaction (memory bounded by the limits, not by the transaction). One
+//!   chunk may be written in the background while the next is received (two chunks in memory);
+//!   whatever else talks to green waits for it first, so statements keep blue's order.
 //! - Transactions whose commit precedes green's progress row are skipped: they are in green.
 //! - The LSN published on `committed` is the end of a blue commit that green has committed.
 
