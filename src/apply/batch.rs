@@ -414,22 +414,7 @@ impl Batch {
                     _ => {}
                 }
             }
-            if has_unchanged(&new) && map.completes_partial_rows() {
-                // The rule needs the real values (filter, mixed columns): delete the old key
-                // and leave a partial image for the new one, which is completed from blue.
-                let old_tuple = old_key_tuple.expect("moved implies an old key");
-                put_first(
-                    &mut ops.ops,
-                    old_key,
-                    KeyedOp::Delete(old_tuple),
-                    lsn,
-                    txn,
-                    old_existed,
-                );
-                put(&mut ops.ops, new_key, KeyedOp::Update(new), lsn, txn, false);
-                return Ok(None);
-            }
-            if has_unchanged(&new) {
+            if has_unchanged(&new) && !map.completes_partial_rows() {
                 // Green holds the only copy of the missing values: restore what was pending
                 // for the old key (the caller flushes it first) and let green move the row.
                 if let Some(p) = prev {
@@ -442,6 +427,8 @@ impl Batch {
                     lsn,
                 }));
             }
+            // Delete the old key, write the new one: whole, or (when the rule needs the real
+            // values: filter, mixed columns) as a partial image completed from blue.
             let old_tuple = old_key_tuple.expect("moved implies an old key");
             put_first(
                 &mut ops.ops,
@@ -451,7 +438,12 @@ impl Batch {
                 txn,
                 old_existed,
             );
-            put(&mut ops.ops, new_key, KeyedOp::Upsert(new), lsn, txn, false);
+            let op = if has_unchanged(&new) {
+                KeyedOp::Update(new)
+            } else {
+                KeyedOp::Upsert(new)
+            };
+            put(&mut ops.ops, new_key, op, lsn, txn, false);
             return Ok(None);
         }
         let pending = match ops.ops.entry(new_key) {

@@ -22,7 +22,7 @@
 use bytes::{BufMut, BytesMut};
 use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
 
-use super::sql::{Cast, computable, select_list};
+use super::sql::{Cast, computable, key_match, select_list};
 use crate::transform::{Lww, TableMap, quote_ident};
 
 /// Metadata columns of the incoming rows (never target column names: they start with `~`).
@@ -136,14 +136,6 @@ fn key_names(map: &TableMap) -> Vec<String> {
         .iter()
         .map(|&k| quote_ident(&map.columns[k].name))
         .collect()
-}
-
-fn key_match(map: &TableMap, left: &str, right: &str) -> String {
-    key_names(map)
-        .iter()
-        .map(|n| format!("{left}.{n} = {right}.{n}"))
-        .collect::<Vec<_>>()
-        .join(" AND ")
 }
 
 /// `left.k = CAST(right.k AS <column type>)`: `right` holds written values (cast without the

@@ -85,7 +85,7 @@ fn column_list(map: &TableMap, targets: &[usize]) -> String {
         .join(", ")
 }
 
-fn key_match(map: &TableMap, left: &str, right: &str) -> String {
+pub(crate) fn key_match(map: &TableMap, left: &str, right: &str) -> String {
     map.key
         .iter()
         .map(|&k| {
