@@ -225,3 +225,46 @@ async fn the_copy_honours_publication_row_filters_and_column_lists() {
     assert_eq!(rows(&green, "t").await, want);
     assert_eq!(want.len(), 15);
 }
+
+/// SIGTERM during the copy stops at once (not after the copy), and the next run finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_during_the_copy_stops_promptly_and_the_next_run_finishes() {
+    init_logging();
+    let pair = Pair::start(PLAIN);
+    pair.blue
+        .psql(
+            DB,
+            "INSERT INTO items SELECT g, repeat('y', 200) || g, jsonb_build_object('g', g), g FROM generate_series(1, 400000) g;",
+        )
+        .unwrap();
+    let dir = TestDir::new("snapshot-term");
+    let cfg = write_config(
+        &pair,
+        &dir,
+        free_addr(),
+        "[snapshot]\nrange_pages = 64\nworkers = 1\n",
+    );
+    let mut sidecar = Sidecar::run(&dir, "first", &cfg);
+    let green = pair.green().await;
+    wait_for("a range copied", Duration::from_secs(60), || async {
+        green
+            .query_one("SELECT count(*) FROM shadowsync.copy_ranges", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) >= 1)
+    })
+    .await;
+    sidecar.signal("TERM");
+    let status = sidecar.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{}", sidecar.stderr_text());
+    assert!(
+        count(&green, "shadowsync.copy_state WHERE state = 'copying'").await >= 1,
+        "stopped before the copy finished"
+    );
+    let (code, out, err) = run_bin(
+        &["run", "--drain", "--config", cfg.to_str().unwrap()],
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert_same(&pair, &["items", "events"]).await;
+}
