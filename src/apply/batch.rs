@@ -162,7 +162,8 @@ pub struct Batch {
     /// Current segment: values of the source columns that pending readers' keyed lookups
     /// compare with another table's key, per (reader label, source column); `None` once a
     /// value was unknown (unchanged TOAST).
-    lookup_values: HashMap<(String, usize), Option<HashSet<Bytes>>>,
+    /// Keyed by reader label, then source column.
+    lookup_values: HashMap<String, HashMap<usize, Option<HashSet<Bytes>>>>,
     /// Row changes received since the last `take` (not after coalescing: a memory bound).
     pub rows: usize,
     /// Column payload bytes received since the last `take`.
@@ -207,12 +208,12 @@ impl Batch {
         ordered.into_iter().rev().flatten().collect()
     }
 
-    /// Whether a change of `changed`'s table with these keys (blue's text of its `plain_key`
-    /// column; `None` when unknown) may alter what a pending reader of the current segment
-    /// looks up: then the change must start a new segment, written after those readers.
-    /// A reader whose lookups of the table are keyed (see `TableMap::keyed_lookups`) is only
-    /// affected when it looked up one of these keys.
-    pub fn affects_pending_reader(&self, changed: &TableMap, keys: &[Option<&[u8]>]) -> bool {
+    /// Whether a change of `changed`'s table with these row images (old and new; their keys
+    /// are blue's text of its `plain_key` column) may alter what a pending reader of the
+    /// current segment looks up: then the change must start a new segment, written after
+    /// those readers. A reader whose lookups of the table are keyed (see
+    /// `TableMap::keyed_lookups`) is only affected when it looked up one of these keys.
+    pub fn affects_pending_reader(&self, changed: &TableMap, images: &[Option<&Tuple>]) -> bool {
         let start = self.segments.last().copied().unwrap_or(0);
         let label = &changed.label;
         self.tables[start..]
@@ -233,9 +234,16 @@ impl Batch {
                     {
                         return true;
                     }
-                    match self.lookup_values.get(&(t.map.label.clone(), l.column)) {
+                    let looked_up = self
+                        .lookup_values
+                        .get(&t.map.label)
+                        .and_then(|columns| columns.get(&l.column));
+                    match looked_up {
                         Some(Some(values)) => {
-                            keys.iter().any(|k| k.is_none_or(|k| values.contains(k)))
+                            images.iter().flatten().any(|image| match &image.0[pk] {
+                                Datum::Text(b) | Datum::Binary(b) => values.contains(b),
+                                Datum::Null | Datum::UnchangedToast => true,
+                            })
                         }
                         Some(None) => true,
                         None => false,
@@ -246,10 +254,17 @@ impl Batch {
 
     /// Records the values a reader's keyed lookups compare (see [`Self::affects_pending_reader`]).
     fn note_lookups(&mut self, map: &TableMap, t: &Tuple) {
+        // Looked up by reference: the label is cloned once per segment, not per row.
+        if !self.lookup_values.contains_key(&map.label) {
+            self.lookup_values.insert(map.label.clone(), HashMap::new());
+        }
+        let columns = self
+            .lookup_values
+            .get_mut(&map.label)
+            .expect("inserted above");
         for l in &map.keyed_lookups {
-            let entry = self
-                .lookup_values
-                .entry((map.label.clone(), l.column))
+            let entry = columns
+                .entry(l.column)
                 .or_insert_with(|| Some(HashSet::new()));
             match (&t.0[l.column], entry.as_mut()) {
                 (Datum::Text(b) | Datum::Binary(b), Some(set)) => {

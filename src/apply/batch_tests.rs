@@ -297,7 +297,7 @@ fn a_lookup_barrier_starts_a_segment_written_in_order() {
     b.insert(&vms, t(&[Some("1"), Some("vm"), None]), 2)
         .unwrap();
     assert!(
-        b.affects_pending_reader(&users, &[Some(b"9")]),
+        b.affects_pending_reader(&users, &[Some(&t(&[Some("9"), None, None]))]),
         "vms reads public.t (not keyed)"
     );
     b.start_segment();
@@ -308,7 +308,7 @@ fn a_lookup_barrier_starts_a_segment_written_in_order() {
     b.insert(&free, t(&[Some("2"), Some("f"), None]), 5)
         .unwrap();
     assert!(
-        b.affects_pending_reader(&users, &[Some(b"9")]),
+        b.affects_pending_reader(&users, &[Some(&t(&[Some("9"), None, None]))]),
         "a later users change would need yet another segment"
     );
     let taken = b.take();
@@ -340,30 +340,33 @@ fn keyed_lookups_split_only_for_keys_a_pending_reader_looked_up() {
     b.set_readers(vec![vms.clone()]);
     b.insert(&vms, t(&[Some("1"), Some("5"), None]), 1).unwrap();
     assert!(
-        !b.affects_pending_reader(&users, &[Some(b"9")]),
+        !b.affects_pending_reader(&users, &[Some(&t(&[Some("9"), None, None]))]),
         "a new user 9"
     );
     assert!(
-        b.affects_pending_reader(&users, &[Some(b"5")]),
+        b.affects_pending_reader(&users, &[Some(&t(&[Some("5"), None, None]))]),
         "user 5 was looked up"
     );
-    assert!(b.affects_pending_reader(&users, &[None]), "an unknown key");
+    assert!(
+        b.affects_pending_reader(&users, &[Some(&t(&[Some("<u>"), None, None]))]),
+        "an unknown key"
+    );
     b.update(&vms, None, t(&[Some("1"), Some("<u>"), None]), 2)
         .unwrap();
     assert!(
-        b.affects_pending_reader(&users, &[Some(b"9")]),
+        b.affects_pending_reader(&users, &[Some(&t(&[Some("9"), None, None]))]),
         "a looked-up value is unknown"
     );
     b.start_segment();
     assert!(
-        !b.affects_pending_reader(&users, &[Some(b"5")]),
+        !b.affects_pending_reader(&users, &[Some(&t(&[Some("5"), None, None]))]),
         "a new segment"
     );
     // A key that is not copied verbatim cannot be compared.
     let mut computed = (*users).clone();
     computed.plain_key = None;
     b.insert(&vms, t(&[Some("2"), Some("7"), None]), 3).unwrap();
-    assert!(b.affects_pending_reader(&computed, &[Some(b"9")]));
+    assert!(b.affects_pending_reader(&computed, &[Some(&t(&[Some("9"), None, None]))]));
 }
 
 #[test]

@@ -423,23 +423,10 @@ impl ApplyStage {
         tuples: &[Option<&crate::decode::Tuple>],
     ) -> Result<Option<Arc<TableMap>>, ApplyError> {
         let map = self.map(oid, lsn)?;
-        if let Some(m) = &map {
-            let keys: Vec<Option<&[u8]>> = tuples
-                .iter()
-                .flatten()
-                .map(
-                    |t| match (m.plain_key, m.plain_key.and_then(|k| t.0.get(k))) {
-                        (
-                            Some(_),
-                            Some(crate::decode::Datum::Text(b) | crate::decode::Datum::Binary(b)),
-                        ) => Some(b.as_ref()),
-                        _ => None,
-                    },
-                )
-                .collect();
-            if self.batch.affects_pending_reader(m, &keys) {
-                self.batch.start_segment();
-            }
+        if let Some(m) = &map
+            && self.batch.affects_pending_reader(m, tuples)
+        {
+            self.batch.start_segment();
         }
         Ok(map)
     }
