@@ -22,7 +22,7 @@
 use bytes::{BufMut, BytesMut};
 use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
 
-use super::sql::{Cast, computable, key_match, select_list};
+use super::sql::{Cast, computable, excluded_sets, key_match, select_list};
 use crate::transform::{Lww, TableMap, quote_ident};
 
 /// Metadata columns of the incoming rows (never target column names: they start with `~`).
@@ -247,14 +247,7 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
         .collect();
     let mut insert_cols = names.clone();
     let mut write_meta: Vec<usize> = Vec::new();
-    let mut sets: Vec<String> = targets
-        .iter()
-        .filter(|i| !map.key.contains(i))
-        .map(|&i| {
-            let n = quote_ident(&map.columns[i].name);
-            format!("{n} = EXCLUDED.{n}")
-        })
-        .collect();
+    let mut sets = excluded_sets(map, &targets);
     let mut guard = String::new();
     match map.conflicts.lww() {
         Some(Lww::Column(i)) if targets.contains(i) => {

@@ -96,6 +96,18 @@ pub(crate) fn key_match(map: &TableMap, left: &str, right: &str) -> String {
         .join(" AND ")
 }
 
+/// `col = EXCLUDED.col` for every non-key target column: an upsert's update list.
+pub(crate) fn excluded_sets(map: &TableMap, targets: &[usize]) -> Vec<String> {
+    targets
+        .iter()
+        .filter(|i| !map.key.contains(i))
+        .map(|&i| {
+            let n = quote_ident(&map.columns[i].name);
+            format!("{n} = EXCLUDED.{n}")
+        })
+        .collect()
+}
+
 /// Insert full rows; existing keys are overwritten (keyed) or rows appended (keyless). With a
 /// rule filter only matching rows are written ([`delete_unmatched`] removes the others).
 pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
@@ -117,14 +129,7 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
             .map(|&k| quote_ident(&map.columns[k].name))
             .collect::<Vec<_>>()
             .join(", ");
-        let sets: Vec<String> = targets
-            .iter()
-            .filter(|i| !map.key.contains(i))
-            .map(|&i| {
-                let n = quote_ident(&map.columns[i].name);
-                format!("{n} = EXCLUDED.{n}")
-            })
-            .collect();
+        let sets = excluded_sets(map, &targets);
         if sets.is_empty() {
             sql.push_str(&format!(" ON CONFLICT ({keys}) DO NOTHING"));
         } else {
