@@ -108,6 +108,24 @@ impl Cluster {
         &self.bin
     }
 
+    /// Process id of the running postmaster (from `postmaster.pid`), e.g. to account its CPU time.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
+    /// Appends settings to `postgresql.conf` and restarts the server to load them
+    /// (e.g. `shared_preload_libraries` for a profiling run).
+    pub fn reconfigure(&mut self, settings: &str) -> Result<(), ClusterError> {
+        let path = self.data_dir().join("postgresql.conf");
+        let mut text = fs::read_to_string(&path).map_err(|source| io_err(&path, source))?;
+        text.push('\n');
+        text.push_str(settings);
+        text.push('\n');
+        fs::write(&path, text).map_err(|source| io_err(&path, source))?;
+        self.restart()
+    }
+
     /// Cluster label given to [`Cluster::start`].
     pub fn name(&self) -> &str {
         &self.name

@@ -219,6 +219,29 @@ async fn green_writes_meet_lww_apply_and_commit_time() {
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }
+    // New keys are written with a plain INSERT; meeting green's rows 10 (items) and 10 (plain)
+    // failed it once per table, the batch was retried with upserts, and those tables stay on
+    // upserts: a third green-side key costs no further retry.
+    let retries = "shadowsync_errors_total{stage=\"apply\",retryable=\"true\"} 2";
+    assert!(metrics.contains(retries), "missing {retries} in\n{metrics}");
+    green
+        .batch_execute("INSERT INTO items VALUES (20, 'green', '2026-01-01')")
+        .await
+        .unwrap();
+    blue.batch_execute("INSERT INTO items VALUES (20, 'blue', '2027-01-01')")
+        .await
+        .unwrap();
+    caught_up(&pair).await;
+    assert_eq!(
+        by_id(&green, "id, name", "items WHERE id = 20").await,
+        vec!["(20,blue)"]
+    );
+    let metrics = handle.shared.encode();
+    assert!(metrics.contains(retries), "missing {retries} in\n{metrics}");
+    assert!(
+        metrics.contains("shadowsync_conflicts_total{table=\"public.items\",kind=\"insert_exists\",resolution=\"apply\"} 2"),
+        "{metrics}"
+    );
 
     // Commit-time lww: blue changes note 1 while shadowsync is stopped, then green changes it
     // (stamped later by its trigger): green's version is newer and stays. Note 2 changes on
@@ -271,7 +294,7 @@ async fn green_writes_meet_lww_apply_and_commit_time() {
         "insert_exists",
         "delete_older",
         "public.items",
-        "(9 conflicts)",
+        "(10 conflicts)",
     ] {
         assert!(out.contains(word), "missing {word} in\n{out}");
     }

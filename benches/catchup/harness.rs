@@ -79,11 +79,86 @@ impl Size {
     }
 }
 
-/// One method's timing.
+/// One method's timing, and where the CPU went while it ran.
 #[derive(Debug, Clone)]
 pub struct Timing {
     pub method: &'static str,
     pub seconds: f64,
+    pub cpu: Cpu,
+}
+
+/// CPU seconds (user + system) used during one timed run: all of blue's server processes, all
+/// of green's, and the client tool (pg_recvlogical or shadowsync; native's apply worker is a
+/// green process). The sum over the wall time says how busy the machine's cores were.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cpu {
+    pub blue: f64,
+    pub green: f64,
+    pub tool: f64,
+}
+
+/// CPU seconds used so far by a cluster: its live processes, plus the postmaster's own and its
+/// reaped children's (a backend that exits hands its time to the postmaster).
+pub fn cluster_cpu(cluster: &Cluster) -> f64 {
+    let Some(postmaster) = cluster.postmaster_pid() else {
+        return 0.0;
+    };
+    let mut total = 0.0;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0.0))
+            .collect();
+        // After the command: state, ppid, ..., utime (11), stime (12), cutime (13), cstime (14).
+        if f.len() < 15 {
+            continue;
+        }
+        if pid == postmaster {
+            total += f[11] + f[12] + f[13] + f[14];
+        } else if f[1] as u32 == postmaster {
+            total += f[11] + f[12];
+        }
+    }
+    total / 100.0 // USER_HZ
+}
+
+/// Measures the clusters' CPU across one timed run.
+struct CpuMeter {
+    blue: f64,
+    green: f64,
+}
+
+impl CpuMeter {
+    fn start(blue: &Cluster, green: &Cluster) -> CpuMeter {
+        CpuMeter {
+            blue: cluster_cpu(blue),
+            green: cluster_cpu(green),
+        }
+    }
+
+    fn stop(self, blue: &Cluster, green: &Cluster, tool: f64) -> Cpu {
+        Cpu {
+            blue: cluster_cpu(blue) - self.blue,
+            green: cluster_cpu(green) - self.green,
+            tool,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -105,17 +180,21 @@ impl Outcome {
     /// The result as a Markdown table.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{:?}: {} row changes ({} backlog, {} preloaded); both greens verified\n\n| method | seconds | rows/s | vs native | vs ceiling |\n|---|---:|---:|---:|---:|\n",
+            "{:?}: {} row changes ({} backlog, {} preloaded); both greens verified\n\n| method | seconds | rows/s | vs native | vs ceiling | CPU s: blue | green | tool | cores busy |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
             self.workload, self.rows, self.size.backlog, self.size.preload
         );
         for t in [&self.ceiling, &self.native, &self.shadowsync, &self.blind] {
             out.push_str(&format!(
-                "| {} | {:.2} | {:.0} | {:.2}x | {:.2}x |\n",
+                "| {} | {:.2} | {:.0} | {:.2}x | {:.2}x | {:.2} | {:.2} | {:.2} | {:.2} |\n",
                 t.method,
                 t.seconds,
                 self.rows as f64 / t.seconds,
                 self.native.seconds / t.seconds,
                 self.ceiling.seconds / t.seconds,
+                t.cpu.blue,
+                t.cpu.green,
+                t.cpu.tool,
+                (t.cpu.blue + t.cpu.green + t.cpu.tool) / t.seconds,
             ));
         }
         out.push_str(&format!(
@@ -289,10 +368,23 @@ ALTER TABLE public.virtual_machines ENABLE ALWAYS TRIGGER app_vms;
 /// Runs one workload at `size`; `binary` is the release `shadowsync`.
 pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
     let blue = Cluster::start("bench-blue").expect("blue");
-    let green = Cluster::start("bench-green").expect("green");
+    let mut green = Cluster::start("bench-green").expect("green");
+    let statements = std::env::var_os("BENCH_STATEMENTS").is_some();
+    if statements {
+        green
+            .reconfigure(
+                "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all",
+            )
+            .expect("pg_stat_statements");
+    }
     blue.create_database(DB).unwrap();
     for db in ["native", DB, BLIND] {
         green.create_database(db).unwrap();
+        if statements {
+            green
+                .psql(db, "CREATE EXTENSION pg_stat_statements")
+                .unwrap();
+        }
     }
     let publication = match workload {
         Workload::W2 => {
@@ -384,11 +476,14 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
     .arg(format!("publication_names={publication}"))
     .args(["-E", &shadowsync::progress::format_lsn(end)])
     .stdout(Stdio::null());
-    let (ceiling, _, _, ok) = run_watched(cmd);
+    let meter = CpuMeter::start(&blue, &green);
+    let (ceiling, _, tool, ok) = run_watched(cmd);
+    let ceiling_cpu = meter.stop(&blue, &green, tool);
     assert!(ok, "pg_recvlogical failed");
 
     // 2. Native logical replication (from a checkpointed green, as the shadowsync runs below).
     green.psql("native", "CHECKPOINT").unwrap();
+    let meter = CpuMeter::start(&blue, &green);
     let t = Instant::now();
     green
         .psql("native", "ALTER SUBSCRIPTION native ENABLE")
@@ -397,6 +492,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let native = t.elapsed();
+    let native_cpu = meter.stop(&blue, &green, 0.0);
     green
         .psql("native", "ALTER SUBSCRIPTION native DISABLE")
         .unwrap();
@@ -404,20 +500,31 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
     // 3. shadowsync, then 4. shadowsync without conflict detection (its own slot and database).
     // Each run starts from a checkpointed green, so that neither pays for the other's dirty pages.
     green.psql(DB, "CHECKPOINT").unwrap();
+    let meter = CpuMeter::start(&blue, &green);
     let (ours, rss, cpu) = run_shadowsync(binary, workload, &blue, &green, publication, DB, true);
-    green.psql(DB, "CHECKPOINT").unwrap();
-    let (blind, _, _) = run_shadowsync(binary, workload, &blue, &green, publication, BLIND, false);
+    let ours_cpu = meter.stop(&blue, &green, cpu);
+    green.psql(BLIND, "CHECKPOINT").unwrap();
+    let meter = CpuMeter::start(&blue, &green);
+    let (blind, _, blind_tool) =
+        run_shadowsync(binary, workload, &blue, &green, publication, BLIND, false);
+    let blind_cpu = meter.stop(&blue, &green, blind_tool);
+    if statements {
+        for db in ["native", DB] {
+            print_statements(&green, db).await;
+        }
+    }
 
     verify(workload, &blue, &green).await;
-    let timing = |method, d: Duration| Timing {
+    let timing = |method, d: Duration, cpu| Timing {
         method,
         seconds: d.as_secs_f64(),
+        cpu,
     };
     Outcome {
         workload,
         size,
         rows,
-        ceiling: timing("ceiling (pg_recvlogical)", ceiling),
+        ceiling: timing("ceiling (pg_recvlogical)", ceiling, ceiling_cpu),
         native: timing(
             if workload == Workload::W2 {
                 "native subscription + triggers"
@@ -425,11 +532,33 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
                 "native subscription"
             },
             native,
+            native_cpu,
         ),
-        shadowsync: timing("shadowsync run --drain", ours),
-        blind: timing("shadowsync, conflict detection off", blind),
+        shadowsync: timing("shadowsync run --drain", ours, ours_cpu),
+        blind: timing("shadowsync, conflict detection off", blind, blind_cpu),
         shadowsync_peak_rss_kib: rss,
         shadowsync_cpu_seconds: cpu,
+    }
+}
+
+/// With `BENCH_STATEMENTS=1`: green's most expensive statements in `db` (pg_stat_statements).
+async fn print_statements(green: &Cluster, db: &str) {
+    let client = connect(&green.dsn(db)).await;
+    let rows = client
+        .query(
+            "SELECT calls, total_exec_time, rows,
+                    left(regexp_replace(query, '\\s+', ' ', 'g'), 150)
+             FROM pg_stat_statements
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+             ORDER BY total_exec_time DESC LIMIT 12",
+            &[],
+        )
+        .await
+        .expect("pg_stat_statements");
+    eprintln!("\ngreen statements in {db} (calls, total ms, rows, query):");
+    for r in rows {
+        let (calls, ms, n, q): (i64, f64, i64, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        eprintln!("  {calls:>8} {ms:>10.1} {n:>9}  {q}");
     }
 }
 
@@ -465,7 +594,16 @@ fn run_shadowsync(
         ));
     }
     std::fs::write(&config, text).unwrap();
-    let mut cmd = Command::new(binary);
+    // BENCH_PERF=<file>: profile the first run with `perf record` (its CPU then includes perf's).
+    let mut cmd = match std::env::var("BENCH_PERF") {
+        Ok(out) if db == DB => {
+            let mut c = Command::new("perf");
+            c.args(["record", "-F", "1999", "-g", "-o", &out, "--"])
+                .arg(binary);
+            c
+        }
+        _ => Command::new(binary),
+    };
     cmd.args(["run", "--drain", "--config"])
         .arg(&config)
         .env("RUST_LOG", "warn")

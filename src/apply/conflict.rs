@@ -237,6 +237,44 @@ pub fn upsert_takes_commit_bound(map: &TableMap) -> bool {
     }
 }
 
+/// Under `commit_time` last-writer-wins, the plain insert of new keys
+/// ([`super::sql::insert_new`]) with the commit time column written too. It takes the
+/// parameters of the other conflict-detecting statements (prepare it with [`param_types`]:
+/// it reads only the arrays and `~commit_time`). `None` under any other policy.
+pub fn insert_new(map: &TableMap, cols: &[usize]) -> Option<String> {
+    let Some(Lww::CommitTime(c)) = map.conflicts.lww() else {
+        return None;
+    };
+    let targets = computable(map, cols);
+    let mut names: Vec<String> = targets
+        .iter()
+        .map(|&i| quote_ident(&map.columns[i].name))
+        .collect();
+    names.push(quote_ident(c));
+    let written = select_list(map, &targets, Cast::Write);
+    Some(format!(
+        "INSERT INTO {} AS t ({}) OVERRIDING SYSTEM VALUE {}",
+        map.target.quoted(),
+        names.join(", "),
+        incoming(map, cols, &written, &[COMMIT_TIME])
+    ))
+}
+
+/// Parameter types of a conflict-detecting statement over `n` source columns, for statements
+/// that leave some unread (PostgreSQL cannot infer the type of an unread parameter).
+pub fn param_types(n: usize) -> Vec<Type> {
+    let mut types = vec![Type::TEXT_ARRAY; n];
+    types.extend([
+        Type::BOOL_ARRAY,
+        Type::PG_LSN_ARRAY,
+        Type::TIMESTAMPTZ_ARRAY,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+    ]);
+    types
+}
+
 /// Upsert of full rows with detection: `insert_exists`, `update_missing` (applied as an
 /// insert), and under lww `insert_older` / `update_older` (green's row kept).
 pub fn upsert(map: &TableMap, cols: &[usize]) -> String {

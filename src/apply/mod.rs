@@ -18,7 +18,7 @@ mod poison;
 pub mod sql;
 pub mod stage;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -102,6 +102,13 @@ pub enum ApplyError {
         until: u64,
         failure: Box<DbFailure>,
     },
+    #[error(
+        "green table {table} already has a row for a key that blue inserted ({failure}): a writer on green wrote that key. Retrying the batch; {table} is written with upserts from now on, which record such rows in shadowsync.conflicts"
+    )]
+    NewKeyExists {
+        table: String,
+        failure: Box<DbFailure>,
+    },
     #[error("the background write of a chunk failed: {0}; this is a bug, report it")]
     WriteTask(String),
     #[error(
@@ -118,7 +125,9 @@ impl ApplyError {
             ApplyError::Connect { failure, .. }
             | ApplyError::Green { failure, .. }
             | ApplyError::Blue { failure, .. } => failure.is_retryable(),
-            ApplyError::SessionBusy { .. } | ApplyError::Reorder { .. } => true,
+            ApplyError::SessionBusy { .. }
+            | ApplyError::Reorder { .. }
+            | ApplyError::NewKeyExists { .. } => true,
             ApplyError::Map(_)
             | ApplyError::Batch(_)
             | ApplyError::UnknownRelation { .. }
@@ -130,6 +139,33 @@ impl ApplyError {
         }
     }
 }
+
+/// What the sessions of this process learned about green, carried into the next session.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// Transactions committing at or before this LSN are replayed change by change (a unique
+    /// constraint on green rejected them coalesced: [`ApplyError::Reorder`]).
+    pub serial_until: u64,
+    /// Target tables whose new keys are written with upserts, never with a plain insert (a
+    /// writer on green inserted keys there: [`ApplyError::NewKeyExists`]).
+    pub upsert_only: BTreeSet<String>,
+}
+
+impl Recovery {
+    /// Takes in what a failed session's error teaches.
+    pub fn learn(&mut self, e: &ApplyError) {
+        match e {
+            ApplyError::Reorder { until, .. } => self.serial_until = self.serial_until.max(*until),
+            ApplyError::NewKeyExists { table, .. } => {
+                self.upsert_only.insert(table.clone());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `what` of the plain insert of new keys in errors (see [`sql::insert_new`]).
+pub(crate) const NEW_KEYS: &str = "an insert of new keys";
 
 /// Retry decision for a raw driver error (see [`DbFailure::is_retryable`]).
 pub fn retryable_pg(e: &tokio_postgres::Error) -> bool {
@@ -183,6 +219,12 @@ pub struct Applier {
     /// Set while bisecting a rejected batch: a failed write leaves the transaction to the
     /// caller's savepoint instead of rolling it back.
     keep_failed_transaction: bool,
+    /// Whether keys blue inserted (a key's first change in the batch is an insert) are written
+    /// with a plain INSERT ([`sql::insert_new`]). The stage turns it off while replaying change
+    /// by change, and bisection turns it off: there a unique violation must mean what it says.
+    pub insert_new_keys: bool,
+    /// Tables never written with the plain insert ([`Recovery::upsert_only`]).
+    pub upsert_only: BTreeSet<String>,
 }
 
 type Pending<'a> = Pin<
@@ -265,6 +307,8 @@ impl Applier {
             slot: slot.to_string(),
             replica_role,
             keep_failed_transaction: false,
+            insert_new_keys: true,
+            upsert_only: BTreeSet::new(),
         })
     }
 
@@ -281,6 +325,20 @@ impl Applier {
             return Ok(s.clone());
         }
         let s = self.client.prepare(sql).await?;
+        self.statements.insert(sql.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// [`Self::prepared`] with declared parameter types (for statements leaving some unread).
+    async fn prepared_typed(
+        &mut self,
+        sql: &str,
+        types: &[tokio_postgres::types::Type],
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.statements.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare_typed(sql, types).await?;
         self.statements.insert(sql.to_string(), s.clone());
         Ok(s)
     }
@@ -442,12 +500,18 @@ impl Applier {
             let params = |rows: &[&'t batch::Pending], cols: &[usize], bound: bool| {
                 keyed_params(rows, cols, detect.then_some(&labels), bound)
             };
+            let insert_new = self.insert_new_keys && !self.upsert_only.contains(&map.label);
             let mut deletes = Vec::new();
             let mut upserts = Vec::new();
+            let mut new_keys = Vec::new();
             let mut partial: HashMap<Vec<bool>, Vec<&batch::Pending>> = HashMap::new();
             for p in ops.ops.values() {
                 match &p.op {
                     KeyedOp::Delete(_) => deletes.push(p),
+                    // Blue had no row for this key before the batch: neither has green, unless
+                    // a writer on green inserted it (then the insert fails, and the batch is
+                    // retried with upserts: `ApplyError::NewKeyExists`).
+                    KeyedOp::Upsert(_) if insert_new && !p.existed => new_keys.push(p),
                     KeyedOp::Upsert(_) => upserts.push(p),
                     KeyedOp::Update(t) => {
                         partial.entry(batch::unchanged_mask(t)).or_default().push(p)
@@ -496,6 +560,22 @@ impl Applier {
                     let s = self.prepared(&text).await?;
                     plans.push((s, params(&rows, &cols, false), origin("an update")));
                 }
+            }
+            // Last: rows blue inserted usually reuse unique values that the batch's updates and
+            // deletes free.
+            if !new_keys.is_empty() {
+                let (s, p) = match conflict::insert_new(map, &all) {
+                    Some(text) => {
+                        let types = conflict::param_types(all.len());
+                        let s = self.prepared_typed(&text, &types).await?;
+                        (s, params(&new_keys, &all, false))
+                    }
+                    None => {
+                        let s = self.prepared(&sql::insert_new(map, &all)).await?;
+                        (s, keyed_params(&new_keys, &all, None, false))
+                    }
+                };
+                plans.push((s, p, origin(NEW_KEYS)));
             }
         } else {
             for run in &ops.runs {

@@ -34,7 +34,9 @@ impl Applier {
         self.rollback().await?;
         self.begin_if_needed().await?;
         self.keep_failed_transaction = true;
+        let insert_new_keys = std::mem::replace(&mut self.insert_new_keys, false);
         let result = self.bisect(table).await;
+        self.insert_new_keys = insert_new_keys;
         self.keep_failed_transaction = false;
         self.rollback().await?;
         result

@@ -455,6 +455,7 @@ impl ApplyStage {
         let mut tables = self.batch.take();
         super::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
         let mut applier = self.applier.take().expect("settled above");
+        applier.insert_new_keys = self.txn_final_lsn > self.serial_until;
         self.inflight = Some(tokio::spawn(async move {
             let result = applier.write(&tables, None, lsn).await;
             (applier, tables, result)
@@ -527,7 +528,10 @@ impl ApplyStage {
         lsn: u64,
     ) -> Result<super::Written, ApplyError> {
         self.settle().await?;
-        let result = self.applier().write(tables, commit, lsn).await;
+        let coalesced = self.txn_final_lsn > self.serial_until;
+        let applier = self.applier();
+        applier.insert_new_keys = coalesced;
+        let result = applier.write(tables, commit, lsn).await;
         self.after_write(result, tables).await
     }
 
@@ -538,6 +542,15 @@ impl ApplyStage {
         tables: &[super::batch::TableOps],
     ) -> Result<super::Written, ApplyError> {
         match result {
+            // A new key met a row on green: a conflict, not bad input (see `NewKeyExists`).
+            Err(ApplyError::Statement {
+                what: super::NEW_KEYS,
+                table,
+                failure,
+                ..
+            }) if failure.code.as_deref() == Some("23505") => {
+                Err(ApplyError::NewKeyExists { table, failure })
+            }
             Err(e) if super::poison::is_data_error(&e) => {
                 let ApplyError::Statement { table, failure, .. } = &e else {
                     return Err(e);

@@ -211,7 +211,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
         start_lsn: None,
         drain_lsn: None,
         waiters: Vec::new(),
-        serial_until: 0,
+        recovery: Default::default(),
     };
     let join = tokio::spawn(supervisor.run(opts, shutdown_rx, drain_rx));
     Ok(Handle {
@@ -250,9 +250,9 @@ struct Supervisor {
     start_lsn: Option<u64>,
     drain_lsn: Option<u64>,
     waiters: Vec<oneshot::Sender<Result<Report, String>>>,
-    /// Replay changes up to this LSN one by one (after a unique constraint rejected them
-    /// coalesced).
-    serial_until: u64,
+    /// What failed sessions taught about green (replay some changes one by one, write some
+    /// tables with upserts only).
+    recovery: crate::apply::Recovery,
 }
 
 enum Outcome {
@@ -279,7 +279,7 @@ impl Supervisor {
                     &self.config,
                     &self.shared,
                     stop_rx,
-                    self.serial_until,
+                    &self.recovery,
                     opts.snapshot_truncate,
                     |lsn| {
                         session_start = Some(lsn);
@@ -353,8 +353,8 @@ impl Supervisor {
                     return Ok(report);
                 }
                 Err(e) => {
-                    if let PipelineError::Apply(ApplyError::Reorder { until, .. }) = &e {
-                        self.serial_until = self.serial_until.max(*until);
+                    if let PipelineError::Apply(e) = &e {
+                        self.recovery.learn(e);
                     }
                     let retry = e.is_retryable()
                         && (self.start_lsn.is_some()

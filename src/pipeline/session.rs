@@ -29,14 +29,15 @@ pub async fn run(
     config: &Config,
     shared: &Arc<Shared>,
     stop: watch::Receiver<bool>,
-    serial_until: u64,
+    recovery: &crate::apply::Recovery,
     snapshot_truncate: bool,
     on_start: impl FnOnce(u64),
 ) -> Result<(), PipelineError> {
     let green_dsn = config.green_dsn()?;
     let rules = Arc::new(config.rules()?);
     let blue_dsn = config.blue_dsn()?;
-    let applier = Applier::connect(&green_dsn, &config.blue.slot).await?;
+    let mut applier = Applier::connect(&green_dsn, &config.blue.slot).await?;
+    applier.upsert_only = recovery.upsert_only.clone();
     shared.green_connected.store(true, Ordering::Relaxed);
 
     let (blue, blue_conn) =
@@ -136,7 +137,7 @@ pub async fn run(
         Some(fetch),
         limits,
         start,
-        serial_until,
+        recovery.serial_until,
         committed_tx,
         shared.clone(),
     )
