@@ -9,14 +9,18 @@
 //! - Transactions whose commit precedes green's progress row are skipped: they are in green.
 //! - The LSN published on `committed` is the end of a blue commit that green has committed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use super::batch::{Batch, OP_NAMES};
+mod inflight;
+
+use inflight::{Inflight, Tally};
+
+use super::batch::Batch;
 use super::{Applier, ApplyError};
 use crate::decode::{Begin, Commit, Message, OldTuple, Relation};
 use crate::metrics::Shared;
@@ -32,16 +36,8 @@ pub struct Limits {
     pub max_delay: Duration,
 }
 
-/// A chunk of a large blue transaction being written in the background: the applier, the
-/// chunk (for error attribution) and the result.
-type Inflight = tokio::task::JoinHandle<(
-    Applier,
-    Vec<super::batch::TableOps>,
-    Result<super::Written, ApplyError>,
-)>;
-
 pub struct ApplyStage {
-    /// `None` while a chunk is written in the background (`inflight`).
+    /// `None` while a write runs in the background (`inflight`).
     applier: Option<Applier>,
     inflight: Option<Inflight>,
     batch: Batch,
@@ -64,11 +60,9 @@ pub struct ApplyStage {
     /// Rows received in the batch, for the batch-size histogram.
     batch_rows: u64,
     batch_started: Option<Instant>,
-    /// Rows written to green in the open transaction, per table and operation; recorded in
-    /// metrics and the report only once green commits them.
-    written: HashMap<String, HashMap<&'static str, u64>>,
-    /// Conflicts met in the open green transaction; counted once green commits them.
-    conflicts: Vec<crate::conflicts::Seen>,
+    /// Rows written and conflicts met in the open green transaction; published only once green
+    /// commits them.
+    tally: Tally,
     last_lsn: u64,
     /// Transactions committing at or before this LSN are written change by change, in blue's
     /// order: a secondary unique constraint on green rejected them coalesced (see
@@ -114,8 +108,7 @@ impl ApplyStage {
             txns: 0,
             batch_rows: 0,
             batch_started: None,
-            written: HashMap::new(),
-            conflicts: Vec::new(),
+            tally: Tally::default(),
             last_lsn: skip_before,
             serial_until,
             txn_final_lsn: 0,
@@ -148,19 +141,33 @@ impl ApplyStage {
             let deadline = self
                 .batch_started
                 .map(|s| tokio::time::Instant::from_std(s + self.limits.max_delay));
+            let committable = self.last_commit.is_some() && !self.in_txn;
+            let inflight = &mut self.inflight;
             let event = tokio::select! {
                 biased;
-                // A committed blue transaction must not wait longer than max_delay, however
-                // busy the stream: check the deadline before taking more input.
-                _ = crate::pipeline::sleep_until(deadline), if self.last_commit.is_some() && !self.in_txn => {
+                // 1. Green finished the write in flight: publish it (acknowledges a committed
+                //    batch to blue at once), and hand green what is ready.
+                ended = Inflight::ended(inflight), if inflight.is_some() => {
+                    self.settle_ended(ended).await?;
+                    if committable {
+                        self.commit().await?;
+                    }
+                    continue;
+                }
+                // 2. A committed blue transaction must not wait longer than max_delay, however
+                //    busy the stream: check the deadline before taking more input.
+                _ = crate::pipeline::sleep_until(deadline), if committable => {
                     self.commit().await?;
                     continue;
                 }
+                // 3. The stream.
                 event = rx.recv() => event,
             };
             let Some(event) = event else { break };
             self.handle(event).await?;
-            let idle = rx.is_empty();
+            // Group commit: while green writes the batch in flight, this one grows (up to the
+            // limits); once green is free, whatever is complete goes.
+            let idle = rx.is_empty() && self.inflight.is_none();
             if self.last_commit.is_some() && !self.in_txn && (idle || self.full()) {
                 self.commit().await?;
             }
@@ -168,9 +175,8 @@ impl ApplyStage {
         if self.last_commit.is_some() && !self.in_txn {
             self.commit().await?;
         }
-        if self.in_txn || !self.written.is_empty() {
-            self.written.clear();
-            self.conflicts.clear();
+        if self.in_txn || !self.tally.is_empty() {
+            self.tally = Tally::default();
             info!(
                 "abandoning an incomplete blue transaction at shutdown; it will be streamed again"
             );
@@ -193,19 +199,6 @@ impl ApplyStage {
             .as_ref()
             .expect("no chunk in flight: callers settle first")
             .client()
-    }
-
-    /// Waits for the chunk written in the background, if any, and takes back the applier.
-    async fn settle(&mut self) -> Result<(), ApplyError> {
-        if let Some(task) = self.inflight.take() {
-            let (applier, tables, result) = task
-                .await
-                .map_err(|e| ApplyError::WriteTask(e.to_string()))?;
-            self.applier = Some(applier);
-            let written = self.after_write(result, &tables).await?;
-            self.record(written);
-        }
-        Ok(())
     }
 
     fn full(&self) -> bool {
@@ -269,6 +262,7 @@ impl ApplyStage {
                         .await?;
                     for m in &maps {
                         *self
+                            .tally
                             .written
                             .entry(m.label.clone())
                             .or_default()
@@ -441,197 +435,6 @@ impl ApplyStage {
             self.flush_in_background(lsn).await?;
         }
         Ok(())
-    }
-
-    /// Writes pending ops of a large blue transaction without committing, in the background:
-    /// green executes this chunk while the next one is received and coalesced. At most one
-    /// chunk is in flight (memory: two chunks), and anything else that talks to green first
-    /// waits for it (`settle`), so statements still reach green in blue's order.
-    async fn flush_in_background(&mut self, lsn: u64) -> Result<(), ApplyError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        self.settle().await?;
-        let mut tables = self.batch.take();
-        super::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
-        let mut applier = self.applier.take().expect("settled above");
-        applier.insert_new_keys = self.txn_final_lsn > self.serial_until;
-        self.inflight = Some(tokio::spawn(async move {
-            let result = applier.write(&tables, None, lsn).await;
-            (applier, tables, result)
-        }));
-        Ok(())
-    }
-
-    /// Writes pending ops without committing.
-    async fn flush(&mut self, lsn: u64) -> Result<(), ApplyError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let mut tables = self.batch.take();
-        super::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
-        let counts = self.write(&tables, None, lsn).await?;
-        self.record(counts);
-        Ok(())
-    }
-
-    /// Writes the rest of the batch, the progress row and COMMIT; then publishes the LSN.
-    async fn commit(&mut self) -> Result<(), ApplyError> {
-        let Some(c) = self.last_commit.take() else {
-            return Ok(());
-        };
-        let started = Instant::now();
-        self.settle().await?;
-        if self.batch.is_empty() && !self.applier().in_transaction() {
-            // Nothing reached green: no need for a green transaction to advance.
-        } else {
-            let mut tables = self.batch.take();
-            super::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
-            let counts = self
-                .write(&tables, Some((c.end_lsn, c.commit_time)), c.end_lsn)
-                .await?;
-            self.record(counts);
-        }
-        let elapsed = started.elapsed();
-        for (table, ops) in self.written.drain() {
-            for (op, n) in ops {
-                self.shared.add_rows(&table, op, n);
-            }
-        }
-        if !self.conflicts.is_empty() {
-            let conflicts = std::mem::take(&mut self.conflicts);
-            log_conflicts(&conflicts, c.end_lsn);
-            self.shared.add_conflicts(&conflicts);
-        }
-        self.shared
-            .batch_committed(self.txns, self.batch_rows, elapsed, c.end_lsn);
-        debug!(
-            end_lsn = %crate::progress::format_lsn(c.end_lsn),
-            txns = self.txns,
-            rows = self.batch_rows,
-            ms = elapsed.as_millis() as u64,
-            "batch committed"
-        );
-        self.txns = 0;
-        self.batch_rows = 0;
-        self.batch_started = None;
-        let _ = self.committed.send(c.end_lsn);
-        Ok(())
-    }
-
-    /// Writes to green; when green rejects a row, names it (bisecting the failing table) in
-    /// the error that stops the pipeline.
-    async fn write(
-        &mut self,
-        tables: &[super::batch::TableOps],
-        commit: Option<(u64, i64)>,
-        lsn: u64,
-    ) -> Result<super::Written, ApplyError> {
-        self.settle().await?;
-        let coalesced = self.txn_final_lsn > self.serial_until;
-        let applier = self.applier();
-        applier.insert_new_keys = coalesced;
-        let result = applier.write(tables, commit, lsn).await;
-        self.after_write(result, tables).await
-    }
-
-    /// The outcome of a write of `tables`: a data error is attributed (see [`Self::write`]).
-    async fn after_write(
-        &mut self,
-        result: Result<super::Written, ApplyError>,
-        tables: &[super::batch::TableOps],
-    ) -> Result<super::Written, ApplyError> {
-        match result {
-            // A new key met a row on green: a conflict, not bad input (see `NewKeyExists`).
-            Err(ApplyError::Statement {
-                what: super::NEW_KEYS,
-                table,
-                failure,
-                ..
-            }) if failure.code.as_deref() == Some("23505") => {
-                Err(ApplyError::NewKeyExists { table, failure })
-            }
-            Err(e) if super::poison::is_data_error(&e) => {
-                let ApplyError::Statement { table, failure, .. } = &e else {
-                    return Err(e);
-                };
-                // Coalescing reorders changes between keys; a secondary unique constraint may
-                // care. Replay the stretch in blue's order before calling any row poison.
-                if self.txn_final_lsn > self.serial_until
-                    && matches!(failure.code.as_deref(), Some("23505" | "23P01"))
-                {
-                    // Every transaction in this write commits at or before the one received
-                    // last.
-                    return Err(ApplyError::Reorder {
-                        table: table.clone(),
-                        until: self.txn_final_lsn,
-                        failure: failure.clone(),
-                    });
-                }
-                // The table may have ops in several segments of the batch: try each. A row that
-                // fails alone for another reason (it needed earlier context) is not the culprit.
-                let original = failure.clone();
-                for t in tables.iter().filter(|t| &t.map.label == table) {
-                    if let Some(p) = self.applier().isolate(t).await?
-                        && p.failure.code == original.code
-                        && p.failure.constraint == original.constraint
-                    {
-                        return Err(super::poison::poison_error(t, p));
-                    }
-                }
-                Err(e)
-            }
-            other => other,
-        }
-    }
-
-    fn record(&mut self, written: super::Written) {
-        self.conflicts.extend(written.conflicts);
-        for (table, ops) in written.rows {
-            let entry = self.written.entry(table).or_default();
-            for (i, n) in ops.iter().enumerate() {
-                if *n > 0 {
-                    *entry.entry(OP_NAMES[i]).or_default() += *n;
-                }
-            }
-        }
-    }
-}
-
-/// One warning per batch and table: counts by kind and resolution, and the first keys (values
-/// are in `shadowsync.conflicts`, never in logs).
-fn log_conflicts(conflicts: &[crate::conflicts::Seen], end_lsn: u64) {
-    const KEYS_SHOWN: usize = 10;
-    let mut by_table: BTreeMap<&str, Vec<&crate::conflicts::Seen>> = BTreeMap::new();
-    for c in conflicts {
-        by_table.entry(&c.table).or_default().push(c);
-    }
-    for (table, seen) in by_table {
-        let mut counts: BTreeMap<(&str, &str), u64> = BTreeMap::new();
-        for c in &seen {
-            *counts.entry((&c.kind, &c.resolution)).or_default() += 1;
-        }
-        let counts = counts
-            .iter()
-            .map(|((k, r), n)| format!("{k}/{r}={n}"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let mut keys: Vec<&str> = seen
-            .iter()
-            .take(KEYS_SHOWN)
-            .map(|c| c.key.as_str())
-            .collect();
-        if seen.len() > KEYS_SHOWN {
-            keys.push("...");
-        }
-        warn!(
-            table,
-            conflicts = seen.len(),
-            counts = %counts,
-            keys = %keys.join(" "),
-            end_lsn = %crate::progress::format_lsn(end_lsn),
-            "conflicts with green's rows resolved (recorded in shadowsync.conflicts)"
-        );
     }
 }
 
