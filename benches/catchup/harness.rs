@@ -373,7 +373,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
     if statements {
         green
             .reconfigure(
-                "shared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = all",
+                "shared_preload_libraries = 'pg_stat_statements,auto_explain'\npg_stat_statements.track = all\nauto_explain.log_min_duration = '2ms'\nauto_explain.log_analyze = on\nauto_explain.sample_rate = 0.05",
             )
             .expect("pg_stat_statements");
     }
@@ -512,6 +512,10 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
         for db in ["native", DB] {
             print_statements(&green, db).await;
         }
+        // Plans of statements slower than 20 ms (auto_explain), for EXPLAIN-level reading.
+        let log = std::env::temp_dir().join(format!("bench-green-{workload:?}.log"));
+        std::fs::write(&log, green.server_log()).unwrap();
+        eprintln!("green's server log, with slow plans: {}", log.display());
     }
 
     verify(workload, &blue, &green).await;
@@ -598,8 +602,17 @@ fn run_shadowsync(
     let mut cmd = match std::env::var("BENCH_PERF") {
         Ok(out) if db == DB => {
             let mut c = Command::new("perf");
-            c.args(["record", "-F", "1999", "-g", "-o", &out, "--"])
-                .arg(binary);
+            c.args([
+                "record",
+                "-F",
+                "1999",
+                "--call-graph",
+                "fp",
+                "-o",
+                &out,
+                "--",
+            ])
+            .arg(binary);
             c
         }
         _ => Command::new(binary),
@@ -748,6 +761,10 @@ async fn write_backlog(workload: Workload, size: Size, dsn: &str) -> i64 {
 
 /// The release binary next to the running executable (target/release/shadowsync).
 pub fn release_binary() -> PathBuf {
+    // BENCH_BINARY: another build (e.g. one with frame pointers, for `BENCH_PERF`).
+    if let Some(path) = std::env::var_os("BENCH_BINARY") {
+        return PathBuf::from(path);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let candidates = [
         exe.parent()
