@@ -512,7 +512,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
         for db in ["native", DB] {
             print_statements(&green, db).await;
         }
-        // Plans of statements slower than 20 ms (auto_explain), for EXPLAIN-level reading.
+        // Plans (with actual times) of a 5% sample of statements over 2 ms (auto_explain).
         let log = std::env::temp_dir().join(format!("bench-green-{workload:?}.log"));
         std::fs::write(&log, green.server_log()).unwrap();
         eprintln!("green's server log, with slow plans: {}", log.display());
