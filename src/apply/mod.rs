@@ -778,3 +778,43 @@ fn arrays<'t>(rows: &[&'t Tuple], cols: &[usize]) -> Vec<TextArray<'t>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unique_violation() -> Box<DbFailure> {
+        Box::new(DbFailure {
+            code: Some("23505".into()),
+            constraint: Some("items_pkey".into()),
+            message: "duplicate key value violates unique constraint".into(),
+        })
+    }
+
+    #[test]
+    fn recovery_learns_from_the_errors_that_change_the_next_session() {
+        let mut r = Recovery::default();
+        let e = ApplyError::NewKeyExists {
+            table: "public.items".into(),
+            failure: unique_violation(),
+        };
+        assert!(e.is_retryable());
+        r.learn(&e);
+        r.learn(&ApplyError::Reorder {
+            table: "public.items".into(),
+            until: 100,
+            failure: unique_violation(),
+        });
+        r.learn(&ApplyError::Reorder {
+            table: "public.items".into(),
+            until: 50,
+            failure: unique_violation(),
+        });
+        r.learn(&ApplyError::SessionBusy { slot: "s".into() });
+        assert_eq!(r.serial_until, 100, "never moves back");
+        assert_eq!(
+            r.upsert_only.iter().collect::<Vec<_>>(),
+            vec!["public.items"]
+        );
+    }
+}
