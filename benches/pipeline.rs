@@ -80,6 +80,7 @@ fn map() -> Arc<TableMap> {
         conflicts: shadowsync::transform::ConflictPolicy::Off,
         keyed_lookups: vec![],
         plain_key: None,
+        insert_new_keys: None,
     })
 }
 

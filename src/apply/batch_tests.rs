@@ -42,6 +42,7 @@ fn map(keyed: bool) -> Arc<TableMap> {
         conflicts: crate::transform::ConflictPolicy::Off,
         keyed_lookups: vec![],
         plain_key: None,
+        insert_new_keys: None,
     })
 }
 

@@ -548,7 +548,9 @@ impl Applier {
             let params = |rows: &[&'t batch::Pending], cols: &[usize], bound: bool| {
                 keyed_params(rows, cols, detect.then_some(&labels), bound)
             };
-            let insert_new = self.insert_new_keys && !self.upsert_only.contains(&map.label);
+            let insert_new = self.insert_new_keys
+                && map.insert_new_keys.is_some()
+                && !self.upsert_only.contains(&map.label);
             let mut deletes = Vec::new();
             let mut upserts = Vec::new();
             let mut new_keys = Vec::new();

@@ -350,6 +350,7 @@ mod tests {
             conflicts: crate::transform::ConflictPolicy::Off,
             keyed_lookups: vec![],
             plain_key: None,
+            insert_new_keys: None,
         }
     }
 

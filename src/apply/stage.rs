@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 mod inflight;
 
@@ -136,7 +136,22 @@ impl ApplyStage {
 
     /// Runs until the source closes the channel, then commits every complete blue transaction
     /// received and abandons an incomplete one (it will be streamed again).
-    pub async fn run(mut self, mut rx: mpsc::Receiver<SourceEvent>) -> Result<(), ApplyError> {
+    pub async fn run(mut self, rx: mpsc::Receiver<SourceEvent>) -> Result<(), ApplyError> {
+        let result = self.stream(rx).await;
+        if let Err(e) = &result
+            && self.inflight.is_some()
+        {
+            // The write in flight runs on regardless: wait for it, so that a batch green
+            // committed is counted and acknowledged, and its session's lock is released before
+            // the next session starts. The first error is the one reported.
+            if let Err(later) = self.settle().await {
+                warn!(error = %later, first = %e, "the write in flight failed too");
+            }
+        }
+        result
+    }
+
+    async fn stream(&mut self, mut rx: mpsc::Receiver<SourceEvent>) -> Result<(), ApplyError> {
         loop {
             let deadline = self
                 .batch_started

@@ -25,6 +25,8 @@ pub struct GreenTable {
     pub columns: Vec<GreenColumn>,
     /// Primary key column names, in key order; empty without a primary key.
     pub primary_key: Vec<String>,
+    /// Name of the primary key constraint (what a unique violation of it names).
+    pub primary_key_name: Option<String>,
 }
 
 /// Reads a table's description from green; `None` when it does not exist.
@@ -72,10 +74,18 @@ pub async fn green_table(
         .into_iter()
         .map(|r| r.get(0))
         .collect();
+    let primary_key_name = client
+        .query_opt(
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = to_regclass($1) AND contype = 'p'",
+            &[&quoted],
+        )
+        .await?
+        .map(|r| r.get(0));
     Ok(Some(GreenTable {
         name: name.clone(),
         columns,
         primary_key,
+        primary_key_name,
     }))
 }
 

@@ -122,7 +122,17 @@ pub struct TableMap {
     /// The source column copied verbatim into the single key column, if the key is that simple
     /// (a change's key is then blue's text of that column).
     pub plain_key: Option<usize>,
+    /// Green's primary key constraint, when keys blue inserted may be written with a plain
+    /// INSERT (see `apply::sql::insert_new`): every key column is a verbatim copy of one of
+    /// blue's replica identity columns, together exactly that identity, of one type whose text
+    /// form is canonical (integers, uuid). Then a key new on blue is new on green unless a
+    /// writer on green inserted it, and a violation of this constraint means just that.
+    /// `None`: always upsert.
+    pub insert_new_keys: Option<String>,
 }
+
+/// Key types whose equality on green is equality of blue's text (no collation, no case folding).
+const CANONICAL_KEY_TYPES: [&str; 4] = ["smallint", "integer", "bigint", "uuid"];
 
 /// One keyed lookup of a mapping: `relation` rows whose column `key` equals source column
 /// `column`.
@@ -498,6 +508,20 @@ pub fn build(
         }
         _ => None,
     };
+    let verbatim = |k: usize| {
+        let c = &columns[k];
+        c.inputs.len() == 1
+            && c.expr == format!("src.{}", quote_ident(&source.columns[c.inputs[0]].name))
+            && c.base_type == source_columns[c.inputs[0]].sql_type
+            && CANONICAL_KEY_TYPES.contains(&c.base_type.as_str())
+    };
+    let identity: Vec<usize> = (0..source.columns.len())
+        .filter(|&i| source.columns[i].is_key)
+        .collect();
+    let insert_new_keys =
+        (!key.is_empty() && !full && key.iter().all(|&k| verbatim(k)) && row_key == identity)
+            .then(|| green.primary_key_name.clone())
+            .flatten();
     Ok(Some(Arc::new(TableMap {
         label: target.to_string(),
         source: source.name.clone(),
@@ -513,5 +537,6 @@ pub fn build(
         conflicts,
         keyed_lookups,
         plain_key,
+        insert_new_keys,
     })))
 }

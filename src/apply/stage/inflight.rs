@@ -227,7 +227,12 @@ impl ApplyStage {
                 table,
                 failure,
                 ..
-            }) if failure.code.as_deref() == Some("23505") => {
+            }) if failure.code.as_deref() == Some("23505")
+                && failure.constraint.is_some()
+                && tables.iter().any(|t| {
+                    t.map.label == table && t.map.insert_new_keys == failure.constraint
+                }) =>
+            {
                 Err(ApplyError::NewKeyExists { table, failure })
             }
             Err(e) if crate::apply::poison::is_data_error(&e) => {
