@@ -496,24 +496,22 @@ pub fn build(
             keyed_lookups.extend(found);
         }
     }
-    let plain_key = match key.as_slice() {
-        [k] if columns[*k].inputs.len() == 1
-            && columns[*k].expr
-                == format!(
-                    "src.{}",
-                    quote_ident(&source.columns[columns[*k].inputs[0]].name)
-                ) =>
-        {
-            Some(columns[*k].inputs[0])
+    // The source column a key column copies as is, if it does.
+    let copied = |k: usize| {
+        let c = &columns[k];
+        match c.inputs.as_slice() {
+            [i] if c.expr == format!("src.{}", quote_ident(&source.columns[*i].name)) => Some(*i),
+            _ => None,
         }
+    };
+    let plain_key = match key.as_slice() {
+        [k] => copied(*k),
         _ => None,
     };
     let verbatim = |k: usize| {
-        let c = &columns[k];
-        c.inputs.len() == 1
-            && c.expr == format!("src.{}", quote_ident(&source.columns[c.inputs[0]].name))
-            && c.base_type == source_columns[c.inputs[0]].sql_type
-            && CANONICAL_KEY_TYPES.contains(&c.base_type.as_str())
+        let ty = columns[k].base_type.as_str();
+        copied(k).is_some_and(|i| ty == source_columns[i].sql_type)
+            && CANONICAL_KEY_TYPES.contains(&ty)
     };
     let identity: Vec<usize> = (0..source.columns.len())
         .filter(|&i| source.columns[i].is_key)
