@@ -22,7 +22,7 @@
 use bytes::{BufMut, BytesMut};
 use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
 
-use super::sql::{Cast, computable, excluded_sets, key_match, select_list};
+use super::sql::{Cast, column_list, computable, excluded_sets, key_match, select_list};
 use crate::transform::{Lww, TableMap, quote_ident};
 
 /// Metadata columns of the incoming rows (never target column names: they start with `~`).
@@ -246,16 +246,12 @@ pub fn insert_new(map: &TableMap, cols: &[usize]) -> Option<String> {
         return None;
     };
     let targets = computable(map, cols);
-    let mut names: Vec<String> = targets
-        .iter()
-        .map(|&i| quote_ident(&map.columns[i].name))
-        .collect();
-    names.push(quote_ident(c));
     let written = select_list(map, &targets, Cast::Write);
     Some(format!(
-        "INSERT INTO {} AS t ({}) OVERRIDING SYSTEM VALUE {}",
+        "INSERT INTO {} AS t ({}, {}) OVERRIDING SYSTEM VALUE {}",
         map.target.quoted(),
-        names.join(", "),
+        column_list(map, &targets),
+        quote_ident(c),
         incoming(map, cols, &written, &[COMMIT_TIME])
     ))
 }

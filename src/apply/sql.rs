@@ -77,7 +77,7 @@ pub(crate) fn select_list(map: &TableMap, targets: &[usize], cast: Cast) -> Stri
         .join(", ")
 }
 
-fn column_list(map: &TableMap, targets: &[usize]) -> String {
+pub(crate) fn column_list(map: &TableMap, targets: &[usize]) -> String {
     targets
         .iter()
         .map(|&i| quote_ident(&map.columns[i].name))

@@ -20,21 +20,13 @@ pub fn scan(expr: &str) -> (Vec<Chain>, Vec<Chain>) {
     let mut from = FromList::default();
     let mut i = 0;
     while i < b.len() {
+        if let Some(end) = skip_comment(b, i) {
+            i = end;
+            continue;
+        }
         let c = b[i];
         match c {
             b'\'' => i = skip_quoted(b, i, b'\''),
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
-                    i += 1;
-                }
-                i += 2;
-            }
             b'$' => i = skip_dollar(b, i),
             b'"' => {
                 let (chain, next) = read_chain(expr, i);
@@ -116,6 +108,27 @@ fn push(chain: Chain, chains: &mut Vec<Chain>, relations: &mut Vec<Chain>, from:
         }
     }
     chains.push(chain);
+}
+
+/// The end of the comment starting at `start` (`--` to the end of the line, `/* ... */`), if
+/// one starts there.
+fn skip_comment(b: &[u8], start: usize) -> Option<usize> {
+    match (b[start], b.get(start + 1)) {
+        (b'-', Some(b'-')) => Some(
+            b[start..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(b.len(), |p| start + p),
+        ),
+        (b'/', Some(b'*')) => {
+            let mut i = start + 2;
+            while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                i += 1;
+            }
+            Some(i + 2)
+        }
+        _ => None,
+    }
 }
 
 fn skip_quoted(b: &[u8], start: usize, quote: u8) -> usize {
@@ -255,23 +268,15 @@ fn tokens(expr: &str) -> Vec<Token> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < b.len() {
+        if let Some(end) = skip_comment(b, i) {
+            i = end;
+            continue;
+        }
         let c = b[i];
         match c {
             b'\'' => {
                 i = skip_quoted(b, i, b'\'');
                 out.push(Token::Symbol(b'\''));
-            }
-            b'-' if b.get(i + 1) == Some(&b'-') => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            }
-            b'/' if b.get(i + 1) == Some(&b'*') => {
-                i += 2;
-                while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
-                    i += 1;
-                }
-                i += 2;
             }
             b'$' => {
                 i = skip_dollar(b, i);

@@ -124,14 +124,8 @@ impl ApplyStage {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let mut tables = self.batch.take();
-        crate::apply::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
-        self.settle().await?;
-        let final_lsn = self.txn_final_lsn;
-        let coalesced = final_lsn > self.serial_until;
-        let applier = self.applier();
-        applier.insert_new_keys = coalesced;
-        let result = applier.write(&tables, None, lsn).await;
+        let (tables, final_lsn) = self.take_for_write().await?;
+        let result = self.applier().write(&tables, None, lsn).await;
         let written = self.after_write(result, &tables, final_lsn).await?;
         self.tally.record(written);
         Ok(())
@@ -167,12 +161,8 @@ impl ApplyStage {
         lsn: u64,
         commit: Option<Committing>,
     ) -> Result<(), ApplyError> {
-        let mut tables = self.batch.take();
-        crate::apply::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
-        self.settle().await?;
-        let final_lsn = self.txn_final_lsn;
-        let mut applier = self.applier.take().expect("settled above");
-        applier.insert_new_keys = final_lsn > self.serial_until;
+        let (tables, final_lsn) = self.take_for_write().await?;
+        let mut applier = self.applier.take().expect("settled by take_for_write");
         let progress = commit
             .as_ref()
             .map(|c| (c.commit.end_lsn, c.commit.commit_time));
@@ -185,6 +175,20 @@ impl ApplyStage {
             commit,
         });
         Ok(())
+    }
+
+    /// The batch's pending ops, completed from blue, once green is free for them (no write in
+    /// flight) and the applier knows whether new keys may take the plain insert (not while
+    /// replaying change by change). Returns them with the commit LSN of the last transaction
+    /// received, at or before which all of them commit.
+    async fn take_for_write(&mut self) -> Result<(Vec<TableOps>, u64), ApplyError> {
+        let mut tables = self.batch.take();
+        crate::apply::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
+        self.settle().await?;
+        let final_lsn = self.txn_final_lsn;
+        let coalesced = final_lsn > self.serial_until;
+        self.applier().insert_new_keys = coalesced;
+        Ok((tables, final_lsn))
     }
 
     /// Green committed a batch: count its rows and conflicts, acknowledge its LSN.
