@@ -367,16 +367,22 @@ ALTER TABLE public.virtual_machines ENABLE ALWAYS TRIGGER app_vms;
 
 /// Runs one workload at `size`; `binary` is the release `shadowsync`.
 pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
-    let blue = Cluster::start("bench-blue").expect("blue");
+    let mut blue = Cluster::start("bench-blue").expect("blue");
     let mut green = Cluster::start("bench-green").expect("green");
+    // An otherwise idle machine: no autovacuum worker may wake up during a timed run to process
+    // what an earlier step wrote (the backlog on blue, the previous method's rows on green),
+    // which would charge one method for another's work, at random.
+    let idle = "autovacuum = off";
+    blue.reconfigure(idle).expect("blue settings");
     let statements = std::env::var_os("BENCH_STATEMENTS").is_some();
-    if statements {
-        green
-            .reconfigure(
-                "shared_preload_libraries = 'pg_stat_statements,auto_explain'\npg_stat_statements.track = all\nauto_explain.log_min_duration = '2ms'\nauto_explain.log_analyze = on\nauto_explain.sample_rate = 0.05",
-            )
-            .expect("pg_stat_statements");
-    }
+    let profiling = "shared_preload_libraries = 'pg_stat_statements,auto_explain'\npg_stat_statements.track = all\nauto_explain.log_min_duration = '2ms'\nauto_explain.log_analyze = on\nauto_explain.sample_rate = 0.05";
+    green
+        .reconfigure(&if statements {
+            format!("{idle}\n{profiling}")
+        } else {
+            idle.to_string()
+        })
+        .expect("green settings");
     blue.create_database(DB).unwrap();
     for db in ["native", DB, BLIND] {
         green.create_database(db).unwrap();

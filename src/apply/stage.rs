@@ -136,7 +136,7 @@ impl ApplyStage {
 
     /// Runs until the source closes the channel, then commits every complete blue transaction
     /// received and abandons an incomplete one (it will be streamed again).
-    pub async fn run(mut self, rx: mpsc::Receiver<SourceEvent>) -> Result<(), ApplyError> {
+    pub async fn run(mut self, rx: mpsc::Receiver<Vec<SourceEvent>>) -> Result<(), ApplyError> {
         let result = self.stream(rx).await;
         if let Err(e) = &result
             && self.inflight.is_some()
@@ -151,7 +151,7 @@ impl ApplyStage {
         result
     }
 
-    async fn stream(&mut self, mut rx: mpsc::Receiver<SourceEvent>) -> Result<(), ApplyError> {
+    async fn stream(&mut self, mut rx: mpsc::Receiver<Vec<SourceEvent>>) -> Result<(), ApplyError> {
         loop {
             let deadline = self
                 .batch_started
@@ -178,13 +178,16 @@ impl ApplyStage {
                 // 3. The stream.
                 event = rx.recv() => event,
             };
-            let Some(event) = event else { break };
-            self.handle(event).await?;
-            // Group commit: while green writes the batch in flight, this one grows (up to the
-            // limits); once green is free, whatever is complete goes.
-            let idle = rx.is_empty() && self.inflight.is_none();
-            if self.last_commit.is_some() && !self.in_txn && (idle || self.full()) {
-                self.commit().await?;
+            let Some(events) = event else { break };
+            let mut events = events.into_iter().peekable();
+            while let Some(event) = events.next() {
+                self.handle(event).await?;
+                // Group commit: while green writes the batch in flight, this one grows (up to
+                // the limits); once green is free, whatever is complete goes.
+                let idle = events.peek().is_none() && rx.is_empty() && self.inflight.is_none();
+                if self.last_commit.is_some() && !self.in_txn && (idle || self.full()) {
+                    self.commit().await?;
+                }
             }
         }
         if self.last_commit.is_some() && !self.in_txn {

@@ -115,7 +115,7 @@ pub async fn run(
     let poll = tokio::spawn(poll_wal(blue, shared.clone()));
     let _abort_poll = AbortOnDrop(poll);
 
-    let (tx, rx) = mpsc::channel(config.batch.channel_capacity);
+    let (tx, rx) = mpsc::channel(source::channel_runs(config.batch.channel_capacity));
     let (committed_tx, committed_rx) = watch::channel(start);
     let limits = Limits {
         max_rows: config.batch.max_rows,
