@@ -27,8 +27,10 @@ pub const DEFAULT_INITIAL_BACKOFF_MS: u64 = 500;
 pub const DEFAULT_MAX_BACKOFF_MS: u64 = 30_000;
 /// Default `[retry] startup_timeout_ms`.
 pub const DEFAULT_STARTUP_TIMEOUT_MS: u64 = 60_000;
-/// Default `[blue] status_interval_ms`: how often progress is confirmed to blue.
-pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 100;
+/// Default `[blue] status_interval_ms`: how often progress is confirmed to blue. Short, because
+/// a drain (the cutover) ends only once blue has been told; PostgreSQL's own apply worker confirms
+/// after every batch it applies.
+pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10;
 /// Default `[snapshot] range_pages`: 16384 pages of 8 KiB = 128 MiB per range.
 pub const DEFAULT_SNAPSHOT_RANGE_PAGES: u64 = 16_384;
 /// Most copy workers chosen by default (`[snapshot] workers = 0`).
@@ -216,7 +218,8 @@ pub struct BlueConfig {
     pub slot: String,
     /// Publication naming the replicated tables (must exist).
     pub publication: String,
-    /// Interval between progress confirmations sent to blue, in milliseconds.
+    /// Shortest interval between progress confirmations sent to blue, in milliseconds (one is
+    /// sent only when green committed more; an idle stream confirms every second).
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
 }

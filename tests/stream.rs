@@ -163,6 +163,37 @@ async fn idle_stream_confirms_wal_it_does_not_need() {
     handle.wait().await.unwrap();
 }
 
+/// A drain's target is reachable at once on an idle blue: blue has flushed WAL past it, so the
+/// walsender can get there without waiting for blue's next write (an async commit's unflushed
+/// tail, an insert position at a page header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_target_is_flushed_on_an_idle_blue() {
+    init_logging();
+    let pair = Pair::start(SCHEMA);
+    let blue = pair.blue().await;
+    for i in 0..20 {
+        // An asynchronous commit returns before its WAL is flushed.
+        blue.batch_execute(&format!(
+            "SET synchronous_commit = off; INSERT INTO items VALUES ({i}, 'a', 1, NULL)"
+        ))
+        .await
+        .unwrap();
+        let target = shadowsync::source::preflight::drain_target(&blue)
+            .await
+            .unwrap();
+        let flushed: String = blue
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let flushed = shadowsync::progress::parse_lsn(&flushed).unwrap();
+        assert!(
+            flushed > target,
+            "round {i}: blue flushed {flushed:X}, the drain needs past {target:X}"
+        );
+    }
+}
+
 /// Killing blue's walsender and green's apply connection mid-stream: the pipeline reconnects
 /// with backoff and resumes from green's progress; nothing lost, nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -25,6 +25,7 @@ use super::{Applier, ApplyError};
 use crate::decode::{Begin, Commit, Message, OldTuple, Relation};
 use crate::metrics::Shared;
 use crate::source::SourceEvent;
+use crate::source::preflight::DRAIN_MESSAGE_PREFIX;
 use crate::transform::rules::RuleSet;
 use crate::transform::{self, TableMap};
 
@@ -57,6 +58,9 @@ pub struct ApplyStage {
     last_commit: Option<Commit>,
     /// Blue transactions in the batch.
     txns: u64,
+    /// The transaction being received carries a drain's flush marker (see
+    /// `preflight::drain_target`).
+    drain_marker: bool,
     /// Rows received in the batch, for the batch-size histogram.
     batch_rows: u64,
     batch_started: Option<Instant>,
@@ -106,6 +110,7 @@ impl ApplyStage {
             in_txn: false,
             last_commit: None,
             txns: 0,
+            drain_marker: false,
             batch_rows: 0,
             batch_started: None,
             tally: Tally::default(),
@@ -302,6 +307,11 @@ impl ApplyStage {
                 self.types
                     .insert(oid, transform::QualifiedName::new(schema, name).quoted());
             }
+            Message::Message {
+                transactional: true,
+                prefix,
+                ..
+            } if prefix.as_ref() == DRAIN_MESSAGE_PREFIX.as_bytes() => self.drain_marker = true,
             Message::Origin { .. } | Message::Message { .. } => {}
             // Changes of a transaction green already has.
             Message::Insert { .. }
@@ -314,6 +324,7 @@ impl ApplyStage {
     }
 
     fn begin(&mut self, b: Begin) {
+        self.drain_marker = false;
         self.skipping = b.final_lsn < self.skip_before;
         self.txn_final_lsn = b.final_lsn;
         self.batch.begin_txn(b.final_lsn, b.commit_time);
@@ -332,7 +343,10 @@ impl ApplyStage {
             return;
         }
         self.last_commit = Some(c);
-        self.txns += 1;
+        // A drain's own flush marker is no blue transaction of the users'.
+        if !std::mem::take(&mut self.drain_marker) {
+            self.txns += 1;
+        }
     }
 
     async fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {

@@ -286,7 +286,8 @@ impl Supervisor {
                     },
                 );
                 tokio::pin!(session);
-                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                // A drain ends at most one tick after blue confirmed it: this is cutover time.
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
                 let mut stopping: Option<Outcome> = None;
                 loop {
                     tokio::select! {
@@ -399,7 +400,7 @@ impl Supervisor {
                     dsn: dsn.to_string(),
                     failure: crate::failure::DbFailure::from_pg(&source),
                 })?;
-        let lsn = preflight::current_wal_lsn(&client).await;
+        let lsn = preflight::drain_target(&client).await;
         drop(client);
         let _ = conn.await;
         Ok(lsn?)
@@ -426,7 +427,7 @@ impl Supervisor {
                     confirmed = true;
                     break;
                 }
-                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
                 Err(_) => break,
             }
         }

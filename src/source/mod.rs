@@ -148,7 +148,8 @@ pub fn replication_config(
     };
     base.with_start_lsn(Lsn::from_u64(start))
         .with_status_interval(status_interval)
-        .with_wakeup_interval(status_interval)
+        // Idle confirmations need no hurry (blue's keepalive requests are answered at once).
+        .with_wakeup_interval(status_interval.max(IDLE_CONFIRM_INTERVAL))
         .with_options(format!("{SESSION_OPTIONS} -c client_encoding=UTF8"))
         .with_application_name("shadowsync")
         .with_buffer_size(1024)
@@ -164,6 +165,9 @@ pub async fn connect(cfg: ReplicationConfig, dsn: &Dsn) -> Result<ReplicationCli
     client.wait_started().await.map_err(err)?;
     Ok(client)
 }
+
+/// How often an idle stream confirms its position to blue.
+const IDLE_CONFIRM_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a stop waits for the transaction being received to reach its Commit.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -207,7 +211,7 @@ impl SourceStage {
         let mut stop_by: Option<tokio::time::Instant> = None;
         // Publishes what blue has been told: a drain ends once it covers the drain LSN, so this
         // period adds to every drain (and to short benchmarks); an atomic read is all it costs.
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let metrics = self.client.metrics();
         loop {
@@ -289,7 +293,7 @@ impl SourceStage {
             && tokio::time::Instant::now() < deadline
             && self.client.is_running()
         {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.shared
             .set_confirmed(metrics.last_applied_lsn().as_u64());

@@ -176,6 +176,42 @@ pub async fn current_wal_lsn(blue: &Client) -> Result<u64, SourceError> {
     Ok(parse_lsn(&text).unwrap_or(0))
 }
 
+/// Prefix of the logical message a drain commits on blue (see [`drain_target`]); the apply
+/// stage does not count its transaction as a blue transaction applied.
+pub const DRAIN_MESSAGE_PREFIX: &str = "shadowsync-drain";
+
+/// Where a drain must reach: blue's current WAL insert position, made reachable at once.
+///
+/// An idle blue (writers stopped for the cutover) may keep the tail of its WAL unflushed while
+/// its WAL writer hibernates, and an insert position at the start of a page counts the page
+/// header, where no record ends: either way the walsender would send nothing that reaches the
+/// position until blue's next write, seconds or minutes later. So a transaction holding one
+/// empty logical message (prefix `shadowsync-drain`; no row, no table) is committed
+/// synchronously after reading the position: its commit record lies beyond the position and
+/// flushes everything before it. Should it fail (a refused read-write transaction), the drain
+/// still ends once blue writes again.
+pub async fn drain_target(blue: &Client) -> Result<u64, SourceError> {
+    let lsn = current_wal_lsn(blue).await?;
+    let flush = async {
+        blue.batch_execute("BEGIN READ WRITE; SET LOCAL synchronous_commit = on")
+            .await?;
+        blue.execute(
+            "SELECT pg_logical_emit_message(true, $1, '')",
+            &[&DRAIN_MESSAGE_PREFIX],
+        )
+        .await?;
+        blue.batch_execute("COMMIT").await
+    };
+    if let Err(e) = flush.await {
+        let _ = blue.batch_execute("ROLLBACK").await;
+        tracing::warn!(
+            error = %crate::failure::DbFailure::from_pg(&e),
+            "cannot make blue flush its WAL for the drain; it ends once blue writes again"
+        );
+    }
+    Ok(lsn)
+}
+
 /// The slot's confirmed position as blue records it.
 pub async fn slot_confirmed(blue: &Client, slot: &str) -> Result<u64, SourceError> {
     let text: Option<String> = blue
