@@ -230,6 +230,27 @@ async fn slot_confirmed(blue: &Client, slot: &str) -> u64 {
     .await
 }
 
+/// Waits until no process holds `slot` (its walsender has exited), so that the next timed run
+/// does not share the machine with the last one's exit.
+async fn slot_released(blue: &Client, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let active: bool = blue
+            .query_one(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if !active {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("slot {slot} still in use after 30 s");
+}
+
 /// Order-independent content of a query's rows.
 pub async fn digest(dsn: &str, from: &str) -> (i64, String) {
     let c = connect(dsn).await;
@@ -502,6 +523,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
     green
         .psql("native", "ALTER SUBSCRIPTION native DISABLE")
         .unwrap();
+    slot_released(&blue_client, "native").await;
 
     // 3. shadowsync, then 4. shadowsync without conflict detection (its own slot and database).
     // Each run starts from a checkpointed green, so that neither pays for the other's dirty pages.
@@ -509,6 +531,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
     let meter = CpuMeter::start(&blue, &green);
     let (ours, rss, cpu) = run_shadowsync(binary, workload, &blue, &green, publication, DB, true);
     let ours_cpu = meter.stop(&blue, &green, cpu);
+    slot_released(&blue_client, "shadowsync").await;
     green.psql(BLIND, "CHECKPOINT").unwrap();
     let meter = CpuMeter::start(&blue, &green);
     let (blind, _, blind_tool) =
