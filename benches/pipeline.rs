@@ -81,6 +81,7 @@ fn map() -> Arc<TableMap> {
         keyed_lookups: vec![],
         plain_key: None,
         insert_new_keys: None,
+        copy_new_keys: None,
     })
 }
 

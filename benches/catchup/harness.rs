@@ -207,6 +207,57 @@ impl Outcome {
     }
 }
 
+/// Medians (and ranges) over repeated runs of one workload: each ratio is taken per run, as the
+/// methods of one run share its clusters and moment.
+pub fn summary(runs: &[Outcome]) -> String {
+    fn median_range(mut v: Vec<f64>) -> String {
+        v.sort_by(f64::total_cmp);
+        let mid = if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        format!("{mid:.2} ({:.2} to {:.2})", v[0], v[v.len() - 1])
+    }
+    let mut out = format!(
+        "{:?} over {} runs: median (min to max)\n\n| method | seconds | vs native | vs ceiling |\n|---|---:|---:|---:|\n",
+        runs[0].workload,
+        runs.len()
+    );
+    let pick: [fn(&Outcome) -> &Timing; 4] = [
+        |o| &o.ceiling,
+        |o| &o.native,
+        |o| &o.shadowsync,
+        |o| &o.blind,
+    ];
+    for f in pick {
+        out.push_str(&format!(
+            "| {} | {} | {}x | {}x |\n",
+            f(&runs[0]).method,
+            median_range(runs.iter().map(|o| f(o).seconds).collect()),
+            median_range(
+                runs.iter()
+                    .map(|o| o.native.seconds / f(o).seconds)
+                    .collect()
+            ),
+            median_range(
+                runs.iter()
+                    .map(|o| o.ceiling.seconds / f(o).seconds)
+                    .collect()
+            ),
+        ));
+    }
+    out.push_str(&format!(
+        "\nshadowsync: peak RSS up to {} MiB\n",
+        runs.iter()
+            .map(|o| o.shadowsync_peak_rss_kib)
+            .max()
+            .unwrap_or(0)
+            / 1024
+    ));
+    out
+}
+
 pub async fn connect(dsn: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(dsn, NoTls).await.expect("connect");
     tokio::spawn(conn);

@@ -1,8 +1,10 @@
 //! Catch-up benchmark against PostgreSQL's own logical replication (see `harness.rs`).
 //!
-//! Run: `cargo build --release && cargo bench --bench catchup -- [w1|w2|w3|w4|copy|all] [--smoke]`.
-//! Prints one Markdown table per workload (seconds, rows/s, ratio to native and to the
-//! ceiling, shadowsync's peak RSS and CPU time); `copy` is the initial-copy benchmark.
+//! Run: `cargo build --release && cargo bench --bench catchup -- [w1|w2|w3|w4|copy|all] [--smoke]
+//! [--repeat N]`. Prints one Markdown table per workload run (seconds, rows/s, ratio to native
+//! and to the ceiling, shadowsync's peak RSS and CPU time); with `--repeat N` each workload runs
+//! N times on fresh clusters, followed by the median and range of each ratio (single runs of a
+//! few seconds vary by about 10%). `copy` is the initial-copy benchmark.
 
 mod copy;
 mod harness;
@@ -12,6 +14,12 @@ use harness::{Size, Workload};
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let smoke = args.iter().any(|a| a == "--smoke");
+    let repeat: usize = args
+        .iter()
+        .position(|a| a == "--repeat")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse().expect("--repeat takes a number"))
+        .unwrap_or(1);
     let mut workloads: Vec<Workload> = args.iter().filter_map(|a| Workload::parse(a)).collect();
     let all = args.iter().any(|a| a == "all");
     let with_copy = all || args.iter().any(|a| a == "copy");
@@ -28,8 +36,15 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     for w in workloads {
         let size = if smoke { Size::smoke(w) } else { Size::full(w) };
-        let outcome = runtime.block_on(harness::run(w, size, &binary));
-        println!("\n{}", outcome.table());
+        let mut outcomes = Vec::new();
+        for _ in 0..repeat.max(1) {
+            let outcome = runtime.block_on(harness::run(w, size, &binary));
+            println!("\n{}", outcome.table());
+            outcomes.push(outcome);
+        }
+        if outcomes.len() > 1 {
+            println!("\n{}", harness::summary(&outcomes));
+        }
     }
     if with_copy {
         let (rows, per_table) = if smoke {

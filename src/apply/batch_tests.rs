@@ -43,6 +43,7 @@ fn map(keyed: bool) -> Arc<TableMap> {
         keyed_lookups: vec![],
         plain_key: None,
         insert_new_keys: None,
+        copy_new_keys: None,
     })
 }
 

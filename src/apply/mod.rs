@@ -255,6 +255,46 @@ type Pending<'a> = Pin<
 /// The parameters of one planned statement.
 type Params<'t> = Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send + 't>>;
 
+/// What one planned statement takes: parameters, or the rows of a `COPY FROM STDIN`.
+enum Input<'t> {
+    Params(Params<'t>),
+    Copy(bytes::Bytes),
+}
+
+impl<'t> From<Params<'t>> for Input<'t> {
+    fn from(params: Params<'t>) -> Self {
+        Input::Params(params)
+    }
+}
+
+/// Runs a prepared `COPY FROM STDIN` with `data`, in the connection's pipeline: the request is
+/// queued when first polled, and later requests go after its data.
+async fn copy_in(
+    client: &Client,
+    statement: &Statement,
+    data: bytes::Bytes,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = client.copy_in::<_, bytes::Bytes>(statement).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(data).await?;
+    sink.finish().await?;
+    Ok(Vec::new())
+}
+
+/// The rows of `pending` (full images) in COPY's text format.
+fn copy_data(pending: &[&batch::Pending], sources: &[usize]) -> bytes::Bytes {
+    let size: usize = pending
+        .iter()
+        .map(|p| p.op.tuple().payload_bytes() + sources.len() + 8)
+        .sum();
+    let mut buf = bytes::BytesMut::with_capacity(size);
+    for p in pending {
+        sql::copy_row(&mut buf, p.op.tuple(), sources);
+    }
+    buf.freeze()
+}
+
 /// Where a pipelined request came from, to name it in errors.
 #[derive(Clone)]
 struct Origin {
@@ -400,7 +440,7 @@ impl Applier {
         lsn: u64,
     ) -> Result<Written, ApplyError> {
         // Statements first (preparing is a round trip, but only the first time per shape).
-        let mut plans: Vec<(Statement, Params<'_>, Origin)> = Vec::new();
+        let mut plans: Vec<(Statement, Input<'_>, Origin)> = Vec::new();
         for ops in tables {
             self.plan_table(ops, lsn, &mut plans)
                 .await
@@ -410,11 +450,12 @@ impl Applier {
         }
         let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = plans
             .iter()
-            .map(|(_, params, _)| {
-                params
+            .map(|(_, input, _)| match input {
+                Input::Params(params) => params
                     .iter()
                     .map(|a| a.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect()
+                    .collect(),
+                Input::Copy(_) => Vec::new(),
             })
             .collect();
         let progress_params: Option<(String, String, i64)> =
@@ -433,9 +474,12 @@ impl Applier {
                 client.batch_execute("BEGIN").await.map(|_| Vec::new())
             }));
         }
-        for ((stmt, _, origin), p) in plans.iter().zip(params.iter()) {
+        for ((stmt, input, origin), p) in plans.iter().zip(params.iter()) {
             origins.push(origin.clone());
-            pending.push(Box::pin(client.query(stmt, p)));
+            match input {
+                Input::Params(_) => pending.push(Box::pin(client.query(stmt, p))),
+                Input::Copy(data) => pending.push(Box::pin(copy_in(client, stmt, data.clone()))),
+            }
         }
         if let Some((slot, end, time)) = &progress_params {
             let stmt = &self.progress_statement;
@@ -533,7 +577,7 @@ impl Applier {
         &mut self,
         ops: &'t TableOps,
         lsn: u64,
-        plans: &mut Vec<(Statement, Params<'t>, Origin)>,
+        plans: &mut Vec<(Statement, Input<'t>, Origin)>,
     ) -> Result<(), tokio_postgres::Error> {
         let map = &ops.map;
         let origin = |what| Origin {
@@ -575,14 +619,18 @@ impl Applier {
                     sql::delete(map)
                 };
                 let s = self.prepared(&map.label, &text).await?;
-                plans.push((s, params(&deletes, &map.row_key, false), origin("a delete")));
+                plans.push((
+                    s,
+                    params(&deletes, &map.row_key, false).into(),
+                    origin("a delete"),
+                ));
             }
             if !upserts.is_empty() {
                 if let Some(text) = sql::delete_unmatched(map, &all) {
                     let s = self.prepared(&map.label, &text).await?;
                     plans.push((
                         s,
-                        keyed_params(&upserts, &all, None, false),
+                        keyed_params(&upserts, &all, None, false).into(),
                         origin("a delete of rows the filter excludes"),
                     ));
                 }
@@ -595,7 +643,7 @@ impl Applier {
                 let bound = detect && conflict::upsert_takes_commit_bound(map);
                 plans.push((
                     s,
-                    params(&upserts, &all, bound),
+                    params(&upserts, &all, bound).into(),
                     origin("an insert or update"),
                 ));
             }
@@ -608,26 +656,30 @@ impl Applier {
                 };
                 if let Some(text) = text {
                     let s = self.prepared(&map.label, &text).await?;
-                    plans.push((s, params(&rows, &cols, false), origin("an update")));
+                    plans.push((s, params(&rows, &cols, false).into(), origin("an update")));
                 }
             }
             // Last: rows blue inserted usually reuse unique values that the batch's updates and
             // deletes free.
             if !new_keys.is_empty() {
-                let (s, p) = match conflict::insert_new(map, &all) {
-                    Some(text) => {
+                let (s, input) = match (conflict::insert_new(map, &all), &map.copy_new_keys) {
+                    (Some(text), _) => {
                         let types = conflict::param_types(all.len());
                         let s = self.prepared_typed(&map.label, &text, &types).await?;
-                        (s, params(&new_keys, &all, false))
+                        (s, params(&new_keys, &all, false).into())
                     }
-                    None => {
+                    (None, Some(sources)) => {
+                        let s = self.prepared(&map.label, &sql::copy_new(map)).await?;
+                        (s, Input::Copy(copy_data(&new_keys, sources)))
+                    }
+                    (None, None) => {
                         let s = self
                             .prepared(&map.label, &sql::insert_new(map, &all))
                             .await?;
-                        (s, keyed_params(&new_keys, &all, None, false))
+                        (s, keyed_params(&new_keys, &all, None, false).into())
                     }
                 };
-                plans.push((s, p, origin(NEW_KEYS)));
+                plans.push((s, input, origin(NEW_KEYS)));
             }
         } else {
             for run in &ops.runs {
@@ -635,7 +687,7 @@ impl Applier {
                     KeylessRun::Insert(rows) => {
                         let s = self.prepared(&map.label, &sql::upsert(map, &all)).await?;
                         let rows: Vec<&Tuple> = rows.iter().collect();
-                        plans.push((s, boxed(arrays(&rows, &all)), origin("an insert")));
+                        plans.push((s, boxed(arrays(&rows, &all)).into(), origin("an insert")));
                     }
                     KeylessRun::Delete(rows) => {
                         let s = self
@@ -644,7 +696,7 @@ impl Applier {
                         let rows: Vec<&Tuple> = rows.iter().collect();
                         plans.push((
                             s,
-                            boxed(arrays(&rows, &all)),
+                            boxed(arrays(&rows, &all)).into(),
                             origin("a delete (full-row match)"),
                         ));
                     }

