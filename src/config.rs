@@ -19,7 +19,8 @@ pub const DEFAULT_BATCH_MAX_ROWS: usize = 20_000;
 pub const DEFAULT_BATCH_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// Default `[batch] max_delay_ms`: longest a committed blue transaction waits to be grouped.
 pub const DEFAULT_BATCH_MAX_DELAY_MS: u64 = 200;
-/// Default `[batch] channel_capacity`: decoded messages buffered between source and apply.
+/// Default `[batch] channel_capacity`: decoded messages buffered between source and apply (they
+/// travel in runs of up to 256; the channel holds this many messages' worth of runs).
 pub const DEFAULT_CHANNEL_CAPACITY: usize = 8_192;
 /// Default `[retry] initial_backoff_ms`.
 pub const DEFAULT_INITIAL_BACKOFF_MS: u64 = 500;
@@ -218,8 +219,8 @@ pub struct BlueConfig {
     pub slot: String,
     /// Publication naming the replicated tables (must exist).
     pub publication: String,
-    /// Shortest interval between progress confirmations sent to blue, in milliseconds (one is
-    /// sent only when green committed more; an idle stream confirms every second).
+    /// Shortest interval between progress confirmations sent to blue, in milliseconds (while
+    /// data flows, one per interval; an idle stream confirms every second).
     #[serde(default = "default_status_interval_ms")]
     pub status_interval_ms: u64,
 }

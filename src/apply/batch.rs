@@ -337,9 +337,15 @@ fn entry(
     sizes: &HashMap<String, usize>,
 ) -> usize {
     match by_target.get(&map.label) {
+        Some(&i) if Arc::ptr_eq(&tables[i].map, map) => i,
+        // The same description sent again (blue resends a relation after invalidations): keep
+        // the entry, under the new mapping, so that later changes find it by pointer again.
+        Some(&i) if *tables[i].map == **map => {
+            tables[i].map = map.clone();
+            i
+        }
         // A relation re-described mid-batch (e.g. a column added) gets its own entry,
         // so one statement never mixes two row layouts.
-        Some(&i) if Arc::ptr_eq(&tables[i].map, map) || *tables[i].map == **map => i,
         _ => {
             let keys = if map.is_keyed() {
                 sizes.get(&map.label).copied().unwrap_or(0)

@@ -180,6 +180,9 @@ pub async fn current_wal_lsn(blue: &Client) -> Result<u64, SourceError> {
 /// stage does not count its transaction as a blue transaction applied.
 pub const DRAIN_MESSAGE_PREFIX: &str = "shadowsync-drain";
 
+/// Longest wait for the drain's flush marker (it is only an accelerator).
+const DRAIN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Where a drain must reach: blue's current WAL insert position, made reachable at once.
 ///
 /// An idle blue (writers stopped for the cutover) may keep the tail of its WAL unflushed while
@@ -187,13 +190,15 @@ pub const DRAIN_MESSAGE_PREFIX: &str = "shadowsync-drain";
 /// header, where no record ends: either way the walsender would send nothing that reaches the
 /// position until blue's next write, seconds or minutes later. So a transaction holding one
 /// empty logical message (prefix `shadowsync-drain`; no row, no table) is committed
-/// synchronously after reading the position: its commit record lies beyond the position and
-/// flushes everything before it. Should it fail (a refused read-write transaction), the drain
+/// with a local synchronous commit after reading the position: its commit record lies beyond
+/// the position and flushes everything before it. Should it fail (a refused read-write transaction), the drain
 /// still ends once blue writes again.
 pub async fn drain_target(blue: &Client) -> Result<u64, SourceError> {
     let lsn = current_wal_lsn(blue).await?;
+    // `local`: blue's own flush is all its walsender needs; a synchronous standby that is slow
+    // or down must not hold the cutover.
     let flush = async {
-        blue.batch_execute("BEGIN READ WRITE; SET LOCAL synchronous_commit = on")
+        blue.batch_execute("BEGIN READ WRITE; SET LOCAL synchronous_commit = local")
             .await?;
         blue.execute(
             "SELECT pg_logical_emit_message(true, $1, '')",
@@ -202,12 +207,19 @@ pub async fn drain_target(blue: &Client) -> Result<u64, SourceError> {
         .await?;
         blue.batch_execute("COMMIT").await
     };
-    if let Err(e) = flush.await {
-        let _ = blue.batch_execute("ROLLBACK").await;
-        tracing::warn!(
-            error = %crate::failure::DbFailure::from_pg(&e),
-            "cannot make blue flush its WAL for the drain; it ends once blue writes again"
-        );
+    match tokio::time::timeout(DRAIN_FLUSH_TIMEOUT, flush).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            let _ = blue.batch_execute("ROLLBACK").await;
+            tracing::warn!(
+                error = %crate::failure::DbFailure::from_pg(&e),
+                "cannot make blue flush its WAL for the drain; it ends once blue writes again"
+            );
+        }
+        // The caller drops this connection, which ends the transaction.
+        Err(_) => tracing::warn!(
+            "blue did not commit the drain's flush marker in time; the drain ends once blue writes again"
+        ),
     }
     Ok(lsn)
 }
