@@ -18,7 +18,7 @@ async fn every_workload_drains_three_ways_and_verifies() {
         harness::Workload::W3,
         harness::Workload::W4,
     ] {
-        let outcome = harness::run(w, harness::Size::smoke(w), binary).await;
+        let outcome = harness::run(w, harness::Size::smoke(w), binary, false).await;
         eprintln!("{}", outcome.table());
     }
     eprintln!("{}", copy::run(20_000, 2_000, binary).await.table());

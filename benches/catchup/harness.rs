@@ -437,8 +437,10 @@ ALTER TABLE public.hypervisors ENABLE ALWAYS TRIGGER app_nodes;
 ALTER TABLE public.virtual_machines ENABLE ALWAYS TRIGGER app_vms;
 ";
 
-/// Runs one workload at `size`; `binary` is the release `shadowsync`.
-pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
+/// Runs one workload at `size`; `binary` is the release `shadowsync`. With `blind_first`, the
+/// run without conflict detection goes before the one with it (repeated runs alternate, so that
+/// neither pays for going first).
+pub async fn run(workload: Workload, size: Size, binary: &Path, blind_first: bool) -> Outcome {
     let mut blue = Cluster::start("bench-blue").expect("blue");
     let mut green = Cluster::start("bench-green").expect("green");
     // An otherwise idle machine: no autovacuum worker may wake up during a timed run to process
@@ -576,18 +578,27 @@ pub async fn run(workload: Workload, size: Size, binary: &Path) -> Outcome {
         .unwrap();
     slot_released(&blue_client, "native").await;
 
-    // 3. shadowsync, then 4. shadowsync without conflict detection (its own slot and database).
-    // Each run starts from a checkpointed green, so that neither pays for the other's dirty pages.
-    green.psql(DB, "CHECKPOINT").unwrap();
-    let meter = CpuMeter::start(&blue, &green);
-    let (ours, rss, cpu) = run_shadowsync(binary, workload, &blue, &green, publication, DB, true);
-    let ours_cpu = meter.stop(&blue, &green, cpu);
-    slot_released(&blue_client, "shadowsync").await;
-    green.psql(BLIND, "CHECKPOINT").unwrap();
-    let meter = CpuMeter::start(&blue, &green);
-    let (blind, _, blind_tool) =
-        run_shadowsync(binary, workload, &blue, &green, publication, BLIND, false);
-    let blind_cpu = meter.stop(&blue, &green, blind_tool);
+    // 3. shadowsync, and 4. shadowsync without conflict detection (its own slot and database),
+    // in the order asked. Each run starts from a checkpointed green, so that neither pays for
+    // the other's dirty pages.
+    let mut detecting = None;
+    let mut blind = None;
+    for detect in if blind_first { [false, true] } else { [true, false] } {
+        let db = if detect { DB } else { BLIND };
+        green.psql(db, "CHECKPOINT").unwrap();
+        let meter = CpuMeter::start(&blue, &green);
+        let (took, rss, tool) =
+            run_shadowsync(binary, workload, &blue, &green, publication, db, detect);
+        let cpu = meter.stop(&blue, &green, tool);
+        slot_released(&blue_client, if detect { "shadowsync" } else { BLIND }).await;
+        if detect {
+            detecting = Some((took, rss, tool, cpu));
+        } else {
+            blind = Some((took, cpu));
+        }
+    }
+    let (ours, rss, cpu, ours_cpu) = detecting.expect("ran");
+    let (blind, blind_cpu) = blind.expect("ran");
     if statements {
         for db in ["native", DB] {
             print_statements(&green, db).await;

@@ -37,8 +37,8 @@ fn main() {
     for w in workloads {
         let size = if smoke { Size::smoke(w) } else { Size::full(w) };
         let mut outcomes = Vec::new();
-        for _ in 0..repeat.max(1) {
-            let outcome = runtime.block_on(harness::run(w, size, &binary));
+        for rep in 0..repeat.max(1) {
+            let outcome = runtime.block_on(harness::run(w, size, &binary, rep % 2 == 1));
             println!("\n{}", outcome.table());
             outcomes.push(outcome);
         }
