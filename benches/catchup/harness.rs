@@ -583,7 +583,12 @@ pub async fn run(workload: Workload, size: Size, binary: &Path, blind_first: boo
     // the other's dirty pages.
     let mut detecting = None;
     let mut blind = None;
-    for detect in if blind_first { [false, true] } else { [true, false] } {
+    let order = if blind_first {
+        [false, true]
+    } else {
+        [true, false]
+    };
+    for detect in order {
         let db = if detect { DB } else { BLIND };
         green.psql(db, "CHECKPOINT").unwrap();
         let meter = CpuMeter::start(&blue, &green);
