@@ -376,7 +376,6 @@ pub fn pipeline_config_toml(
 dsn = "{}"
 slot = "{slot}"
 publication = "{publication}"
-status_interval_ms = 200
 [green]
 dsn = "{}"
 [metrics]
