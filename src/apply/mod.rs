@@ -662,7 +662,13 @@ impl Applier {
             // Last: rows blue inserted usually reuse unique values that the batch's updates and
             // deletes free.
             if !new_keys.is_empty() {
-                let (s, input) = match (conflict::insert_new(map, &all), &map.copy_new_keys) {
+                // COPY only as the first statement of the write (after BEGIN at most): a COPY
+                // that fails before the server enters copy mode (an earlier statement aborted
+                // the transaction) leaves tokio-postgres one reply out of step with its requests
+                // (rust-postgres #789). As the first statement it can only fail that way on a
+                // privilege, which stops the session and drops the connection.
+                let copy = map.copy_new_keys.as_ref().filter(|_| plans.is_empty());
+                let (s, input) = match (conflict::insert_new(map, &all), copy) {
                     (Some(text), _) => {
                         let types = conflict::param_types(all.len());
                         let s = self.prepared_typed(&map.label, &text, &types).await?;

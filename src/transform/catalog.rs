@@ -27,8 +27,9 @@ pub struct GreenTable {
     pub primary_key: Vec<String>,
     /// Name of the primary key constraint (what a unique violation of it names).
     pub primary_key_name: Option<String>,
-    /// A plain or partitioned table without rewrite rules: `COPY FROM` writes rows into it as
-    /// an INSERT would (COPY ignores rules).
+    /// A plain or partitioned table without rewrite rules or row-level security: `COPY FROM`
+    /// writes rows into it as an INSERT would (COPY ignores rules, and refuses tables with row
+    /// security).
     pub accepts_copy: bool,
 }
 
@@ -86,7 +87,8 @@ pub async fn green_table(
         .map(|r| r.get(0));
     let accepts_copy = client
         .query_one(
-            "SELECT relkind IN ('r', 'p') AND NOT relhasrules FROM pg_class WHERE oid = to_regclass($1)",
+            "SELECT relkind IN ('r', 'p') AND NOT relhasrules AND NOT relrowsecurity
+               FROM pg_class WHERE oid = to_regclass($1)",
             &[&quoted],
         )
         .await?

@@ -131,8 +131,9 @@ pub struct TableMap {
     pub insert_new_keys: Option<String>,
     /// With `insert_new_keys`, when every target column is a verbatim copy of a source column
     /// of the same type, there is no filter, and green's table takes `COPY`: the source column
-    /// of each target column. New keys are then written with `COPY ... FROM STDIN`, which
-    /// green runs for about three quarters of the plain INSERT's CPU (see `apply::sql::copy_new`).
+    /// of each target column. New keys are then written with `COPY ... FROM STDIN` when they are
+    /// the first statement of a write, which green runs for about three quarters of the plain
+    /// INSERT's CPU (see `apply::sql::copy_new`).
     pub copy_new_keys: Option<Vec<usize>>,
 }
 
