@@ -189,10 +189,10 @@ const DRAIN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// its WAL writer hibernates, and an insert position at the start of a page counts the page
 /// header, where no record ends: either way the walsender would send nothing that reaches the
 /// position until blue's next write, seconds or minutes later. So a transaction holding one
-/// empty logical message (prefix `shadowsync-drain`; no row, no table) is committed
-/// with a local synchronous commit after reading the position: its commit record lies beyond
-/// the position and flushes everything before it. Should it fail (a refused read-write transaction), the drain
-/// still ends once blue writes again.
+/// empty logical message (prefix `shadowsync-drain`; no row, no table) is committed with a
+/// local synchronous commit after reading the position: its commit record lies beyond the
+/// position and flushes everything before it. Should it fail (a refused read-write
+/// transaction) or take over `DRAIN_FLUSH_TIMEOUT`, the drain still ends once blue writes again.
 pub async fn drain_target(blue: &Client) -> Result<u64, SourceError> {
     let lsn = current_wal_lsn(blue).await?;
     // `local`: blue's own flush is all its walsender needs; a synchronous standby that is slow
