@@ -64,7 +64,7 @@ pub enum ConflictsError {
     )]
     NoSuchConflict { id: i64 },
     #[error(
-        "conflict {id}: target table {table} no longer exists on green (or has no primary key); nothing was replayed"
+        "conflict {id}: target table {table} no longer exists on green (or no longer has the key the record names); nothing was replayed"
     )]
     NoTarget { id: i64, table: String },
     #[error("--since {0:?}: expected a duration such as 30m, 2h or 1d, or a timestamp")]
@@ -198,7 +198,7 @@ fn render(header: &[&str], rows: &[Vec<String>]) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replayed {
     pub id: i64,
-    /// `upsert`, `delete`, or `already resolved`.
+    /// `upsert`, `delete`, `already resolved`, or nothing to replay for a keyless row.
     pub action: &'static str,
 }
 
@@ -242,13 +242,44 @@ pub async fn replay(client: &mut Client, ids: &[i64]) -> Result<Vec<Replayed>, C
         let table = catalog::green_table(tx.client(), &name)
             .await
             .map_err(green_err("reading the catalog"))?
-            .filter(|t| !t.primary_key.is_empty())
             .ok_or_else(|| ConflictsError::NoTarget {
                 id,
                 table: target.clone(),
             })?;
+        // The record's key names the columns the row was matched on: the primary key, or the
+        // unique index the mapping used.
+        let recorded: Vec<String> = tx
+            .query("SELECT jsonb_object_keys($1::text::jsonb)", &[&key])
+            .await
+            .map_err(green_err("reading a conflict's key"))?
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let Some(unique) = table.unique_keys.iter().find(|u| {
+            u.columns.len() == recorded.len() && u.columns.iter().all(|c| recorded.contains(c))
+        }) else {
+            // A keyless table's record (its key is the whole old row): blue's change, the
+            // only version there is, was applied when it was met.
+            if table.primary_key.is_empty() {
+                done.push(Replayed {
+                    id,
+                    action: "nothing to replay (keyless row; blue's change was applied)",
+                });
+                tx.execute(
+                    "UPDATE shadowsync.conflicts SET resolved_at = now() WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(green_err("marking a conflict resolved"))?;
+                continue;
+            }
+            return Err(ConflictsError::NoTarget {
+                id,
+                table: target.clone(),
+            });
+        };
         let quoted = name.quoted();
-        let key_cols: Vec<String> = table.primary_key.iter().map(|k| quote_ident(k)).collect();
+        let key_cols: Vec<String> = unique.columns.iter().map(|k| quote_ident(k)).collect();
         let key_match = key_cols
             .iter()
             .map(|k| format!("t.{k} = r.{k}"))

@@ -128,6 +128,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 for p in &m.problems {
                     println!("     {p}");
                 }
+                for w in &m.warnings {
+                    println!("     warning: {w}");
+                }
                 for n in &m.notes {
                     println!("     note: {n}");
                 }

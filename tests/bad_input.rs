@@ -578,3 +578,57 @@ async fn missing_slot_with_green_progress_is_refused() {
         "no slot was created"
     );
 }
+
+/// `check` warns of green columns narrower than blue's (the error would otherwise come hours
+/// into the copy): a varchar under text or a wider varchar, fewer integer digits or decimal
+/// places in a numeric, a smaller integer type. Warnings, not failures: `check` still passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_warns_of_green_columns_narrower_than_blues() {
+    init_logging();
+    let pair = Pair::start("");
+    pair.blue
+        .psql(
+            DB,
+            "CREATE TABLE t (id bigint PRIMARY KEY, name text, code varchar(40), amount numeric(14,4),
+                             n bigint, wide varchar(10), free numeric);
+             CREATE PUBLICATION test_pub FOR TABLE t;",
+        )
+        .unwrap();
+    pair.green
+        .psql(
+            DB,
+            "CREATE TABLE t (id bigint PRIMARY KEY, name varchar(12), code varchar(10), amount numeric(10,2),
+                             n integer, wide varchar(20), free numeric);",
+        )
+        .unwrap();
+    let report = shadowsync::check::command(&pair.config()).await.unwrap();
+    assert!(report.ok(), "{}", report.problems_text());
+    let warnings = &report.mappings[0].warnings;
+    for (column, words) in [
+        ("name", &["character varying(12)", "longer than 12"][..]),
+        (
+            "code",
+            &["character varying(10)", "character varying(40)"][..],
+        ),
+        (
+            "amount",
+            &[
+                "more than 8 digits before the decimal point",
+                "rounded to 2",
+            ][..],
+        ),
+        ("n", &["integer", "bigint"][..]),
+    ] {
+        let w = warnings
+            .iter()
+            .find(|w| w.starts_with(&format!("column {column} of public.t ")))
+            .unwrap_or_else(|| panic!("no warning for {column}: {warnings:#?}"));
+        assert_mentions(w, words);
+        assert_mentions(w, &["ALTER TABLE", "ALTER COLUMN"]);
+    }
+    assert_eq!(
+        warnings.len(),
+        4,
+        "only the narrower columns: {warnings:#?}"
+    );
+}

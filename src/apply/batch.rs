@@ -63,7 +63,18 @@ impl KeyedOp {
 pub enum KeylessRun {
     Insert(Vec<Tuple>),
     /// Delete one row matching each full old image.
-    Delete(Vec<Tuple>),
+    Delete(Vec<OldRow>),
+}
+
+/// The full old image of a keyless table's row, with what a conflict record of it needs when
+/// green holds no such row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OldRow {
+    pub tuple: Tuple,
+    /// The image is an update's (else a delete's).
+    pub update: bool,
+    pub commit_lsn: u64,
+    pub commit_time: i64,
 }
 
 /// A primary-key change whose new image lacks unchanged-TOAST values: green must move the row
@@ -90,6 +101,10 @@ pub enum BatchError {
         "table {table}: an update or delete at LSN {lsn} carries no old row, and green's table has no key to match it; set REPLICA IDENTITY FULL on blue or add a primary key on green"
     )]
     NoOldRow { table: String, lsn: String },
+    #[error(
+        "table {table}: blue sent an update or delete at LSN {lsn} while it describes the table without a replica identity (no primary key, REPLICA IDENTITY NOTHING), so the row cannot be found on green; blue itself refuses such changes on a published table, so this should not happen: report it, with the table's recent ALTER TABLE history. Nothing from this transaction on was applied or confirmed"
+    )]
+    NoIdentity { table: String, lsn: String },
     #[error(
         "table {table}: a row at LSN {lsn} has {got} columns where the relation announced {expected}"
     )]
@@ -127,11 +142,17 @@ impl TableOps {
         self.ops.is_empty() && self.runs.is_empty()
     }
 
-    fn push_run(&mut self, insert: bool, t: Tuple) {
-        match (self.runs.last_mut(), insert) {
-            (Some(KeylessRun::Insert(v)), true) | (Some(KeylessRun::Delete(v)), false) => v.push(t),
-            (_, true) => self.runs.push(KeylessRun::Insert(vec![t])),
-            (_, false) => self.runs.push(KeylessRun::Delete(vec![t])),
+    fn push_insert(&mut self, t: Tuple) {
+        match self.runs.last_mut() {
+            Some(KeylessRun::Insert(v)) => v.push(t),
+            _ => self.runs.push(KeylessRun::Insert(vec![t])),
+        }
+    }
+
+    fn push_delete(&mut self, old: OldRow) {
+        match self.runs.last_mut() {
+            Some(KeylessRun::Delete(v)) => v.push(old),
+            _ => self.runs.push(KeylessRun::Delete(vec![old])),
         }
     }
 }
@@ -376,7 +397,7 @@ impl Batch {
         let ops = self.table(map);
         ops.counts[OP_INSERT] += 1;
         if !map.is_keyed() {
-            ops.push_run(true, new);
+            ops.push_insert(new);
             return Ok(());
         }
         let key = key_of(map, &new, lsn)?;
@@ -393,13 +414,19 @@ impl Batch {
         let old = match old {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         };
+        no_identity_check(map, lsn)?;
         check_arity(map, &old, lsn)?;
         self.account(&old);
         let txn = self.txn;
         let ops = self.table(map);
         ops.counts[OP_DELETE] += 1;
         if !map.is_keyed() {
-            ops.push_run(false, old);
+            ops.push_delete(OldRow {
+                tuple: old,
+                update: false,
+                commit_lsn: txn.0,
+                commit_time: txn.1,
+            });
             return Ok(());
         }
         let key = key_of(map, &old, lsn)?;
@@ -416,6 +443,7 @@ impl Batch {
         mut new: Tuple,
         lsn: u64,
     ) -> Result<Option<RowMove>, BatchError> {
+        no_identity_check(map, lsn)?;
         check_arity(map, &new, lsn)?;
         self.account(&new);
         if !map.keyed_lookups.is_empty() {
@@ -444,8 +472,13 @@ impl Batch {
                 });
             };
             fill_unchanged(&mut new, &old_full);
-            ops.push_run(false, old_full);
-            ops.push_run(true, new);
+            ops.push_delete(OldRow {
+                tuple: old_full,
+                update: true,
+                commit_lsn: txn.0,
+                commit_time: txn.1,
+            });
+            ops.push_insert(new);
             return Ok(None);
         }
         // The old image (with FULL identity) completes unchanged-TOAST columns for free.
@@ -598,6 +631,17 @@ fn order_segment(mut pending: Vec<TableOps>) -> Vec<TableOps> {
         ordered.push(pending.remove(next));
     }
     ordered
+}
+
+/// Updates and deletes need a replica identity (see `TableMap::awaits_identity`).
+fn no_identity_check(map: &TableMap, lsn: u64) -> Result<(), BatchError> {
+    if map.awaits_identity {
+        return Err(BatchError::NoIdentity {
+            table: map.label.clone(),
+            lsn: crate::progress::format_lsn(lsn),
+        });
+    }
+    Ok(())
 }
 
 fn check_arity(map: &TableMap, t: &Tuple, lsn: u64) -> Result<(), BatchError> {

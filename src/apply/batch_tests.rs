@@ -26,10 +26,15 @@ fn map(keyed: bool) -> Arc<TableMap> {
                 base_type: "text".into(),
                 expr: format!("src.\"{c}\""),
                 inputs: vec![i],
+                collation: None,
+                has_equality: true,
+                not_null: false,
             })
             .collect(),
         key: if keyed { vec![0] } else { vec![] },
         row_key: if keyed { vec![0] } else { vec![] },
+        awaits_identity: false,
+        partitioned: false,
         replica_identity: if keyed {
             ReplicaIdentity::Default
         } else {
@@ -255,6 +260,15 @@ fn key_change_with_unchanged_toast_known_in_batch_is_an_upsert() {
     );
 }
 
+fn old(values: &[Option<&str>], update: bool) -> OldRow {
+    OldRow {
+        tuple: t(values),
+        update,
+        commit_lsn: 0,
+        commit_time: 0,
+    }
+}
+
 #[test]
 fn keyless_changes_stay_in_order_as_runs() {
     let m = map(false);
@@ -275,9 +289,9 @@ fn keyless_changes_stay_in_order_as_runs() {
         ops.runs,
         vec![
             KeylessRun::Insert(vec![t(&[Some("1"), Some("x"), None]); 2]),
-            KeylessRun::Delete(vec![t(&[Some("1"), Some("x"), Some("big")])]),
+            KeylessRun::Delete(vec![old(&[Some("1"), Some("x"), Some("big")], true)]),
             KeylessRun::Insert(vec![t(&[Some("1"), Some("y"), Some("big")])]),
-            KeylessRun::Delete(vec![t(&[Some("1"), Some("x"), None])]),
+            KeylessRun::Delete(vec![old(&[Some("1"), Some("x"), None], false)]),
         ]
     );
 }

@@ -5,7 +5,8 @@
 //! How a statement sees a conflict: each incoming row carries whether green should hold its key
 //! before the batch (`~existed`: the key's first change in the batch was an update or delete)
 //! and its blue transaction's commit LSN and time. The write's `RETURNING` says which rows were
-//! written and whether as inserts (`xmax = 0`); comparing that with `~existed` finds inserts
+//! written and whether as inserts (`xmax = 0`, or on a partitioned table whether green had the
+//! key before the statement); comparing that with `~existed` finds inserts
 //! meeting a row, updates meeting none, and rows kept by last-writer-wins. Green's row as it was
 //! before the statement comes from the same snapshot (sub-statements of one statement do not
 //! see each other's writes), so the record holds both versions.
@@ -355,12 +356,33 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
         .map(|k| format!("k.{k}"))
         .collect::<Vec<_>>()
         .join(", ");
+    // Whether the upsert inserted the row (rather than updating one): `xmax = 0` of the row
+    // returned. A partitioned table returns no system columns from an INSERT (PostgreSQL:
+    // "cannot retrieve a system column in this context"), so there the question goes to
+    // green's row before the statement, which the statement's snapshot still sees.
+    let (returned, inserted) = if map.partitioned {
+        (
+            String::new(),
+            format!(
+                "CASE WHEN w.{first} IS NOT NULL THEN NOT EXISTS (SELECT FROM {tbl} AS e0 WHERE {ke}) END",
+                first = key_names(map)[0],
+                tbl = map.target.quoted(),
+                ke = key_match(map, "e0", "k"),
+            ),
+        )
+    } else {
+        (
+            format!(", (t.xmax = 0) AS {INSERTED}"),
+            format!("w.{INSERTED}"),
+        )
+    };
     format!(
         "WITH w AS (INSERT INTO {tbl} AS t ({ins}) OVERRIDING SYSTEM VALUE {rows} \
                ON CONFLICT ({keys}) DO UPDATE SET {sets}{guard} \
-               RETURNING {ret}, (t.xmax = 0) AS {INSERTED}), \
-         c AS MATERIALIZED (SELECT {key_list}, k.\"~existed\", w.{INSERTED} FROM ({k}) AS k LEFT JOIN w ON {kw} \
-               WHERE w.{INSERTED} IS NULL OR w.{INSERTED} = k.\"~existed\") {record}",
+               RETURNING {ret}{returned}), \
+         c AS MATERIALIZED (SELECT * FROM (SELECT {key_list}, k.\"~existed\", {inserted} AS {INSERTED} \
+                                             FROM ({k}) AS k LEFT JOIN w ON {kw}) AS c0 \
+               WHERE c0.{INSERTED} IS NULL OR c0.{INSERTED} = c0.\"~existed\") {record}",
         tbl = map.target.quoted(),
         ins = insert_cols.join(", "),
         keys = key_names(map).join(", "),

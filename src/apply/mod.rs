@@ -14,6 +14,7 @@
 pub mod batch;
 mod complete;
 pub mod conflict;
+mod keyless;
 mod poison;
 pub mod sql;
 pub mod stage;
@@ -57,6 +58,8 @@ pub enum ApplyError {
     },
     #[error(transparent)]
     Map(#[from] MapError),
+    #[error("a change at blue LSN {lsn} for a table that cannot be mapped: {error}")]
+    Unmapped { lsn: String, error: MapError },
     #[error(transparent)]
     Batch(#[from] BatchError),
     #[error(
@@ -129,6 +132,7 @@ impl ApplyError {
             | ApplyError::Reorder { .. }
             | ApplyError::NewKeyExists { .. } => true,
             ApplyError::Map(_)
+            | ApplyError::Unmapped { .. }
             | ApplyError::Batch(_)
             | ApplyError::UnknownRelation { .. }
             | ApplyError::NeedsBlue { .. }
@@ -696,15 +700,15 @@ impl Applier {
                         plans.push((s, boxed(arrays(&rows, &all)).into(), origin("an insert")));
                     }
                     KeylessRun::Delete(rows) => {
-                        let s = self
-                            .prepared(&map.label, &sql::delete_full_rows(map, &all))
-                            .await?;
-                        let rows: Vec<&Tuple> = rows.iter().collect();
-                        plans.push((
-                            s,
-                            boxed(arrays(&rows, &all)).into(),
-                            origin("a delete (full-row match)"),
-                        ));
+                        let detect = map.conflicts.detects();
+                        let text = keyless::delete_matching(map, &all, detect);
+                        let s = self.prepared(&map.label, &text).await?;
+                        let tuples: Vec<&Tuple> = rows.iter().map(|r| &r.tuple).collect();
+                        let mut params = boxed(arrays(&tuples, &all));
+                        if detect {
+                            params.extend(keyless_meta(rows, &self.slot, map));
+                        }
+                        plans.push((s, params.into(), origin("a delete (full-row match)")));
                     }
                 }
             }
@@ -823,8 +827,29 @@ fn keyed_params<'t>(
     params
 }
 
-/// One text array per listed source column, one element per row.
+/// The detection parameters of a keyless delete (see `keyless::delete_matching`): per image
+/// whether it is an update's, its commit LSN and time; then slot, source and target labels.
+fn keyless_meta<'t>(rows: &[batch::OldRow], slot: &str, map: &TableMap) -> Params<'t> {
+    vec![
+        Box::new(rows.iter().map(|r| r.update).collect::<Vec<bool>>()),
+        Box::new(conflict::WordArray(
+            rows.iter().map(|r| r.commit_lsn as i64).collect(),
+        )),
+        Box::new(conflict::WordArray(
+            rows.iter().map(|r| r.commit_time).collect(),
+        )),
+        Box::new(slot.to_string()),
+        Box::new(map.source.to_string()),
+        Box::new(map.label.clone()),
+    ]
+}
+
+/// One text array per listed source column, one element per row; for no column, one array of
+/// NULLs, one per row (rows of a table without columns: see `sql::src_relation`).
 fn arrays<'t>(rows: &[&'t Tuple], cols: &[usize]) -> Vec<TextArray<'t>> {
+    if cols.is_empty() {
+        return vec![TextArray(vec![None; rows.len()])];
+    }
     let mut arrays: Vec<TextArray<'t>> = cols
         .iter()
         .map(|_| TextArray(Vec::with_capacity(rows.len())))

@@ -19,7 +19,13 @@ use crate::transform::{TableMap, quote_ident};
 /// over the given source columns, numbering parameters from `first_param`. `unnest` in a
 /// select list streams the arrays in lockstep; `FROM unnest(a, b, ...)` would first copy every
 /// row into a buffer (measured: 5 to 10% of a statement).
+///
+/// A table without columns still has rows: its statements take one array of NULLs, which only
+/// says how many (see `apply::arrays`).
 pub fn src_relation(map: &TableMap, cols: &[usize], first_param: usize) -> String {
+    if cols.is_empty() {
+        return format!("(SELECT FROM (SELECT unnest(${first_param}::text[]) AS c0) AS u) AS src");
+    }
     let mut select = Vec::with_capacity(cols.len());
     let mut unnests = Vec::with_capacity(cols.len());
     for (n, &c) in cols.iter().enumerate() {
@@ -88,6 +94,16 @@ pub(crate) fn column_list(map: &TableMap, targets: &[usize]) -> String {
         .join(", ")
 }
 
+/// `(a, b, ...)` of an INSERT; nothing for no column (a table without columns, or whose
+/// columns all keep their defaults), which `INSERT INTO t (...)` cannot spell.
+fn insert_columns(map: &TableMap, targets: &[usize]) -> String {
+    if targets.is_empty() {
+        String::new()
+    } else {
+        format!("({})", column_list(map, targets))
+    }
+}
+
 pub(crate) fn key_match(map: &TableMap, left: &str, right: &str) -> String {
     map.key
         .iter()
@@ -120,9 +136,9 @@ pub(crate) fn excluded_sets(map: &TableMap, targets: &[usize]) -> Vec<String> {
 pub fn insert_new(map: &TableMap, cols: &[usize]) -> String {
     let targets = computable(map, cols);
     let mut sql = format!(
-        "INSERT INTO {} AS t ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM {}",
+        "INSERT INTO {} AS t {} OVERRIDING SYSTEM VALUE SELECT {} FROM {}",
         map.target.quoted(),
-        column_list(map, &targets),
+        insert_columns(map, &targets),
         select_list(map, &targets, Cast::Write),
         src_relation(map, cols, 1)
     );
@@ -261,36 +277,6 @@ pub fn delete(map: &TableMap) -> String {
     )
 }
 
-/// Keyless tables: delete one row equal to each old image (compared as record text, since
-/// some types, such as json, have no equality operator).
-pub fn delete_full_rows(map: &TableMap, cols: &[usize]) -> String {
-    let targets = computable(map, cols);
-    let row = |alias: &str| {
-        format!(
-            "ROW({})::text",
-            targets
-                .iter()
-                .map(|&i| format!("{alias}.{}", quote_ident(&map.columns[i].name)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    format!(
-        "DELETE FROM {tbl} AS t USING (\
-           SELECT c.ctid FROM (\
-             SELECT t2.ctid, {img2} AS img, row_number() OVER (PARTITION BY {img2}) AS rn FROM {tbl} AS t2\
-           ) AS c JOIN (\
-             SELECT q.img, count(*) AS n FROM (SELECT {imgq} AS img FROM (SELECT {sel} FROM {src}) AS v) AS q GROUP BY q.img\
-           ) AS d ON c.img = d.img AND c.rn <= d.n\
-         ) AS x WHERE t.ctid = x.ctid",
-        tbl = map.target.quoted(),
-        img2 = row("t2"),
-        imgq = row("v"),
-        sel = select_list(map, &targets, Cast::Match),
-        src = src_relation(map, cols, 1),
-    )
-}
-
 /// Move one row to a new key, setting the columns present in the new image and keeping green's
 /// values for the others. Parameters: old `row_key` columns, then the new image's `cols`.
 pub fn move_row(map: &TableMap, cols: &[usize]) -> String {
@@ -390,10 +376,15 @@ mod tests {
                     base_type: ty.to_string(),
                     expr: format!("src.{}", quote_ident(c)),
                     inputs: vec![i],
+                    collation: None,
+                    has_equality: true,
+                    not_null: false,
                 })
                 .collect(),
             key: vec![0],
             row_key: vec![0],
+            awaits_identity: false,
+            partitioned: false,
             replica_identity: ReplicaIdentity::Default,
             label: "public.T x".into(),
             filter: None,

@@ -42,8 +42,8 @@ pub struct ApplyStage {
     applier: Option<Applier>,
     inflight: Option<Inflight>,
     batch: Batch,
-    /// Mapping per blue relation OID; `None` for tables a rule skips.
-    maps: HashMap<u32, Option<Arc<TableMap>>>,
+    /// Mapping per blue relation OID (see [`Mapped`]).
+    maps: HashMap<u32, Mapped>,
     /// Names of blue's user types, from pgoutput Type messages (quoted `schema.name`).
     types: HashMap<u32, String>,
     rules: Arc<RuleSet>,
@@ -349,7 +349,26 @@ impl ApplyStage {
         }
     }
 
+    /// A Relation message describes a table; it changes nothing by itself. A description that
+    /// cannot be mapped (a leaf of a partitioned table published through its root, a table
+    /// missing on green, a rule that no longer fits) is kept as the error it is, raised only
+    /// if a change of that relation arrives: as PostgreSQL's own apply worker, which checks a
+    /// relation when it has a row to apply to it.
     async fn relation(&mut self, r: Relation) -> Result<(), ApplyError> {
+        let oid = r.oid;
+        let table = format!("{}.{}", r.namespace, r.name);
+        match self.map_relation(r).await {
+            Err(ApplyError::Map(e)) => {
+                warn!(table = %table, lsn = %crate::progress::format_lsn(self.last_lsn), error = %e,
+                    "blue described a table that cannot be mapped now; streaming goes on, and a change to it would stop the pipeline with this error");
+                self.maps.insert(oid, Mapped::Unmapped(e));
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn map_relation(&mut self, r: Relation) -> Result<(), ApplyError> {
         // The catalog is read on the applier's connection.
         self.settle().await?;
         let source = transform::QualifiedName::new(&r.namespace, &r.name);
@@ -359,7 +378,7 @@ impl ApplyStage {
         let rule = self.rules.get(&source);
         if rule.is_some_and(|rule| rule.skip) {
             debug!(table = %source, "skipped by rule");
-            self.maps.insert(r.oid, None);
+            self.maps.insert(r.oid, Mapped::Skipped);
             return Ok(());
         }
         let target = rule
@@ -392,7 +411,7 @@ impl ApplyStage {
                     .map(|(green, blue)| blue.clone().unwrap_or_else(|| green.clone()))
                     .collect();
                 let table = transform::SourceTable::from_relation(&r, types, blue_types);
-                if let Some(Some(old)) = self.maps.get(&r.oid) {
+                if let Some(Mapped::Table(old)) = self.maps.get(&r.oid) {
                     dropped_column_check(old, &r, rule)?;
                 }
                 let map = transform::build(&table, Some(rule), &green, &self.rules.conflicts)?
@@ -416,11 +435,14 @@ impl ApplyStage {
             }
         };
         debug!(table = %map.label, oid = r.oid, "relation mapped");
-        self.maps.insert(r.oid, Some(map));
+        self.maps.insert(r.oid, Mapped::Table(map));
         let readers = self
             .maps
             .values()
-            .flatten()
+            .filter_map(|m| match m {
+                Mapped::Table(m) => Some(m),
+                _ => None,
+            })
             .filter(|m| !m.reads.is_empty())
             .cloned()
             .collect();
@@ -429,13 +451,18 @@ impl ApplyStage {
     }
 
     fn map(&self, oid: u32, lsn: u64) -> Result<Option<Arc<TableMap>>, ApplyError> {
-        self.maps
-            .get(&oid)
-            .cloned()
-            .ok_or_else(|| ApplyError::UnknownRelation {
+        match self.maps.get(&oid) {
+            Some(Mapped::Table(m)) => Ok(Some(m.clone())),
+            Some(Mapped::Skipped) => Ok(None),
+            Some(Mapped::Unmapped(e)) => Err(ApplyError::Unmapped {
+                lsn: crate::progress::format_lsn(lsn),
+                error: e.clone(),
+            }),
+            None => Err(ApplyError::UnknownRelation {
                 oid,
                 lsn: crate::progress::format_lsn(lsn),
-            })
+            }),
+        }
     }
 
     /// The mapping for a row change of `tuples` (its old and new images). Pending changes of
@@ -468,6 +495,15 @@ impl ApplyStage {
         }
         Ok(())
     }
+}
+
+/// What a blue relation maps to.
+enum Mapped {
+    Table(Arc<TableMap>),
+    /// A rule skips the table.
+    Skipped,
+    /// Its description cannot be mapped; raised when a change of it arrives.
+    Unmapped(transform::MapError),
 }
 
 /// A column blue dropped that the rule still uses: stop with the column and the rule's place.

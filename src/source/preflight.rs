@@ -45,6 +45,11 @@ pub async fn check(
     if !report.ok() {
         return Err(SourceError::Setup(report.problems_text()));
     }
+    for m in &report.mappings {
+        for w in &m.warnings {
+            tracing::warn!(table = %m.source, warning = %w, "a green column may reject blue's values");
+        }
+    }
     let maps = report
         .mappings
         .iter()

@@ -89,6 +89,13 @@ pub struct TargetColumn {
     pub expr: String,
     /// Source columns (indices into `TableMap::source_columns`) that `expr` reads.
     pub inputs: Vec<usize>,
+    /// Green's collation of the column when not its type's default (`COLLATE ...`): values
+    /// compared with stored ones take it, so that the column's own equality decides.
+    pub collation: Option<String>,
+    /// Whether green has `=` for the column's type (see `catalog::GreenColumn`).
+    pub has_equality: bool,
+    /// Declared NOT NULL on green.
+    pub not_null: bool,
 }
 
 /// How one blue relation lands in green.
@@ -100,11 +107,20 @@ pub struct TableMap {
     pub source_columns: Vec<SourceColumn>,
     /// Target columns written.
     pub columns: Vec<TargetColumn>,
-    /// Target key (indices into `columns`); empty when the target has no primary key.
+    /// Target key (indices into `columns`): green's primary key, else a unique index over
+    /// columns computed from blue's replica identity (see [`choose_key`]); empty when none.
     pub key: Vec<usize>,
     /// Source columns that identify a row (inputs of the key columns).
     pub row_key: Vec<usize>,
     pub replica_identity: ReplicaIdentity,
+    /// Blue describes the table with no replica identity at all (its primary key was dropped,
+    /// or is not there yet: `pgbench -i` and `pg_restore` add keys after loading). Blue then
+    /// refuses UPDATE and DELETE on the table itself, so only inserts and truncates can
+    /// arrive; they are applied by green's key. An update or delete that does arrive (a
+    /// publication publishing only some actions) stops the pipeline with the fix.
+    pub awaits_identity: bool,
+    /// Green's table is partitioned (its rows live in partitions).
+    pub partitioned: bool,
     /// `schema.table` of the target, for metric labels and logs.
     pub label: String,
     /// Only source rows matching this condition over `src` exist in green.
@@ -122,13 +138,13 @@ pub struct TableMap {
     /// The source column copied verbatim into the single key column, if the key is that simple
     /// (a change's key is then blue's text of that column).
     pub plain_key: Option<usize>,
-    /// Green's primary key constraint, when keys blue inserted may be written with a plain
-    /// INSERT (see `apply::sql::insert_new`): every key column is a verbatim copy of one of
-    /// blue's replica identity columns, together exactly that identity, of one type whose text
-    /// form is canonical (integers, uuid). Then a key new on blue is new on green unless a
-    /// writer on green inserted it, and a violation of this constraint means just that.
-    /// `None`: always upsert.
-    pub insert_new_keys: Option<String>,
+    /// The names a violation of green's key carries (its index, and on a partitioned table
+    /// each partition's), when keys blue inserted may be written with a plain INSERT (see
+    /// `apply::sql::insert_new`): every key column is a verbatim copy of one of blue's replica
+    /// identity columns, together exactly that identity, of one type whose text form is
+    /// canonical (integers, uuid). Then a key new on blue is new on green unless a writer on
+    /// green inserted it, and a violation of this key means just that. `None`: always upsert.
+    pub insert_new_keys: Option<Vec<String>>,
     /// With `insert_new_keys`, when every target column is a verbatim copy of a source column
     /// of the same type, there is no filter, and green's table takes `COPY`: the source column
     /// of each target column. New keys are then written with `COPY ... FROM STDIN` when they are
@@ -190,6 +206,15 @@ impl TableMap {
     pub fn is_keyed(&self) -> bool {
         !self.key.is_empty()
     }
+
+    /// Whether a unique violation naming `constraint` is one of green's key (see
+    /// `insert_new_keys`).
+    pub fn is_new_key_violation(&self, constraint: Option<&str>) -> bool {
+        match (&self.insert_new_keys, constraint) {
+            (Some(names), Some(c)) => names.iter().any(|n| n == c),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -209,12 +234,12 @@ pub enum MapError {
         column: String,
     },
     #[error(
-        "green table {target} has no primary key and blue table {blue_table} has REPLICA IDENTITY {identity:?}: updates and deletes cannot be matched; add a primary key on green or run ALTER TABLE {blue_table} REPLICA IDENTITY FULL on blue"
+        "green table {target} has no primary key, and no unique index over the columns of blue table {blue_table}'s replica identity ({identity_columns}), which is all that blue sends of an updated or deleted row: add a primary key (or a unique index) over ({identity_columns}) on green, or run ALTER TABLE {blue_table} REPLICA IDENTITY FULL on blue"
     )]
     NoKey {
         blue_table: String,
         target: String,
-        identity: ReplicaIdentity,
+        identity_columns: String,
     },
     #[error(
         "primary key column {column} of green table {target} is not a replica identity column of blue table {blue_table}: deletes from blue could not be matched; make the keys agree or set REPLICA IDENTITY FULL on blue"
@@ -270,6 +295,39 @@ impl SourceTable {
             replica_identity: relation.replica_identity,
         }
     }
+}
+
+/// The columns of green's table that identify a row (empty: none). Green's primary key when
+/// it has one (as for PostgreSQL's own apply worker); otherwise its replica identity index or
+/// another unique index whose every column is written from blue's replica identity columns,
+/// which never hold NULL on blue (a primary key, or an index REPLICA IDENTITY accepts), so
+/// that what blue sends of an updated or deleted row finds the row. Under REPLICA IDENTITY
+/// FULL only the replica identity index qualifies besides the key: another unique index may
+/// hold NULLs, which match nothing, while the full old row always matches.
+fn choose_key(source: &SourceTable, green: &GreenTable, columns: &[TargetColumn]) -> Vec<String> {
+    if !green.primary_key.is_empty() {
+        return green.primary_key.clone();
+    }
+    let full = source.replica_identity == ReplicaIdentity::Full;
+    let from_identity = |name: &String| {
+        columns.iter().any(|c| {
+            &c.name == name
+                && !c.inputs.is_empty()
+                && c.inputs.iter().all(|&i| source.columns[i].is_key)
+        })
+    };
+    green
+        .unique_keys
+        .iter()
+        .find(|u| {
+            if full {
+                u.replica_identity
+            } else {
+                u.columns.iter().all(from_identity)
+            }
+        })
+        .map(|u| u.columns.clone())
+        .unwrap_or_default()
 }
 
 /// Identity mapping: every source column lands in the green column of the same name.
@@ -360,6 +418,9 @@ pub fn build(
             base_type: g.base_type.clone(),
             expr,
             inputs,
+            collation: g.collation.clone(),
+            has_equality: g.has_equality,
+            not_null: g.not_null,
         });
     }
     if rule.is_none()
@@ -374,13 +435,18 @@ pub fn build(
             column: c.name.clone(),
         });
     }
-    if columns.is_empty() {
+    // A rule that writes nothing of a table with columns is a mistake; a table without
+    // columns (on both sides) is replicated as it is: rows of no columns.
+    if columns.is_empty() && rule.is_some() && !source.columns.is_empty() {
         return Err(rule_error(format!(
             "no column of green table {target} is written: map at least one in [table.columns]"
         )));
     }
-    let mut key = Vec::with_capacity(green.primary_key.len());
-    for k in &green.primary_key {
+    let full = source.replica_identity == ReplicaIdentity::Full;
+    let has_identity = full || source.columns.iter().any(|c| c.is_key);
+    let key_columns = choose_key(source, green, &columns);
+    let mut key = Vec::with_capacity(key_columns.len());
+    for k in &key_columns {
         let i = columns.iter().position(|c| &c.name == k).ok_or_else(|| {
             if rule.is_some() {
                 rule_error(format!(
@@ -396,20 +462,19 @@ pub fn build(
         })?;
         key.push(i);
     }
-    let full = source.replica_identity == ReplicaIdentity::Full;
     // Keyless targets can only be matched on the full old row; with DEFAULT or INDEX identity
-    // blue would send just the identity columns, which green cannot match reliably.
-    if key.is_empty()
-        && matches!(
-            source.replica_identity,
-            ReplicaIdentity::Default | ReplicaIdentity::Index
-        )
-        && source.columns.iter().any(|c| c.is_key)
-    {
+    // blue sends just the identity columns, and green has no unique index over them.
+    if key.is_empty() && !full && has_identity {
         return Err(MapError::NoKey {
             blue_table: source_name,
             target: target.to_string(),
-            identity: source.replica_identity,
+            identity_columns: source
+                .columns
+                .iter()
+                .filter(|c| c.is_key)
+                .map(|c| c.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         });
     }
     let mut row_key: Vec<usize> = key
@@ -418,7 +483,9 @@ pub fn build(
         .collect();
     row_key.sort_unstable();
     row_key.dedup();
-    if !full {
+    // Without any identity, no old row arrives: nothing to check the key against (see
+    // `TableMap::awaits_identity`).
+    if !full && has_identity {
         // On DELETE pgoutput sends only the replica identity: the key must come from it.
         for &k in &key {
             if let Some(&c) = columns[k]
@@ -522,9 +589,14 @@ pub fn build(
     let identity: Vec<usize> = (0..source.columns.len())
         .filter(|&i| source.columns[i].is_key)
         .collect();
+    let key_names = green
+        .unique_keys
+        .iter()
+        .find(|u| u.columns == key_columns)
+        .map(|u| u.violation_names.clone());
     let insert_new_keys =
         (!key.is_empty() && !full && key.iter().all(|&k| verbatim(k)) && row_key == identity)
-            .then(|| green.primary_key_name.clone())
+            .then_some(key_names)
             .flatten();
     let copy_new_keys = (insert_new_keys.is_some() && filter.is_none() && green.accepts_copy)
         .then(|| {
@@ -533,7 +605,9 @@ pub fn build(
                 .collect::<Option<Vec<usize>>>()
         })
         .flatten();
+    let awaits_identity = !has_identity && !key.is_empty();
     Ok(Some(Arc::new(TableMap {
+        awaits_identity,
         label: target.to_string(),
         source: source.name.clone(),
         target,
@@ -542,6 +616,7 @@ pub fn build(
         key,
         row_key,
         replica_identity: source.replica_identity,
+        partitioned: green.partitioned,
         filter,
         reads,
         origin: rule.map(|r| r.origin.clone()),

@@ -234,7 +234,8 @@ impl ApplyStage {
             }) if failure.code.as_deref() == Some("23505")
                 && failure.constraint.is_some()
                 && tables.iter().any(|t| {
-                    t.map.label == table && t.map.insert_new_keys == failure.constraint
+                    t.map.label == table
+                        && t.map.is_new_key_violation(failure.constraint.as_deref())
                 }) =>
             {
                 Err(ApplyError::NewKeyExists { table, failure })

@@ -9,6 +9,8 @@
 //!
 //! Invariant: nothing here writes to either database.
 
+mod width;
+
 use tokio_postgres::Client;
 
 use crate::apply::sql;
@@ -27,6 +29,9 @@ pub struct MappingCheck {
     pub problems: Vec<String>,
     /// Things worth knowing that are not problems.
     pub notes: Vec<String>,
+    /// Things that may go wrong later (a green column narrower than blue's): not problems, but
+    /// worth fixing before the sync window.
+    pub warnings: Vec<String>,
     /// The mapping, as blue's catalog describes the table now (when it could be built).
     pub map: Option<std::sync::Arc<TableMap>>,
 }
@@ -116,6 +121,7 @@ async fn check_table(
         rule: rule.map(|r| r.origin.clone()),
         problems: Vec::new(),
         notes: Vec::new(),
+        warnings: Vec::new(),
         map: None,
     };
     if rule.is_some_and(|r| r.skip) {
@@ -136,7 +142,7 @@ async fn check_table(
         });
         return Ok(verdict);
     };
-    let (source, categories) = blue_table(blue, green, table, publication).await?;
+    let (source, categories, blue_full_types) = blue_table(blue, green, table, publication).await?;
     if rule.is_none() {
         identity_types(
             green,
@@ -187,6 +193,29 @@ async fn check_table(
         }
     }
     verdict.map = Some(map.clone());
+    verdict.warnings = narrower_columns(&map, &blue_full_types);
+    if map.awaits_identity {
+        verdict.notes.push(format!(
+            "blue table {table} has no replica identity now (no primary key, or REPLICA IDENTITY NOTHING): blue refuses UPDATE and DELETE on it until it has one; inserts and truncates are replicated, matched on green's key ({})",
+            map.key.iter().map(|&k| map.columns[k].name.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if map.is_keyed()
+        && !green_table
+            .primary_key
+            .iter()
+            .eq(map.key.iter().map(|&k| &map.columns[k].name))
+    {
+        verdict.notes.push(format!(
+            "green table {} has no primary key: rows are matched on its unique index over ({})",
+            map.label,
+            map.key
+                .iter()
+                .map(|&k| map.columns[k].name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let mixed = map.columns.iter().any(|c| c.inputs.len() > 1);
     if (map.filter.is_some() || mixed) && map.replica_identity != ReplicaIdentity::Full {
         verdict.notes.push(format!(
@@ -198,14 +227,44 @@ async fn check_table(
     Ok(verdict)
 }
 
+/// Target columns copied as they are from a blue column whose values may not fit green's type.
+fn narrower_columns(map: &TableMap, blue_full_types: &[String]) -> Vec<String> {
+    map.columns
+        .iter()
+        .filter_map(|c| {
+            let &[i] = c.inputs.as_slice() else {
+                return None;
+            };
+            let source = &map.source_columns[i];
+            if c.expr != format!("src.{}", transform::quote_ident(&source.name)) {
+                return None;
+            }
+            let why = width::narrower(&blue_full_types[i], &c.sql_type)?;
+            Some(format!(
+                "column {} of {} is {} on green, narrower than blue's {} ({}.{}): {why}; widen green's column (ALTER TABLE {} ALTER COLUMN {} TYPE {}) unless blue's data is known to fit",
+                c.name,
+                map.label,
+                c.sql_type,
+                blue_full_types[i],
+                map.source,
+                source.name,
+                map.target.quoted(),
+                transform::quote_ident(&c.name),
+                blue_full_types[i]
+            ))
+        })
+        .collect()
+}
+
 /// Blue's description of a table, as the stream will describe it, with green's spelling of each
-/// type (`text` when green lacks it), and each type's category (for identity type checks).
+/// type (`text` when green lacks it), each type's category (for identity type checks) and
+/// blue's spelling of each type with its modifier (for width checks).
 async fn blue_table(
     blue: &Client,
     green: &Client,
     table: &QualifiedName,
     publication: &str,
-) -> Result<(SourceTable, Vec<String>), tokio_postgres::Error> {
+) -> Result<(SourceTable, Vec<String>, Vec<String>), tokio_postgres::Error> {
     let identity: String = blue
         .query_one(
             "SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)",
@@ -223,10 +282,13 @@ async fn blue_table(
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, -1), t.typcategory::text,
                     c.relreplident = 'f' OR EXISTS (
+                      -- Key columns only, as pgoutput marks them: not an index's INCLUDE columns.
                       SELECT 1 FROM pg_index i
-                       WHERE i.indrelid = a.attrelid AND a.attnum = ANY (i.indkey)
+                       CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                       WHERE i.indrelid = a.attrelid AND k.attnum = a.attnum AND k.ord <= i.indnkeyatts
                          AND CASE c.relreplident WHEN 'i' THEN i.indisreplident
-                                                 WHEN 'd' THEN i.indisprimary ELSE false END)
+                                                 WHEN 'd' THEN i.indisprimary ELSE false END),
+                    format_type(a.atttypid, a.atttypmod)
                FROM pg_attribute a
                JOIN pg_type t ON t.oid = a.atttypid
                JOIN pg_class c ON c.oid = a.attrelid
@@ -254,6 +316,7 @@ async fn blue_table(
         .map(|r| r.get(0))
         .collect();
     let categories = rows.iter().map(|r| r.get(2)).collect();
+    let full_types = rows.iter().map(|r| r.get(4)).collect();
     let columns = rows
         .iter()
         .zip(green_types)
@@ -271,6 +334,7 @@ async fn blue_table(
             replica_identity,
         },
         categories,
+        full_types,
     ))
 }
 

@@ -1,0 +1,230 @@
+//! Keyless tables (no primary key or usable unique index on green, REPLICA IDENTITY FULL on
+//! blue): the statement that removes one green row per full old image, as PostgreSQL's own
+//! apply worker does, matching each column with its own equality, and records the images that
+//! found no row.
+//!
+//! Why not compare text (`ROW(...)::text`): equality of a type is not equality of its text.
+//! Under a nondeterministic collation `'äbc'` equals `'a\u0308bc'`; numeric `1.0` equals
+//! `1.00`. Each column is therefore compared with `=` (under its own collation), except for
+//! types green has no `=` for (json, xml, point), which are compared as text, as stored.
+//!
+//! How, set-based: the incoming images are grouped by those same equalities (`GROUP BY` uses
+//! the column's equality and collation), each group counting how many rows it must delete;
+//! green's equal rows are numbered per group and the first `count` of each are deleted, by
+//! `(tableoid, ctid)` (a partitioned table's partitions each have their own ctids). Columns
+//! declared NOT NULL are joined with `=`, which green can hash; nullable ones with
+//! `IS NOT DISTINCT FROM`, which also matches NULL with NULL.
+//!
+//! Invariants: values travel as parameters, identifiers are quoted; with detection, every
+//! image that found no row is recorded in `shadowsync.conflicts` (`update_missing` or
+//! `delete_missing`, resolution `apply`: the update's new row is appended all the same) in the
+//! same statement; no row values reach the log (the statement returns no key, only the
+//! record's id).
+
+use super::sql::{Cast, computable, select_list, src_relation};
+use crate::transform::{TableMap, quote_ident};
+
+/// Grouping expression of target column `i` of the images `v` (as `"~g<n>"` in `d`).
+fn group_expr(map: &TableMap, i: usize) -> String {
+    let c = &map.columns[i];
+    let v = format!("v.{}", quote_ident(&c.name));
+    match (c.has_equality, &c.collation) {
+        (false, _) => format!("{v}::text"),
+        (true, Some(collation)) => format!("{v} {collation}"),
+        (true, None) => v,
+    }
+}
+
+/// Condition matching green's row `t2` with group `d`'s column `n` (target column `i`).
+fn match_expr(map: &TableMap, i: usize, n: usize) -> String {
+    let c = &map.columns[i];
+    let t = format!("t2.{}", quote_ident(&c.name));
+    let g = format!("d.\"~g{n}\"");
+    match (c.has_equality, c.not_null) {
+        (false, _) => format!("{t}::text IS NOT DISTINCT FROM {g}"),
+        (true, true) => format!("{t} = {g}"),
+        (true, false) => format!("{t} IS NOT DISTINCT FROM {g}"),
+    }
+}
+
+/// The incoming images as `v`: the written target columns, cast as stored, and with detection
+/// the metadata arrays after the source columns' (`~update bool[]`, `~commit_lsn pg_lsn[]`,
+/// `~commit_time timestamptz[]`), beside `src` (not in it: a rule may read `src` whole).
+fn images(map: &TableMap, cols: &[usize], targets: &[usize], detect: bool) -> String {
+    let selected = select_list(map, targets, Cast::Match);
+    if !detect {
+        return format!("SELECT {selected} FROM {}", src_relation(map, cols, 1));
+    }
+    let mut unnests = Vec::with_capacity(cols.len() + 3);
+    let mut typed = Vec::with_capacity(cols.len());
+    for (n, &c) in cols.iter().enumerate() {
+        let col = &map.source_columns[c];
+        unnests.push(format!("unnest(${}::text[]) AS \"~c{n}\"", n + 1));
+        typed.push(format!(
+            "\"~u\".\"~c{n}\"::{} AS {}",
+            col.sql_type,
+            quote_ident(&col.name)
+        ));
+    }
+    if cols.is_empty() {
+        unnests.push("unnest($1::text[]) AS \"~c0\"".to_string());
+    }
+    let first = cols.len().max(1) + 1;
+    for (m, ty) in ["~update", "~commit_lsn", "~commit_time"]
+        .iter()
+        .zip(["bool", "pg_lsn", "timestamptz"])
+        .enumerate()
+    {
+        unnests.push(format!(
+            "unnest(${}::{}[]) AS \"{}\"",
+            first + m,
+            ty.1,
+            ty.0
+        ));
+    }
+    let comma = if selected.is_empty() { "" } else { ", " };
+    format!(
+        "SELECT {selected}{comma}\"~u\".\"~update\", \"~u\".\"~commit_lsn\", \"~u\".\"~commit_time\" \
+           FROM (SELECT {}) AS \"~u\" CROSS JOIN LATERAL (SELECT {}) AS src",
+        unnests.join(", "),
+        typed.join(", ")
+    )
+}
+
+/// Deletes one green row equal to each old image (parameters: the source columns' arrays,
+/// and with `detect` the metadata arrays and the slot, source and target labels).
+pub fn delete_matching(map: &TableMap, cols: &[usize], detect: bool) -> String {
+    let targets = computable(map, cols);
+    let groups: Vec<String> = targets.iter().map(|&i| group_expr(map, i)).collect();
+    let named: Vec<String> = groups
+        .iter()
+        .enumerate()
+        .map(|(n, g)| format!("{g} AS \"~g{n}\", "))
+        .collect();
+    let group_by = if groups.is_empty() {
+        "()".to_string()
+    } else {
+        groups.join(", ")
+    };
+    let join = if targets.is_empty() {
+        "true".to_string()
+    } else {
+        targets
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| match_expr(map, i, n))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let meta = if detect {
+        ", (array_agg(v.\"~update\" ORDER BY v.\"~commit_lsn\" DESC))[1] AS \"~update\", \
+         max(v.\"~commit_lsn\") AS \"~commit_lsn\", max(v.\"~commit_time\") AS \"~commit_time\", \
+         (array_agg(to_jsonb(v) - '{~update,~commit_lsn,~commit_time}'::text[]))[1] AS \"~image\""
+    } else {
+        ""
+    };
+    let tbl = map.target.quoted();
+    let matched = format!(
+        "WITH v AS MATERIALIZED ({images}), \
+         d AS MATERIALIZED (SELECT {named}count(*) AS \"~n\", row_number() OVER () AS \"~cls\"{meta} \
+                              FROM v GROUP BY {group_by}), \
+         m AS MATERIALIZED (SELECT c.rel, c.tid, c.cls FROM ( \
+              SELECT t2.tableoid AS rel, t2.ctid AS tid, d.\"~cls\" AS cls, d.\"~n\" AS n, \
+                     row_number() OVER (PARTITION BY d.\"~cls\") AS rn \
+                FROM {tbl} AS t2 JOIN d ON {join}) AS c WHERE c.rn <= c.n)",
+        images = images(map, cols, &targets, detect),
+        named = named.concat(),
+    );
+    let delete =
+        format!("DELETE FROM {tbl} AS t USING m WHERE t.tableoid = m.rel AND t.ctid = m.tid");
+    if !detect {
+        return format!("{matched} {delete}");
+    }
+    let labels = cols.len().max(1) + 4;
+    format!(
+        "{matched}, x AS ({delete}) \
+         INSERT INTO shadowsync.conflicts (slot, source_table, target_table, key, kind, resolution, incoming, existing, commit_lsn, commit_time) \
+         SELECT ${labels}, ${}, ${}, d.\"~image\", \
+                CASE WHEN d.\"~update\" THEN 'update_missing' ELSE 'delete_missing' END, 'apply', NULL, NULL, \
+                d.\"~commit_lsn\", d.\"~commit_time\" \
+           FROM d LEFT JOIN (SELECT cls, count(*) AS hits FROM m GROUP BY cls) AS h ON h.cls = d.\"~cls\" \
+           CROSS JOIN LATERAL generate_series(1, d.\"~n\" - coalesce(h.hits, 0)) AS g \
+         RETURNING kind, resolution, 'keyless row, see shadowsync.conflicts id ' || id",
+        labels + 1,
+        labels + 2,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::ReplicaIdentity;
+    use crate::transform::{ConflictPolicy, QualifiedName, SourceColumn, TargetColumn};
+
+    /// `(a text COLLATE nd, n numeric NOT NULL, doc json)`, keyless.
+    fn map() -> TableMap {
+        let cols = [("a", "text"), ("n", "numeric"), ("doc", "json")];
+        TableMap {
+            source: QualifiedName::new("public", "t"),
+            target: QualifiedName::new("public", "t"),
+            source_columns: cols
+                .iter()
+                .map(|(c, ty)| SourceColumn {
+                    name: c.to_string(),
+                    sql_type: ty.to_string(),
+                    blue_type: ty.to_string(),
+                })
+                .collect(),
+            columns: cols
+                .iter()
+                .enumerate()
+                .map(|(i, (c, ty))| TargetColumn {
+                    name: c.to_string(),
+                    sql_type: ty.to_string(),
+                    base_type: ty.to_string(),
+                    expr: format!("src.{}", quote_ident(c)),
+                    inputs: vec![i],
+                    collation: (i == 0).then(|| "COLLATE \"public\".\"nd\"".to_string()),
+                    has_equality: i != 2,
+                    not_null: i == 1,
+                })
+                .collect(),
+            key: vec![],
+            row_key: vec![],
+            replica_identity: ReplicaIdentity::Full,
+            awaits_identity: false,
+            partitioned: false,
+            label: "public.t".into(),
+            filter: None,
+            reads: vec![],
+            origin: None,
+            conflicts: ConflictPolicy::Off,
+            keyed_lookups: vec![],
+            plain_key: None,
+            insert_new_keys: None,
+            copy_new_keys: None,
+        }
+    }
+
+    #[test]
+    fn each_column_is_matched_by_its_own_equality() {
+        let sql = delete_matching(&map(), &[0, 1, 2], false);
+        assert!(
+            sql.contains("v.\"a\" COLLATE \"public\".\"nd\" AS \"~g0\""),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("t2.\"a\" IS NOT DISTINCT FROM d.\"~g0\""),
+            "{sql}"
+        );
+        assert!(sql.contains("t2.\"n\" = d.\"~g1\""), "{sql}");
+        assert!(
+            sql.contains("t2.\"doc\"::text IS NOT DISTINCT FROM d.\"~g2\""),
+            "{sql}"
+        );
+        assert!(!sql.contains("ROW("), "{sql}");
+        if std::env::var_os("SHOW_SQL").is_some() {
+            println!("{sql};\n{};", delete_matching(&map(), &[0, 1, 2], true));
+        }
+    }
+}
