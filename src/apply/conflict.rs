@@ -164,7 +164,8 @@ fn returning_key(map: &TableMap) -> String {
 }
 
 /// Incoming row of a conflict: the written target columns (a delete has none: NULL).
-const INCOMING_ROW: &str = "to_jsonb(s) - '{~existed,~commit_lsn,~commit_time}'::text[]";
+/// (`s.*`, not `s`: a target column named `s` would take the bare name.)
+const INCOMING_ROW: &str = "to_jsonb(s.*) - '{~existed,~commit_lsn,~commit_time}'::text[]";
 
 /// The record insert over conflicting rows `c` (with green's pre-statement row `e`). `rows`
 /// is the FROM list that provides `c`, the incoming row `s` (its key and values) and `e`.
@@ -186,7 +187,7 @@ fn record(
         .join(", ");
     format!(
         "INSERT INTO shadowsync.conflicts (slot, source_table, target_table, key, kind, resolution, incoming, existing, commit_lsn, commit_time) \
-         SELECT ${}, ${}, ${}, jsonb_build_object({key_json}), {kind}, {resolution}, {incoming}, to_jsonb(e), s.\"~commit_lsn\", s.\"~commit_time\" \
+         SELECT ${}, ${}, ${}, jsonb_build_object({key_json}), {kind}, {resolution}, {incoming}, to_jsonb(e.*), s.\"~commit_lsn\", s.\"~commit_time\" \
          FROM {rows} {rest} \
          RETURNING kind, resolution, key::text",
         params_from,

@@ -119,7 +119,7 @@ pub fn delete_matching(map: &TableMap, cols: &[usize], detect: bool) -> String {
     let meta = if detect {
         ", (array_agg(v.\"~update\" ORDER BY v.\"~commit_lsn\" DESC))[1] AS \"~update\", \
          max(v.\"~commit_lsn\") AS \"~commit_lsn\", max(v.\"~commit_time\") AS \"~commit_time\", \
-         (array_agg(to_jsonb(v) - '{~update,~commit_lsn,~commit_time}'::text[]))[1] AS \"~image\""
+         (array_agg(to_jsonb(v.*) - '{~update,~commit_lsn,~commit_time}'::text[]))[1] AS \"~image\""
     } else {
         ""
     };

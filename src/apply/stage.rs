@@ -359,8 +359,10 @@ impl ApplyStage {
         let table = format!("{}.{}", r.namespace, r.name);
         match self.map_relation(r).await {
             Err(ApplyError::Map(e)) => {
-                warn!(table = %table, lsn = %crate::progress::format_lsn(self.last_lsn), error = %e,
-                    "blue described a table that cannot be mapped now; streaming goes on, and a change to it would stop the pipeline with this error");
+                // Routine for the leaves of a root published via the root (blue describes each
+                // leaf after the root): not worth a warning until a change needs the mapping.
+                debug!(table = %table, lsn = %crate::progress::format_lsn(self.last_lsn), error = %e,
+                    "blue described a table that cannot be mapped now; a change to it would stop the pipeline with this error");
                 self.maps.insert(oid, Mapped::Unmapped(e));
                 Ok(())
             }
