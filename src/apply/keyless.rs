@@ -19,7 +19,8 @@
 //! image that found no row is recorded in `shadowsync.conflicts` (`update_missing` or
 //! `delete_missing`, resolution `apply`: the update's new row is appended all the same) in the
 //! same statement; no row values reach the log (the statement returns no key, only the
-//! record's id).
+//! record's id). The record's image (jsonb) is built only for the images that found no row: a
+//! json value with `\u0000` has no jsonb form, and must not fail every batch of its table.
 
 use super::sql::{Cast, computable, select_list, src_relation};
 use crate::transform::{TableMap, quote_ident};
@@ -84,11 +85,30 @@ fn images(map: &TableMap, cols: &[usize], targets: &[usize], detect: bool) -> St
     }
     let comma = if selected.is_empty() { "" } else { ", " };
     format!(
-        "SELECT {selected}{comma}\"~u\".\"~update\", \"~u\".\"~commit_lsn\", \"~u\".\"~commit_time\" \
+        "SELECT {selected}{comma}\"~u\".\"~update\", \"~u\".\"~commit_lsn\", \"~u\".\"~commit_time\", \
+                row_number() OVER () AS \"~i\" \
            FROM (SELECT {}) AS \"~u\" CROSS JOIN LATERAL (SELECT {}) AS src",
         unnests.join(", "),
         typed.join(", ")
     )
+}
+
+/// The columns of the record's image of row `r`: json values as their text, which jsonb
+/// cannot hold when it has `\u0000` (the record must never fail the batch).
+fn image_columns(map: &TableMap, targets: &[usize]) -> String {
+    targets
+        .iter()
+        .map(|&i| {
+            let c = &map.columns[i];
+            let n = quote_ident(&c.name);
+            if c.base_type == "json" {
+                format!("r.{n}::text AS {n}")
+            } else {
+                format!("r.{n}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Deletes one green row equal to each old image (parameters: the source columns' arrays,
@@ -119,7 +139,7 @@ pub fn delete_matching(map: &TableMap, cols: &[usize], detect: bool) -> String {
     let meta = if detect {
         ", (array_agg(v.\"~update\" ORDER BY v.\"~commit_lsn\" DESC))[1] AS \"~update\", \
          max(v.\"~commit_lsn\") AS \"~commit_lsn\", max(v.\"~commit_time\") AS \"~commit_time\", \
-         (array_agg(to_jsonb(v.*) - '{~update,~commit_lsn,~commit_time}'::text[]))[1] AS \"~image\""
+         min(v.\"~i\") AS \"~rep\""
     } else {
         ""
     };
@@ -144,14 +164,16 @@ pub fn delete_matching(map: &TableMap, cols: &[usize], detect: bool) -> String {
     format!(
         "{matched}, x AS ({delete}) \
          INSERT INTO shadowsync.conflicts (slot, source_table, target_table, key, kind, resolution, incoming, existing, commit_lsn, commit_time) \
-         SELECT ${labels}, ${}, ${}, d.\"~image\", \
+         SELECT ${labels}, ${}, ${}, to_jsonb(i.*), \
                 CASE WHEN d.\"~update\" THEN 'update_missing' ELSE 'delete_missing' END, 'apply', NULL, NULL, \
                 d.\"~commit_lsn\", d.\"~commit_time\" \
-           FROM d LEFT JOIN (SELECT cls, count(*) AS hits FROM m GROUP BY cls) AS h ON h.cls = d.\"~cls\" \
+           FROM d JOIN v AS r ON r.\"~i\" = d.\"~rep\" CROSS JOIN LATERAL (SELECT {image}) AS i \
+           LEFT JOIN (SELECT cls, count(*) AS hits FROM m GROUP BY cls) AS h ON h.cls = d.\"~cls\" \
            CROSS JOIN LATERAL generate_series(1, d.\"~n\" - coalesce(h.hits, 0)) AS g \
          RETURNING kind, resolution, 'keyless row, see shadowsync.conflicts id ' || id",
         labels + 1,
         labels + 2,
+        image = image_columns(map, &targets),
     )
 }
 

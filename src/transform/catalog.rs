@@ -160,9 +160,11 @@ SELECT ic.relname::text, i.indisprimary, i.indisreplident,
    AND i.indpred IS NULL AND i.indexprs IS NULL AND NOT (0 = ANY (i.indkey))
  ORDER BY NOT i.indisprimary, NOT i.indisreplident, ic.relname";
 
-/// Sets `has_equality` of each column: whether green resolves `=` for its type (and, for an
-/// array, for its element type, which `array_eq` looks up only when comparing). PostgreSQL's
-/// parser decides, as it will for the statements: one prepare per distinct type.
+/// Sets `has_equality` of each column: whether green has a default equality for its type, the
+/// one `GROUP BY` and PostgreSQL's own apply worker use (a btree or hash operator class: `box`
+/// has an `=` operator, comparing areas, but no such class), and for an array, for its element
+/// type too (`array_eq` looks that up only when comparing). PostgreSQL decides, as it will for
+/// the statements: one prepare per distinct type.
 async fn probe_equality(
     client: &Client,
     columns: &mut [GreenColumn],
@@ -177,7 +179,9 @@ async fn probe_equality(
         let mut ty = c.base_type.as_str();
         loop {
             match client
-                .prepare(&format!("SELECT NULL::{ty} = NULL::{ty}"))
+                .prepare(&format!(
+                    "SELECT 1 FROM (SELECT NULL::{ty} AS x) AS s GROUP BY s.x"
+                ))
                 .await
             {
                 Ok(_) => {}
