@@ -36,8 +36,10 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// Not a `#[source]`: the message already holds it, and `main` prints the source chain too
+    /// (it read "initial copy: X: X").
     #[error("initial copy: {0}")]
-    Snapshot(#[from] crate::snapshot::SnapshotError),
+    Snapshot(crate::snapshot::SnapshotError),
     #[error("cannot listen on {addr} (metrics.listen): {source}; choose a free address")]
     Listen {
         addr: String,
@@ -50,6 +52,12 @@ pub enum PipelineError {
     },
     #[error("the pipeline stopped before the drain finished")]
     Stopped,
+}
+
+impl From<crate::snapshot::SnapshotError> for PipelineError {
+    fn from(e: crate::snapshot::SnapshotError) -> Self {
+        PipelineError::Snapshot(e)
+    }
 }
 
 impl PipelineError {

@@ -5,54 +5,69 @@
 //! Invariants: every worker imports the snapshot before the exporting session is dropped; rows
 //! stream through without being buffered (memory is a few COPY chunks per worker); a table
 //! read by another mapping's rules (a lookup) is copied completely before that mapping's
-//! tables start; a range's rows and its `copy_ranges` row commit together.
+//! tables start; a range's rows and its `copy_ranges` row commit together; a range green
+//! rejects is narrowed to its row and column (see `narrow`) and stops the copy with a
+//! permanent error.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, CopyInSink};
 use tracing::debug;
 
 use super::display::Progress;
+use super::plan::{self, Job};
 use super::{SnapshotError, blue_err, green_err};
 use crate::apply::sql::{Cast, select_list};
 use crate::config::Config;
 use crate::metrics::Shared;
-use crate::transform::{TableMap, quote_ident};
+use crate::transform::{QualifiedName, TableMap, quote_ident};
+
+/// Every green connection of a copy holds this per-slot lock, shared.
+const COPY_LOCK_SHARED: &str =
+    "SELECT pg_advisory_lock_shared(hashtextextended('shadowsync.copy:' || $1, 0))";
+
+/// Taken (and let go at once) before a copy reads its state: waits until every connection of
+/// an earlier copy for the slot has ended, its last transaction committed or not.
+pub(super) const COPY_LOCK_BARRIER: &str =
+    "SELECT pg_advisory_lock(hashtextextended('shadowsync.copy:' || $1, 0)),
+        pg_advisory_unlock(hashtextextended('shadowsync.copy:' || $1, 0))";
 
 /// Bytes of COPY data handed to green at once (memory per worker: about twice this).
 const RELAY_BYTES: usize = 256 * 1024;
 
-/// One unit of copying: a page range of one table (`hi = None`: to the end).
-#[derive(Debug, Clone)]
-struct Job {
-    table: usize,
-    range_no: i32,
-    lo: u64,
-    hi: Option<u64>,
-}
-
-struct Worker {
-    blue: Client,
-    green: Client,
+pub(super) struct Worker {
+    pub blue: Client,
+    pub green: Client,
     /// Staging tables created on this green connection, by table index.
     staged: Vec<usize>,
     _conns: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// A table being copied, with what every worker needs to copy its ranges.
-struct Table {
-    map: Arc<TableMap>,
-    /// The publication's row filter on blue (PostgreSQL 15+), applied to the copy as to the
-    /// stream.
-    row_filter: Option<String>,
+pub(super) struct Table {
+    pub map: Arc<TableMap>,
+    /// Blue relations holding the rows (the table, or its leaf partitions), read `FROM ONLY`.
+    pub parts: Vec<QualifiedName>,
+    pub row_filter: Option<String>,
     /// Whether blue's text goes straight into the target (identity, same types).
     direct: bool,
-    /// Whether the direct copy may use the binary format (every type built in, so that both
-    /// sides agree on its binary form; user types carry OIDs that differ between servers).
+    /// Whether the direct copy may use the binary format.
     binary: bool,
     ranges: i32,
+}
+
+impl Table {
+    /// The blue columns read, quoted, in the source row's order (selected by name, so any
+    /// leaf gives this layout).
+    pub fn columns(&self) -> Vec<String> {
+        self.map
+            .source_columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect()
+    }
 }
 
 /// Connects to green for copying: replica role (no triggers or foreign keys firing, as for the
@@ -85,6 +100,11 @@ async fn green_connect_owned(
         .batch_execute("SET synchronous_commit = off")
         .await
         .map_err(green_err("setting synchronous_commit for the copy"))?;
+    // Held for the connection's life: the next session waits for it (see `super::barrier`).
+    client
+        .execute(COPY_LOCK_SHARED, &[&config.blue.slot])
+        .await
+        .map_err(green_err("taking the copy's session lock"))?;
     Ok((client, handle))
 }
 
@@ -116,16 +136,12 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// Copies `maps` under the snapshot `snapshot_name` (exported by `exporter`, dropped once every
-/// worker imported it). Returns (source table, rows) per table copied.
-pub(crate) async fn run(
+/// Opens `n` workers inside the snapshot `snapshot_name`.
+async fn connect_workers(
     config: &Config,
-    maps: &[Arc<TableMap>],
+    n: usize,
     snapshot_name: &str,
-    exporter: pgwire_replication::ReplicationClient,
-    shared: &Arc<Shared>,
-) -> Result<Vec<(String, u64)>, SnapshotError> {
-    let n = config.snapshot.worker_count().max(1);
+) -> Result<Vec<Worker>, SnapshotError> {
     let mut workers = Vec::with_capacity(n);
     for _ in 0..n {
         let (blue, b) = blue_connect(config, snapshot_name).await?;
@@ -137,160 +153,106 @@ pub(crate) async fn run(
             _conns: vec![b, g],
         });
     }
-    // Every worker holds the snapshot now: the exporting session may end (a permanent slot
-    // stays; a temporary one goes with its session, as intended).
-    drop(exporter);
+    Ok(workers)
+}
 
-    let slot = config.blue.slot.clone();
-    let planner = &workers[0].blue;
-    // Binary COPY converts no character set: only between databases of one encoding.
+/// Plans every table's ranges (recording their number in `copy_state`); returns the tables
+/// and the jobs of each level of the copy order.
+async fn plan_tables(
+    config: &Config,
+    w: &Worker,
+    maps: &[Arc<TableMap>],
+    progress: &Progress,
+) -> Result<(Vec<Table>, Vec<Vec<Job>>), SnapshotError> {
     let encoding = "SELECT current_setting('server_encoding')";
-    let blue_encoding: String = planner
+    let blue_encoding: String = w
+        .blue
         .query_one(encoding, &[])
         .await
         .map_err(blue_err("reading the server encoding"))?
         .get(0);
-    let green_encoding: String = workers[0]
+    let green_encoding: String = w
         .green
         .query_one(encoding, &[])
         .await
         .map_err(green_err("reading the server encoding"))?
         .get(0);
-    let same_encoding = blue_encoding == green_encoding;
+    let levels = plan::levels(maps);
     let mut tables = Vec::with_capacity(maps.len());
     let mut jobs_by_level: Vec<Vec<Job>> = Vec::new();
-    let levels = levels(maps);
-    let progress = Arc::new(Progress::new(
-        maps.iter().map(|m| m.source.to_string()).collect(),
-    ));
     for (i, map) in maps.iter().enumerate() {
-        let row = planner
-            .query_one(
-                "SELECT (pg_relation_size(c.oid) / current_setting('block_size')::bigint)::bigint,
-                        greatest(c.reltuples, 0)::bigint,
-                        (SELECT t.rowfilter FROM pg_publication_tables t
-                          WHERE t.pubname = $2 AND t.schemaname = n.nspname AND t.tablename = c.relname)
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE c.oid = to_regclass($1)",
-                &[&map.source.quoted(), &config.blue.publication],
-            )
-            .await
-            .map_err(blue_err(format!("sizing {}", map.source)))?;
-        let (pages, estimate, row_filter): (i64, i64, Option<String>) =
-            (row.get(0), row.get(1), row.get(2));
         let step = config.snapshot.range_pages;
-        let ranges = (pages.max(0) as u64).div_ceil(step).max(1);
-        progress.set_estimate(i, estimate.max(0) as u64);
-        let jobs = jobs_by_level.len().max(levels[i] + 1);
-        jobs_by_level.resize_with(jobs, Vec::new);
-        for r in 0..ranges {
-            jobs_by_level[levels[i]].push(Job {
-                table: i,
-                range_no: r as i32,
-                lo: r * step,
-                hi: (r + 1 < ranges).then_some((r + 1) * step),
-            });
-        }
-        let direct = is_direct(map);
-        let binary = direct
-            && same_encoding
-            && map
-                .source_columns
-                .iter()
-                .all(|c| BINARY_SAFE.contains(&c.blue_type.as_str()));
+        let p = plan::plan_table(&w.blue, i, map, &config.blue.publication, step).await?;
+        progress.set_estimate(i, p.estimate);
+        let ranges = p.jobs.len() as i32;
+        jobs_by_level.resize_with(jobs_by_level.len().max(levels[i] + 1), Vec::new);
+        jobs_by_level[levels[i]].extend(p.jobs);
         tables.push(Table {
             map: map.clone(),
-            row_filter,
-            direct,
-            binary,
-            ranges: ranges as i32,
+            parts: p.parts,
+            row_filter: p.row_filter,
+            direct: plan::is_direct(map),
+            binary: plan::is_binary(map, blue_encoding == green_encoding),
+            ranges,
         });
-        workers[0]
-            .green
+        w.green
             .execute(
                 "UPDATE shadowsync.copy_state SET ranges = $3 WHERE slot = $1 AND source_table = $2",
-                &[&slot, &map.source.to_string(), &(ranges as i32)],
+                &[&config.blue.slot, &map.source.to_string(), &ranges],
             )
             .await
             .map_err(green_err("recording the copy's ranges"))?;
     }
-    let tables = Arc::new(tables);
-    shared.set_snapshot_remaining(tables.len() as i64);
+    Ok((tables, jobs_by_level))
+}
+
+/// What one level's workers share.
+struct Shareds {
+    tables: Arc<Vec<Table>>,
+    progress: Arc<Progress>,
+    shared: Arc<Shared>,
+    /// Ranges done per table index.
+    done: Arc<Mutex<HashMap<usize, i32>>>,
+    slot: String,
+}
+
+/// Copies `maps` under the snapshot `snapshot_name` (exported by `exporter`, dropped once every
+/// worker imported it). Returns (source table, rows) per table copied.
+pub(crate) async fn run(
+    config: &Config,
+    maps: &[Arc<TableMap>],
+    snapshot_name: &str,
+    exporter: pgwire_replication::ReplicationClient,
+    shared: &Arc<Shared>,
+) -> Result<Vec<(String, u64)>, SnapshotError> {
+    let n = config.snapshot.worker_count().max(1);
+    let mut workers = connect_workers(config, n, snapshot_name).await?;
+    // Every worker holds the snapshot now: the exporting session may end (a permanent slot
+    // stays; a temporary one goes with its session, as intended).
+    drop(exporter);
+
+    let progress = Arc::new(Progress::new(
+        maps.iter().map(|m| m.source.to_string()).collect(),
+    ));
+    let (tables, jobs_by_level) = plan_tables(config, &workers[0], maps, &progress).await?;
+    let s = Shareds {
+        tables: Arc::new(tables),
+        progress: progress.clone(),
+        shared: shared.clone(),
+        done: Arc::new(Mutex::new(HashMap::new())),
+        slot: config.blue.slot.clone(),
+    };
+    shared.set_snapshot_remaining(s.tables.len() as i64);
     let reporter = tokio::spawn(super::display::report(progress.clone()));
     // Dropping this future (a stop during the copy) must stop the workers too: they would
     // otherwise keep writing ranges of a copy the next session starts over.
     let mut tasks = AbortOnDrop(vec![reporter.abort_handle()]);
-    let done: Arc<Mutex<HashMap<usize, i32>>> = Arc::new(Mutex::new(HashMap::new()));
     let mut finished = Vec::new();
     let mut result = Ok(());
-    'levels: for jobs in jobs_by_level {
-        let queue = Arc::new(Mutex::new(VecDeque::from(jobs)));
-        let mut handles = Vec::with_capacity(workers.len());
-        for mut w in workers.drain(..) {
-            let (queue, tables, progress, shared, done, slot) = (
-                queue.clone(),
-                tables.clone(),
-                progress.clone(),
-                shared.clone(),
-                done.clone(),
-                slot.clone(),
-            );
-            handles.push(tokio::spawn(async move {
-                // (a worker: copies ranges of this level until none is left)
-                let mut completed = Vec::new();
-                loop {
-                    let job = queue.lock().expect("job queue").pop_front();
-                    let Some(job) = job else { break };
-                    let t = &tables[job.table];
-                    let rows =
-                        match copy_range(&mut w, &tables, &job, &slot, &progress, &shared).await {
-                            Ok(rows) => rows,
-                            Err(e) => return (w, Err(e), completed),
-                        };
-                    debug!(table = %t.map.source, range = job.range_no, rows, "range copied");
-                    let all_done = {
-                        let mut d = done.lock().expect("done ranges");
-                        let n = d.entry(job.table).or_default();
-                        *n += 1;
-                        *n == t.ranges
-                    };
-                    if all_done {
-                        let source = t.map.source.to_string();
-                        if let Err(e) = super::mark_done(&w.green, &slot, &source).await {
-                            return (w, Err(e), completed);
-                        }
-                        completed.push(job.table);
-                    }
-                }
-                (w, Ok(()), completed)
-            }));
-        }
-        tasks.0.extend(handles.iter().map(|h| h.abort_handle()));
-        for h in handles {
-            match h.await {
-                Ok((w, r, completed)) => {
-                    workers.push(w);
-                    for t in completed {
-                        shared.set_snapshot_remaining(
-                            tables.len() as i64 - finished.len() as i64 - 1,
-                        );
-                        finished.push(t);
-                    }
-                    if let Err(e) = r
-                        && result.is_ok()
-                    {
-                        result = Err(e);
-                    }
-                }
-                Err(e) => {
-                    if result.is_ok() {
-                        result = Err(SnapshotError::Worker(e.to_string()));
-                    }
-                }
-            }
-        }
+    for jobs in jobs_by_level {
+        result = run_level(&s, &mut workers, jobs, &mut tasks, &mut finished).await;
         if result.is_err() {
-            break 'levels;
+            break;
         }
     }
     reporter.abort();
@@ -298,8 +260,90 @@ pub(crate) async fn run(
     result?;
     Ok(finished
         .into_iter()
-        .map(|i| (tables[i].map.source.to_string(), progress.rows(i)))
+        .map(|i| (s.tables[i].map.source.to_string(), progress.rows(i)))
         .collect())
+}
+
+/// Runs one level's jobs on every worker; the workers come back into `workers`, the tables
+/// they finished into `finished`.
+async fn run_level(
+    s: &Shareds,
+    workers: &mut Vec<Worker>,
+    jobs: Vec<Job>,
+    tasks: &mut AbortOnDrop,
+    finished: &mut Vec<usize>,
+) -> Result<(), SnapshotError> {
+    let queue = Arc::new(Mutex::new(VecDeque::from(jobs)));
+    let mut handles = Vec::with_capacity(workers.len());
+    for w in workers.drain(..) {
+        let s = Shareds {
+            tables: s.tables.clone(),
+            progress: s.progress.clone(),
+            shared: s.shared.clone(),
+            done: s.done.clone(),
+            slot: s.slot.clone(),
+        };
+        handles.push(tokio::spawn(work(w, queue.clone(), s)));
+    }
+    tasks.0.extend(handles.iter().map(|h| h.abort_handle()));
+    let mut result = Ok(());
+    for h in handles {
+        match h.await {
+            Ok((w, r, completed)) => {
+                workers.push(w);
+                for t in completed {
+                    finished.push(t);
+                    s.shared
+                        .set_snapshot_remaining(s.tables.len() as i64 - finished.len() as i64);
+                }
+                if let Err(e) = r
+                    && result.is_ok()
+                {
+                    result = Err(e);
+                }
+            }
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(SnapshotError::Worker(e.to_string()));
+                }
+            }
+        }
+    }
+    result
+}
+
+/// A worker: copies ranges from `queue` until none is left; returns the tables it finished.
+async fn work(
+    mut w: Worker,
+    queue: Arc<Mutex<VecDeque<Job>>>,
+    s: Shareds,
+) -> (Worker, Result<(), SnapshotError>, Vec<usize>) {
+    let mut completed = Vec::new();
+    loop {
+        let job = queue.lock().expect("job queue").pop_front();
+        let Some(job) = job else { break };
+        let t = &s.tables[job.table];
+        let rows = match copy_range(&mut w, &s.tables, &job, &s.slot, &s.progress).await {
+            Ok(rows) => rows,
+            Err(e) => return (w, Err(e), completed),
+        };
+        s.shared.add_snapshot_rows(&t.map.label, rows);
+        debug!(table = %t.map.source, part = %t.parts[job.part], range = job.range_no, rows, "range copied");
+        let all_done = {
+            let mut d = s.done.lock().expect("done ranges");
+            let n = d.entry(job.table).or_default();
+            *n += 1;
+            *n == t.ranges
+        };
+        if all_done {
+            let source = t.map.source.to_string();
+            if let Err(e) = super::mark_done(&w.green, &s.slot, &source).await {
+                return (w, Err(e), completed);
+            }
+            completed.push(job.table);
+        }
+    }
+    (w, Ok(()), completed)
 }
 
 /// Aborts tasks when dropped.
@@ -313,91 +357,44 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Copy order: a table comes after every table (among those copied) its rules read.
-fn levels(maps: &[Arc<TableMap>]) -> Vec<usize> {
-    let mut level = vec![0usize; maps.len()];
-    // A cycle of lookups cannot be ordered; its tables stop rising after `len` rounds.
-    for _ in 0..maps.len() {
-        let mut changed = false;
-        for i in 0..maps.len() {
-            for j in 0..maps.len() {
-                if i != j && maps[i].reads_table(&maps[j].label) && level[i] <= level[j] {
-                    level[i] = level[j] + 1;
-                    changed = true;
-                }
-            }
-        }
-        if !changed {
-            break;
-        }
-    }
-    level
+/// Whether green refused the data itself (a value, a constraint), as opposed to a lost
+/// connection or a missing privilege: only then is the range narrowed to its row.
+fn is_rejection(e: &SnapshotError) -> bool {
+    matches!(e, SnapshotError::Green { failure, .. }
+        if failure.code.as_deref().is_some_and(|c| c.starts_with("22") || c.starts_with("23")))
 }
 
-/// Identity mapping whose every column has the same type on both sides: blue's COPY text is
-/// green's COPY input, no staging needed.
-/// Built-in types whose binary COPY form is the same on any two PostgreSQL servers of one
-/// major version line (no OIDs inside, unlike arrays or composites of user types).
-const BINARY_SAFE: [&str; 18] = [
-    "smallint",
-    "integer",
-    "bigint",
-    "boolean",
-    "text",
-    "character varying",
-    "character",
-    "numeric",
-    "real",
-    "double precision",
-    "timestamp with time zone",
-    "timestamp without time zone",
-    "date",
-    "time without time zone",
-    "uuid",
-    "jsonb",
-    "json",
-    "bytea",
-];
-
-fn is_direct(map: &TableMap) -> bool {
-    map.origin.is_none()
-        && map.filter.is_none()
-        && map.columns.len() == map.source_columns.len()
-        && map
-            .columns
-            .iter()
-            .zip(&map.source_columns)
-            .all(|(t, s)| t.name == s.name && t.inputs.len() == 1 && s.blue_type == t.base_type)
-}
-
+/// Copies one range in one green transaction; a range green rejects is narrowed to the row.
 async fn copy_range(
     w: &mut Worker,
     tables: &[Table],
     job: &Job,
     slot: &str,
     progress: &Progress,
-    shared: &Shared,
 ) -> Result<u64, SnapshotError> {
     let t = &tables[job.table];
+    match write_range(w, t, job, slot, progress).await {
+        Ok(rows) => Ok(rows),
+        Err(e) if is_rejection(&e) => Err(super::narrow::narrow(w, t, job, e).await),
+        Err(e) => Err(e),
+    }
+}
+
+async fn write_range(
+    w: &mut Worker,
+    t: &Table,
+    job: &Job,
+    slot: &str,
+    progress: &Progress,
+) -> Result<u64, SnapshotError> {
     let map = &t.map;
-    let cols: Vec<String> = map
-        .source_columns
-        .iter()
-        .map(|c| quote_ident(&c.name))
-        .collect();
-    let mut conds = vec![format!("ctid >= '({},0)'::tid", job.lo)];
-    if let Some(hi) = job.hi {
-        conds.push(format!("ctid < '({hi},0)'::tid"));
-    }
-    if let Some(f) = &t.row_filter {
-        conds.push(format!("({f})"));
-    }
+    let cols = t.columns();
     let format = if t.binary { " (FORMAT binary)" } else { "" };
     let select = format!(
         "COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT{format}",
         cols.join(", "),
-        map.source.quoted(),
-        conds.join(" AND ")
+        t.parts[job.part].quoted(),
+        plan::conditions(job, t.row_filter.as_deref())
     );
     let staging = format!("\"~copy_{}\"", job.table);
     let tx = w
@@ -423,48 +420,18 @@ async fn copy_range(
         }
         format!("COPY {staging} FROM STDIN")
     };
-    let source = map.source.to_string();
-    let out = w
-        .blue
-        .copy_out(&select)
-        .await
-        .map_err(blue_err(format!("reading {source}")))?;
     let sink = tx
         .copy_in::<_, bytes::Bytes>(&copy_in)
         .await
         .map_err(green_err(format!("writing {}", map.label)))?;
-    futures_util::pin_mut!(out);
-    futures_util::pin_mut!(sink);
-    // Text COPY sends one row per message; rows are passed on in blocks of RELAY_BYTES, so
-    // that the hand-over to green costs once per block, not per row.
-    let mut block = bytes::BytesMut::with_capacity(RELAY_BYTES + 4096);
-    let mut block_rows = 0u64;
-    while let Some(chunk) = out.next().await {
-        let chunk = chunk.map_err(blue_err(format!("reading {source}")))?;
-        block.extend_from_slice(&chunk);
-        block_rows += 1;
-        if block.len() >= RELAY_BYTES {
-            progress.add(job.table, block_rows, block.len() as u64);
-            block_rows = 0;
-            sink.send(block.split().freeze())
-                .await
-                .map_err(green_err(format!("writing {}", map.label)))?;
-        }
-    }
-    if !block.is_empty() {
-        progress.add(job.table, block_rows, block.len() as u64);
-        sink.send(block.split().freeze())
-            .await
-            .map_err(green_err(format!("writing {}", map.label)))?;
-    }
-    let rows = sink
-        .as_mut()
-        .finish()
-        .await
-        .map_err(green_err(format!("writing {}", map.label)))?;
+    let rows = relay(&w.blue, &select, sink, (t, job), |rows, bytes| {
+        progress.add(job.table, rows, bytes)
+    })
+    .await?;
+    let source = map.source.to_string();
     if !t.direct {
         w.staged.push(job.table);
-        tx.execute(&insert_from_staging(map, &staging), &[])
+        tx.execute(&insert_from_staging(map, &staging, None), &[])
             .await
             .map_err(green_err(format!(
                 "transforming the copied rows of {source} into {}",
@@ -480,34 +447,91 @@ async fn copy_range(
     tx.commit()
         .await
         .map_err(green_err(format!("committing a range of {}", map.label)))?;
-    shared.add_snapshot_rows(&map.label, rows);
     Ok(rows)
+}
+
+/// Streams blue's `COPY ... TO STDOUT` (`select`) into green's `sink` without buffering more
+/// than a block; `counted(rows, bytes)` is told after each block. Returns green's row count.
+pub(super) async fn relay(
+    blue: &Client,
+    select: &str,
+    sink: CopyInSink<bytes::Bytes>,
+    (t, job): (&Table, &Job),
+    mut counted: impl FnMut(u64, u64),
+) -> Result<u64, SnapshotError> {
+    let part = &t.parts[job.part];
+    let source = &t.map.source;
+    let reading = if part == source {
+        format!("reading {source}")
+    } else {
+        format!("reading {source} (partition {part})")
+    };
+    let out = blue
+        .copy_out(select)
+        .await
+        .map_err(blue_err(reading.clone()))?;
+    let writing = || green_err(format!("writing {}", t.map.label));
+    futures_util::pin_mut!(out);
+    futures_util::pin_mut!(sink);
+    // Text COPY sends one row per message; rows are passed on in blocks of RELAY_BYTES, so
+    // that the hand-over to green costs once per block, not per row.
+    let mut block = bytes::BytesMut::with_capacity(RELAY_BYTES + 4096);
+    let mut block_rows = 0u64;
+    while let Some(chunk) = out.next().await {
+        let chunk = chunk.map_err(blue_err(reading.clone()))?;
+        block.extend_from_slice(&chunk);
+        block_rows += 1;
+        if block.len() >= RELAY_BYTES {
+            counted(block_rows, block.len() as u64);
+            block_rows = 0;
+            sink.send(block.split().freeze()).await.map_err(writing())?;
+        }
+    }
+    if !block.is_empty() {
+        counted(block_rows, block.len() as u64);
+        sink.send(block.split().freeze()).await.map_err(writing())?;
+    }
+    sink.as_mut().finish().await.map_err(writing())
 }
 
 /// `INSERT INTO target (...) SELECT <rule expressions> FROM (<staging cast to source types>)
 /// AS src [WHERE filter]`: the stream's upsert, over a staging table instead of arrays.
-fn insert_from_staging(map: &TableMap, staging: &str) -> String {
+/// `rows`, a condition on the staging table `s`, limits the rows read.
+pub(super) fn insert_from_staging(map: &TableMap, staging: &str, rows: Option<&str>) -> String {
     let all: Vec<usize> = (0..map.source_columns.len()).collect();
     let targets = crate::apply::sql::computable(map, &all);
-    let src = map
-        .source_columns
+    let src = staging_source(map, &all);
+    let rows = rows.map(|r| format!(" WHERE {r}")).unwrap_or_default();
+    // No column list at all for a table without columns (`()` is not valid SQL): the
+    // empty select list then inserts rows of defaults.
+    let names: Vec<String> = targets
         .iter()
-        .enumerate()
-        .map(|(i, c)| format!("s.c{i}::{} AS {}", c.sql_type, quote_ident(&c.name)))
-        .collect::<Vec<_>>()
-        .join(", ");
+        .map(|&i| quote_ident(&map.columns[i].name))
+        .collect();
+    let names = if names.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", names.join(", "))
+    };
     let mut sql = format!(
-        "INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} FROM (SELECT {src} FROM {staging} AS s) AS src",
+        "INSERT INTO {}{names} OVERRIDING SYSTEM VALUE SELECT {} FROM (SELECT {src} FROM {staging} AS s{rows}) AS src",
         map.target.quoted(),
-        targets
-            .iter()
-            .map(|&i| quote_ident(&map.columns[i].name))
-            .collect::<Vec<_>>()
-            .join(", "),
         select_list(map, &targets, Cast::Write),
     );
     if let Some(f) = &map.filter {
         sql.push_str(&format!(" WHERE ({})", f.expr));
     }
     sql
+}
+
+/// `s.c<i>::<type> AS "<name>"` for the source columns `cols`: staging text cast to the source
+/// row's types, under the source's column names (the names rule expressions use).
+pub(super) fn staging_source(map: &TableMap, cols: &[usize]) -> String {
+    cols.iter()
+        .map(|&i| {
+            let c = &map.source_columns[i];
+            format!("s.c{i}::{} AS {}", c.sql_type, quote_ident(&c.name))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -4,10 +4,11 @@
 //! How: a replication session creates the slot with an exported snapshot
 //! (`CREATE_REPLICATION_SLOT ... (SNAPSHOT 'export')`) and stays idle until every copy worker
 //! has imported that snapshot into its blue transaction; the workers then stream
-//! `COPY (SELECT ...) TO STDOUT` of each table (or page range of a large table) into green, one
-//! green transaction per range, together with the range's row in `shadowsync.copy_ranges`.
-//! Streaming then starts at the slot's consistent point: every transaction committed before it
-//! is in the snapshot, every later one is streamed. No gap, no overlap.
+//! `COPY (SELECT ...) TO STDOUT` of each table (or page range of a large table, or of each leaf
+//! partition of a partitioned one: see `plan`) into green, one green transaction per range,
+//! together with the range's row in `shadowsync.copy_ranges`. Streaming then starts at the
+//! slot's consistent point: every transaction committed before it is in the snapshot, every
+//! later one is streamed. No gap, no overlap.
 //!
 //! Invariants:
 //! - A table's rows in green all come from one snapshot, whose consistent point is recorded in
@@ -17,13 +18,20 @@
 //! - An exported snapshot lives only as long as the session that exported it. A copy
 //!   interrupted with its process cannot finish from the same snapshot: its tables are emptied
 //!   and copied again from a new one (a temporary slot's), and the stream skips their changes
-//!   up to that snapshot's point. Tables already copied keep their rows; nothing is lost or
+//!   up to that snapshot's point. Tables already copied keep their rows, unless a lookup or a
+//!   green foreign key links them to a table copied again (see `empty`); nothing is lost or
 //!   applied twice.
 //! - Green tables being copied must be empty, unless the operator asked for them to be
-//!   truncated; shadowsync only ever empties tables it was copying itself.
+//!   truncated; shadowsync only ever empties tables it was copying itself. Every refusal comes
+//!   before the first write.
+//! - A range green rejects stops the copy with a permanent error naming the row's key and the
+//!   column (see `narrow`), never other row values.
 
 mod copy;
 mod display;
+mod empty;
+mod narrow;
+mod plan;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -80,10 +88,40 @@ pub enum SnapshotError {
         "several source tables map to green table {target}; the initial copy cannot copy them again separately: copy that table by hand and set [snapshot] mode = \"never\""
     )]
     SharedTarget { target: String },
+    #[error(
+        "green tables {tables} must be emptied before the initial copy writes them again, but green foreign keys from tables shadowsync does not copy reference them: {references}. Nothing was changed: TRUNCATE would have to empty those tables too, and shadowsync empties only tables it copies. Drop those constraints for the copy and add them back once it has finished ({drop} then, after the copy, {add}), then run again"
+    )]
+    ForeignKeys {
+        tables: String,
+        references: String,
+        drop: String,
+        add: String,
+    },
+    #[error(transparent)]
+    Rejected(Box<Rejected>),
     #[error("the replication session exporting the snapshot: {0}")]
     Export(String),
     #[error("a copy worker stopped unexpectedly: {0}")]
     Worker(String),
+}
+
+/// A row green rejects in the initial copy, narrowed down (see `narrow`).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "green rejects the row of blue table {source_table} with key {key} for {target}{column} in the initial copy (page range {range} of {relation}): {failure}{hint}. Nothing of that range was written; once fixed, run again: tables whose copy did not finish are emptied and copied again from a new snapshot, tables already copied keep their rows"
+)]
+pub struct Rejected {
+    pub source_table: String,
+    pub target: String,
+    /// `(id)=(5)`: key columns and values only, as the stream's poison errors print them.
+    pub key: String,
+    /// `, column x` when one column is to blame (empty otherwise).
+    pub column: String,
+    /// The blue relation read (the table, or its leaf partition).
+    pub relation: String,
+    pub range: i32,
+    pub failure: DbFailure,
+    pub hint: &'static str,
 }
 
 impl SnapshotError {
@@ -95,7 +133,10 @@ impl SnapshotError {
                 failure.is_retryable()
             }
             SnapshotError::Export(_) | SnapshotError::Worker(_) => true,
-            SnapshotError::NotEmpty { .. } | SnapshotError::SharedTarget { .. } => false,
+            SnapshotError::NotEmpty { .. }
+            | SnapshotError::SharedTarget { .. }
+            | SnapshotError::ForeignKeys { .. }
+            | SnapshotError::Rejected(_) => false,
         }
     }
 }
@@ -186,61 +227,17 @@ pub async fn prepare(
     shared: &Arc<Shared>,
 ) -> Result<Prepared, SnapshotError> {
     let slot = &config.blue.slot;
-    green
-        .batch_execute(CREATE_SQL)
-        .await
-        .map_err(green_err("creating the copy bookkeeping tables"))?;
-    if slot_confirmed.is_none() {
-        // A new slot: any copy state left from an earlier slot of that name is meaningless.
-        green
-            .execute(
-                "DELETE FROM shadowsync.copy_ranges WHERE slot = $1",
-                &[slot],
-            )
-            .await
-            .map_err(green_err("clearing old copy state"))?;
-        green
-            .execute("DELETE FROM shadowsync.copy_state WHERE slot = $1", &[slot])
-            .await
-            .map_err(green_err("clearing old copy state"))?;
-    }
+    barrier(green, slot).await?;
+    init_bookkeeping(green, slot, slot_confirmed.is_none()).await?;
     let state = read_state(green, slot).await?;
-    let mode = config.snapshot.mode;
-    let label = |m: &Arc<TableMap>| m.source.to_string();
-    let interrupted: Vec<Arc<TableMap>> = maps
-        .iter()
-        .filter(|m| state.get(&label(m)).is_some_and(|s| !s.done))
-        .cloned()
-        .collect();
-    let fresh: Vec<Arc<TableMap>> = match (mode, slot_confirmed) {
-        (SnapshotMode::Never, _) => Vec::new(),
-        (_, None) => maps.to_vec(),
-        (SnapshotMode::Always, Some(_)) => maps
-            .iter()
-            .filter(|m| !state.contains_key(&label(m)))
-            .cloned()
-            .collect(),
-        (SnapshotMode::Auto, Some(_)) => Vec::new(),
-    };
     let mut copied_at: HashMap<String, u64> = state
         .iter()
         .filter(|(_, s)| s.done)
         .map(|(t, s)| (t.clone(), s.snapshot_lsn))
         .collect();
-
-    // Interrupted tables whose every range made it need no new copy.
-    let mut interrupted_todo = Vec::new();
-    for m in interrupted {
-        let s = &state[&label(&m)];
-        // `ranges` is 0 until the copy planned them: nothing is known to be complete then.
-        if s.ranges > 0 && s.ranges_done.len() as i32 >= s.ranges {
-            mark_done(green, slot, &label(&m)).await?;
-            copied_at.insert(label(&m), s.snapshot_lsn);
-        } else {
-            interrupted_todo.push(m);
-        }
-    }
-    if fresh.is_empty() && interrupted_todo.is_empty() {
+    let interrupted = unfinished(green, slot, maps, &state, &mut copied_at).await?;
+    let fresh = fresh(config.snapshot.mode, slot_confirmed, maps, &state);
+    if fresh.is_empty() && interrupted.is_empty() {
         let slot_confirmed = match slot_confirmed {
             Some(l) => l,
             None => source::preflight::create_slot(blue, slot).await?,
@@ -257,8 +254,8 @@ pub async fn prepare(
             tables: not_empty.join(", "),
         });
     }
-    if !interrupted_todo.is_empty() {
-        let names: Vec<String> = interrupted_todo.iter().map(|m| m.label.clone()).collect();
+    if !interrupted.is_empty() {
+        let names: Vec<String> = interrupted.iter().map(|m| m.label.clone()).collect();
         let kept: Vec<&String> = copied_at.keys().collect();
         warn!(
             interrupted = %names.join(", "),
@@ -268,43 +265,122 @@ pub async fn prepare(
              tables already copied keep their rows, and changes to the re-copied tables are skipped up to the new snapshot's point"
         );
     }
-    let mut todo: Vec<Arc<TableMap>> = interrupted_todo.into_iter().chain(fresh).collect();
-    // Tables linked by lookups must come from one snapshot: a reader copied from one and the
-    // table it reads from another would miss (or repeat) the lookups between the two. Tables
-    // shadowsync copied earlier that are linked to a table being copied are copied again with
-    // it (never a table it did not copy: that could be the operator's backfill).
-    loop {
-        let linked: Vec<Arc<TableMap>> = maps
-            .iter()
-            .filter(|m| !todo.iter().any(|t| t.source == m.source))
-            .filter(|m| copied_at.contains_key(&label(m)))
-            .filter(|m| {
-                todo.iter()
-                    .any(|t| m.reads_table(&t.label) || t.reads_table(&m.label))
-            })
-            .cloned()
-            .collect();
-        if linked.is_empty() {
-            break;
-        }
-        for m in linked {
-            if copied_at.remove(&label(&m)).is_some() {
-                warn!(table = %m.label, "copying again a table linked by lookups to one being copied, so that both come from one snapshot");
-            }
-            todo.push(m);
-        }
-    }
+    let todo = interrupted.into_iter().chain(fresh).collect();
+    // Every refusal (foreign keys, shared targets) comes before the first write.
+    let plan = empty::plan(green, maps, todo, &mut copied_at).await?;
     let mut targets_seen = std::collections::HashSet::new();
-    if let Some(m) = todo.iter().find(|m| !targets_seen.insert(m.label.clone())) {
+    if let Some(m) = plan
+        .todo
+        .iter()
+        .find(|m| !targets_seen.insert(m.label.clone()))
+    {
         return Err(SnapshotError::SharedTarget {
             target: m.label.clone(),
         });
     }
     // Recorded before the slot exists: a slot found later without copy state never means
     // "nothing to copy" by accident (if the slot is never created, the state is cleared).
-    record_copying(green, slot, &todo).await?;
+    record_copying(green, slot, &plan.todo).await?;
+    let (exporter, consistent, snapshot_name) =
+        export(config, slot_confirmed, plan.todo.len()).await?;
+    start_copy(config, &plan, consistent).await?;
+    let copied = copy::run(config, &plan.todo, &snapshot_name, exporter, shared).await?;
+    for (table, rows) in &copied {
+        copied_at.insert(table.clone(), consistent);
+        info!(table = %table, rows, "initial copy: table done");
+    }
+    Ok(Prepared {
+        slot_confirmed: slot_confirmed.unwrap_or(consistent),
+        copied_at,
+    })
+}
 
-    // The exporting session: the real slot when it is new, else a temporary one.
+/// Creates the bookkeeping tables; for a new slot, forgets any copy state left from an
+/// earlier slot of that name (it is meaningless now).
+async fn init_bookkeeping(green: &Client, slot: &str, new_slot: bool) -> Result<(), SnapshotError> {
+    green
+        .batch_execute(CREATE_SQL)
+        .await
+        .map_err(green_err("creating the copy bookkeeping tables"))?;
+    if new_slot {
+        for sql in [
+            "DELETE FROM shadowsync.copy_ranges WHERE slot = $1",
+            "DELETE FROM shadowsync.copy_state WHERE slot = $1",
+        ] {
+            green
+                .execute(sql, &[&slot])
+                .await
+                .map_err(green_err("clearing old copy state"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every green connection of an earlier copy for this slot has ended. A process
+/// killed just after sending a range's COMMIT may still see it land: its range would otherwise
+/// appear after this copy read (and reset) the state.
+async fn barrier(green: &Client, slot: &str) -> Result<(), SnapshotError> {
+    green
+        .execute(copy::COPY_LOCK_BARRIER, &[&slot])
+        .await
+        .map_err(green_err("waiting for an earlier copy's sessions to end"))?;
+    Ok(())
+}
+
+/// Tables whose copy did not finish and must be copied again. One all of whose ranges
+/// committed is simply marked done (and added to `copied_at`).
+async fn unfinished(
+    green: &Client,
+    slot: &str,
+    maps: &[Arc<TableMap>],
+    state: &BTreeMap<String, TableState>,
+    copied_at: &mut HashMap<String, u64>,
+) -> Result<Vec<Arc<TableMap>>, SnapshotError> {
+    let mut out = Vec::new();
+    for m in maps {
+        let label = m.source.to_string();
+        let Some(s) = state.get(&label).filter(|s| !s.done) else {
+            continue;
+        };
+        // `ranges` is 0 until the copy planned them: nothing is known to be complete then.
+        if s.ranges > 0 && s.ranges_done.len() as i32 >= s.ranges {
+            mark_done(green, slot, &label).await?;
+            copied_at.insert(label, s.snapshot_lsn);
+        } else {
+            out.push(m.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Tables to copy that were never copied for this slot, by `mode`.
+fn fresh(
+    mode: SnapshotMode,
+    slot_confirmed: Option<u64>,
+    maps: &[Arc<TableMap>],
+    state: &BTreeMap<String, TableState>,
+) -> Vec<Arc<TableMap>> {
+    match (mode, slot_confirmed) {
+        (SnapshotMode::Never, _) => Vec::new(),
+        (_, None) => maps.to_vec(),
+        (SnapshotMode::Always, Some(_)) => maps
+            .iter()
+            .filter(|m| !state.contains_key(&m.source.to_string()))
+            .cloned()
+            .collect(),
+        (SnapshotMode::Auto, Some(_)) => Vec::new(),
+    }
+}
+
+/// Exports the copy's snapshot from a replication session: the real slot's when it is new,
+/// else a temporary slot's. Returns the session (to be kept until every worker imported the
+/// snapshot), the consistent point and the snapshot's name.
+async fn export(
+    config: &Config,
+    slot_confirmed: Option<u64>,
+    tables: usize,
+) -> Result<(pgwire_replication::ReplicationClient, u64, String), SnapshotError> {
+    let slot = &config.blue.slot;
     let blue_dsn = config
         .blue_dsn()
         .map_err(|e| SnapshotError::Export(e.to_string()))?;
@@ -349,45 +425,42 @@ pub async fn prepare(
         temporary,
         consistent_point = %format_lsn(consistent),
         snapshot = %snapshot_name,
-        tables = todo.len(),
+        tables,
         "initial copy: snapshot exported"
     );
+    Ok((exporter, consistent, snapshot_name))
+}
 
-    // Empty the tables (ours, or the operator said so) and record what is being copied, before
-    // any row arrives: a crash from here on is an interrupted copy.
-    let targets: Vec<String> = todo.iter().map(|m| m.target.quoted()).collect();
+/// Empties the plan's tables (ours, or the operator said so) in one statement and records the
+/// snapshot the copy's rows come from, in one transaction, before any row arrives: a crash from
+/// here on is an interrupted copy.
+async fn start_copy(
+    config: &Config,
+    plan: &empty::Plan,
+    consistent: u64,
+) -> Result<(), SnapshotError> {
     let mut tx_green = copy::green_connect(config).await?;
-    {
-        let tx = tx_green
-            .transaction()
-            .await
-            .map_err(green_err("starting the copy setup"))?;
+    let tx = tx_green
+        .transaction()
+        .await
+        .map_err(green_err("starting the copy setup"))?;
+    if !plan.empty.is_empty() {
+        let targets: Vec<String> = plan.empty.iter().map(|t| t.quoted()).collect();
         tx.batch_execute(&format!("TRUNCATE {}", targets.join(", ")))
             .await
             .map_err(green_err(format!("emptying {}", targets.join(", "))))?;
-        let sources: Vec<String> = todo.iter().map(label).collect();
-        tx.execute(
-            "UPDATE shadowsync.copy_state SET snapshot_lsn = $3::text::pg_lsn
-              WHERE slot = $1 AND source_table = ANY ($2)",
-            &[slot, &sources, &format_lsn(consistent)],
-        )
+    }
+    let sources: Vec<String> = plan.todo.iter().map(|m| m.source.to_string()).collect();
+    tx.execute(
+        "UPDATE shadowsync.copy_state SET snapshot_lsn = $3::text::pg_lsn
+          WHERE slot = $1 AND source_table = ANY ($2)",
+        &[&config.blue.slot, &sources, &format_lsn(consistent)],
+    )
+    .await
+    .map_err(green_err("recording the copy's snapshot"))?;
+    tx.commit()
         .await
-        .map_err(green_err("recording the copy's snapshot"))?;
-        tx.commit()
-            .await
-            .map_err(green_err("committing the copy setup"))?;
-    }
-    drop(tx_green);
-
-    let copied = copy::run(config, &todo, &snapshot_name, exporter, shared).await?;
-    for (table, rows) in &copied {
-        copied_at.insert(table.clone(), consistent);
-        info!(table = %table, rows, "initial copy: table done");
-    }
-    Ok(Prepared {
-        slot_confirmed: slot_confirmed.unwrap_or(consistent),
-        copied_at,
-    })
+        .map_err(green_err("committing the copy setup"))
 }
 
 /// Records `todo` as being copied (no snapshot yet: LSN 0/0, no ranges) and forgets their
@@ -448,15 +521,7 @@ async fn non_empty_targets(
 ) -> Result<Vec<String>, SnapshotError> {
     let mut out = Vec::new();
     for m in maps {
-        let has_rows: bool = green
-            .query_one(
-                &format!("SELECT EXISTS (SELECT 1 FROM {})", m.target.quoted()),
-                &[],
-            )
-            .await
-            .map_err(green_err(format!("looking into {}", m.label)))?
-            .get(0);
-        if has_rows {
+        if empty::has_rows(green, m).await? {
             out.push(m.label.clone());
         }
     }
