@@ -1185,3 +1185,140 @@ async fn columns_named_like_statement_aliases() {
     assert_eq!(image, "v2");
     shadow.finish().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Setups that must be refused, not merged (found in review).
+// ---------------------------------------------------------------------------------------------
+
+/// A green unique index over part of blue's key, or one whose columns may be NULL, is no key
+/// for blue's rows: two blue rows would merge into one green row without a trace. `check`
+/// (and so `run`) refuses, naming blue's identity columns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn green_unique_index_over_part_of_blues_key_is_refused() {
+    init_logging();
+    let pair = Pair::start("");
+    pair.blue
+        .psql(
+            DB,
+            "CREATE TABLE su (a int, b int, v text, PRIMARY KEY (a, b));
+             CREATE TABLE sn (a int, b int, v text, PRIMARY KEY (a, b));
+             CREATE PUBLICATION test_pub FOR TABLE su, sn;",
+        )
+        .unwrap();
+    pair.green
+        .psql(
+            DB,
+            "CREATE TABLE su (a int NOT NULL, b int, v text, UNIQUE (a));
+             CREATE TABLE sn (a int, b int, v text, UNIQUE (a, b));",
+        )
+        .unwrap();
+    let report = shadowsync::check::command(&pair.config()).await.unwrap();
+    assert!(!report.ok());
+    for table in ["su", "sn"] {
+        let m = report
+            .mappings
+            .iter()
+            .find(|m| m.source.name == table)
+            .unwrap();
+        assert!(
+            m.problems.iter().any(|p| p
+                .contains(&format!("green table public.{table} has no primary key"))
+                && p.contains("(a, b)")),
+            "{table}: {:?}",
+            m.problems
+        );
+    }
+}
+
+/// While blue describes a table without replica identity, it may hold a key twice; green's
+/// key cannot. The pipeline stops naming the table and the key (as PostgreSQL's apply worker
+/// stops on the unique violation), instead of merging the rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_inserted_twice_while_blue_has_no_identity_stops_the_pipeline() {
+    init_logging();
+    let pair = Pair::start("");
+    pair.blue
+        .psql(
+            DB,
+            "CREATE TABLE nd (id int, v text);
+             CREATE PUBLICATION test_pub FOR TABLE nd WITH (publish = 'insert, truncate');",
+        )
+        .unwrap();
+    pair.green
+        .psql(DB, "CREATE TABLE nd (id int PRIMARY KEY, v text);")
+        .unwrap();
+    let mut shadow = Shadow::start(pair.config()).await;
+    let blue = pair.blue().await;
+    blue.batch_execute("INSERT INTO nd VALUES (7, 'once')")
+        .await
+        .unwrap();
+    sync(&pair, &blue, &mut shadow, None).await;
+    blue.batch_execute("BEGIN; INSERT INTO nd VALUES (1, 'a'), (1, 'b'); COMMIT")
+        .await
+        .unwrap();
+    let handle = shadow.handle.take().unwrap();
+    let error = match tokio::time::timeout(DEADLINE, handle.wait()).await {
+        Err(_) => panic!("the pipeline did not stop within {DEADLINE:?}"),
+        Ok(Ok(report)) => panic!("the pipeline should have stopped; it reported {report:?}"),
+        Ok(Err(e)) => e.to_string(),
+    };
+    for words in ["public.nd", "(id)=(1)", "a second time", "primary key"] {
+        assert!(error.contains(words), "{words:?} missing from: {error}");
+    }
+    let green = pair.green().await;
+    assert_rows(
+        "green nd",
+        &rows(&green, "nd").await,
+        &strings(&["(7,once)"]),
+    );
+}
+
+/// A partitioned table published through its root is described with the root's identity,
+/// while each partition logs old rows by its own: a FULL root over a partition that is not
+/// FULL sends "full" old rows of NULLs, and a root without a key of its own (its partitions
+/// have theirs) is described without identity while blue accepts its updates. Both are
+/// refused by `check`, naming the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partition_identities_the_root_does_not_describe_are_refused() {
+    init_logging();
+    let pair = Pair::start("");
+    pair.blue
+        .psql(
+            DB,
+            "CREATE TABLE pr (id int, v text) PARTITION BY RANGE (id);
+             ALTER TABLE pr REPLICA IDENTITY FULL;
+             CREATE TABLE pr1 PARTITION OF pr FOR VALUES FROM (0) TO (100);
+             ALTER TABLE pr1 ADD PRIMARY KEY (id);
+             CREATE TABLE qr (id int, v text) PARTITION BY RANGE (id);
+             CREATE TABLE qr1 PARTITION OF qr FOR VALUES FROM (0) TO (100);
+             ALTER TABLE qr1 ADD PRIMARY KEY (id);
+             CREATE PUBLICATION test_pub FOR TABLE pr, qr WITH (publish_via_partition_root);",
+        )
+        .unwrap();
+    pair.green
+        .psql(
+            DB,
+            "CREATE TABLE pr (id int, v text); CREATE TABLE qr (id int PRIMARY KEY, v text);",
+        )
+        .unwrap();
+    let report = shadowsync::check::command(&pair.config()).await.unwrap();
+    let problems = |table: &str| {
+        report
+            .mappings
+            .iter()
+            .find(|m| m.source.name == table)
+            .unwrap()
+            .problems
+            .join("\n")
+    };
+    let pr = problems("pr");
+    assert!(
+        pr.contains("public.pr1") && pr.contains("REPLICA IDENTITY FULL"),
+        "{pr}"
+    );
+    let qr = problems("qr");
+    assert!(
+        qr.contains("no primary key") && qr.contains("\"public\".\"qr\" itself"),
+        "{qr}"
+    );
+}

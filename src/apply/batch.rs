@@ -102,9 +102,17 @@ pub enum BatchError {
     )]
     NoOldRow { table: String, lsn: String },
     #[error(
-        "table {table}: blue sent an update or delete at LSN {lsn} while it describes the table without a replica identity (no primary key, REPLICA IDENTITY NOTHING), so the row cannot be found on green; blue itself refuses such changes on a published table, so this should not happen: report it, with the table's recent ALTER TABLE history. Nothing from this transaction on was applied or confirmed"
+        "table {table}: blue sent an update or delete at LSN {lsn} while it describes the table without a replica identity (no primary key, REPLICA IDENTITY NOTHING), so the row cannot be found on green; blue itself refuses such changes on a published table, so this should not happen, except for a partitioned table published through its root whose key is on its partitions only (blue checks the partition): add the primary key on the partitioned table itself; otherwise report it, with the table's recent ALTER TABLE history. Nothing from this transaction on was applied or confirmed"
     )]
     NoIdentity { table: String, lsn: String },
+    #[error(
+        "table {table}: blue inserted key {key} a second time at LSN {lsn}, while it describes the table without a replica identity (no primary key yet); green's key holds each key once, so green cannot hold what blue does: remove the duplicate on blue and add the primary key there, or drop green's key; nothing from this transaction on was applied or confirmed"
+    )]
+    DuplicateWithoutIdentity {
+        table: String,
+        key: String,
+        lsn: String,
+    },
     #[error(
         "table {table}: a row at LSN {lsn} has {got} columns where the relation announced {expected}"
     )]
@@ -401,6 +409,15 @@ impl Batch {
             return Ok(());
         }
         let key = key_of(map, &new, lsn)?;
+        // Without an identity blue may hold a key twice; green's key cannot, and coalescing
+        // would keep one row without a trace (see `TableMap::awaits_identity`).
+        if map.awaits_identity && ops.ops.contains_key(&key) {
+            return Err(BatchError::DuplicateWithoutIdentity {
+                table: map.label.clone(),
+                key: key_text(map, &key),
+                lsn: crate::progress::format_lsn(lsn),
+            });
+        }
         put(&mut ops.ops, key, KeyedOp::Upsert(new), lsn, txn, false);
         Ok(())
     }
@@ -631,6 +648,23 @@ fn order_segment(mut pending: Vec<TableOps>) -> Vec<TableOps> {
         ordered.push(pending.remove(next));
     }
     ordered
+}
+
+/// `(id)=(5)`: a key's columns and values, as PostgreSQL writes keys in its messages.
+pub fn key_text(map: &TableMap, key: &Key) -> String {
+    let names: Vec<&str> = map
+        .row_key
+        .iter()
+        .map(|&i| map.source_columns[i].name.as_str())
+        .collect();
+    let values: Vec<String> = key
+        .iter()
+        .map(|v| match v {
+            Some(b) => String::from_utf8_lossy(b).into_owned(),
+            None => "NULL".into(),
+        })
+        .collect();
+    format!("({})=({})", names.join(", "), values.join(", "))
 }
 
 /// Updates and deletes need a replica identity (see `TableMap::awaits_identity`).

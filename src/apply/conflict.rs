@@ -361,20 +361,30 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
     // returned. A partitioned table returns no system columns from an INSERT (PostgreSQL:
     // "cannot retrieve a system column in this context"), so there the question goes to
     // green's row before the statement, which the statement's snapshot still sees.
-    let (returned, inserted) = if map.partitioned {
+    //
+    // Joined once (a correlated EXISTS would be copied into both arms of the WHERE: measured
+    // 650 ms against 250 ms for 20k upserts into a 1M-row table of 16 partitions). A green
+    // writer committing between the statement's snapshot and ON CONFLICT's read of the latest
+    // row can make the two disagree, and its row then goes unrecorded, as any race of a
+    // concurrent writer with a statement that has already taken its snapshot.
+    let (returned, inserted, before) = if map.partitioned {
         (
             String::new(),
             format!(
-                "CASE WHEN w.{first} IS NOT NULL THEN NOT EXISTS (SELECT FROM {tbl} AS e0 WHERE {ke}) END",
+                "CASE WHEN w.{first} IS NOT NULL THEN e0.{first} IS NULL END",
                 first = key_names(map)[0],
-                tbl = map.target.quoted(),
-                ke = key_match(map, "e0", "k"),
+            ),
+            format!(
+                " LEFT JOIN {} AS e0 ON {}",
+                map.target.quoted(),
+                key_match(map, "e0", "k")
             ),
         )
     } else {
         (
             format!(", (t.xmax = 0) AS {INSERTED}"),
             format!("w.{INSERTED}"),
+            String::new(),
         )
     };
     format!(
@@ -382,7 +392,7 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
                ON CONFLICT ({keys}) DO UPDATE SET {sets}{guard} \
                RETURNING {ret}{returned}), \
          c AS MATERIALIZED (SELECT * FROM (SELECT {key_list}, k.\"~existed\", {inserted} AS {INSERTED} \
-                                             FROM ({k}) AS k LEFT JOIN w ON {kw}) AS c0 \
+                                             FROM ({k}) AS k LEFT JOIN w ON {kw}{before}) AS c0 \
                WHERE c0.{INSERTED} IS NULL OR c0.{INSERTED} = c0.\"~existed\") {record}",
         tbl = map.target.quoted(),
         ins = insert_cols.join(", "),

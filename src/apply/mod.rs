@@ -14,7 +14,7 @@
 pub mod batch;
 mod complete;
 pub mod conflict;
-mod keyless;
+pub(crate) mod keyless;
 mod poison;
 pub mod sql;
 pub mod stage;
@@ -610,6 +610,10 @@ impl Applier {
                     // a writer on green inserted it (then the insert fails, and the batch is
                     // retried with upserts: `ApplyError::NewKeyExists`).
                     KeyedOp::Upsert(_) if insert_new && !p.existed => new_keys.push(p),
+                    // Without a replica identity on blue (for a moment), a key green holds is
+                    // no conflict to resolve but a row blue has twice: the plain insert fails,
+                    // and the row is named as a poison row.
+                    KeyedOp::Upsert(_) if map.awaits_identity => new_keys.push(p),
                     KeyedOp::Upsert(_) => upserts.push(p),
                     KeyedOp::Update(t) => {
                         partial.entry(batch::unchanged_mask(t)).or_default().push(p)

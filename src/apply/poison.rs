@@ -106,20 +106,7 @@ fn subset(table: &TableOps, entries: &[(&super::batch::Key, &super::batch::Pendi
 
 /// `(id)=(5)`: the key columns and values, as PostgreSQL writes keys in its messages.
 fn key_text(table: &TableOps, key: &super::batch::Key) -> String {
-    let names: Vec<&str> = table
-        .map
-        .row_key
-        .iter()
-        .map(|&i| table.map.source_columns[i].name.as_str())
-        .collect();
-    let values: Vec<String> = key
-        .iter()
-        .map(|v| match v {
-            Some(b) => String::from_utf8_lossy(b).into_owned(),
-            None => "NULL".into(),
-        })
-        .collect();
-    format!("({})=({})", names.join(", "), values.join(", "))
+    super::batch::key_text(&table.map, key)
 }
 
 /// The poison error for a rejected op of `table`.

@@ -143,6 +143,12 @@ async fn check_table(
         return Ok(verdict);
     };
     let (source, categories, blue_full_types) = blue_table(blue, green, table, publication).await?;
+    verdict
+        .problems
+        .extend(partition_identity(blue, table, &source).await?);
+    if !verdict.problems.is_empty() {
+        return Ok(verdict);
+    }
     if rule.is_none() {
         identity_types(
             green,
@@ -167,6 +173,22 @@ async fn check_table(
     };
     if rule.is_some() {
         prepare_statements(green, &map, rule, &mut verdict.problems).await?;
+    }
+    if !map.is_keyed() && map.replica_identity == ReplicaIdentity::Full {
+        // Identity tables too: the full-row match groups and compares every column's type.
+        // (Without detection: `check` creates nothing, and the record table may not exist.)
+        let all: Vec<usize> = (0..map.source_columns.len()).collect();
+        let text = crate::apply::keyless::delete_matching(&map, &all, false);
+        if let Err(e) = green.prepare(&text).await {
+            if !is_rule_problem(&e) {
+                return Err(e);
+            }
+            verdict.problems.push(format!(
+                "green cannot match the full old rows of keyless table {} column by column: {}; add a primary key on green",
+                map.label,
+                db_message(&e)
+            ));
+        }
     }
     verdict.notes.push(format!(
         "conflicts with rows changed on green: {}",
@@ -225,6 +247,53 @@ async fn check_table(
         ));
     }
     Ok(verdict)
+}
+
+/// A partitioned table published through its root is described with the root's replica
+/// identity, but each partition logs old rows by its own: blue checks UPDATE and DELETE
+/// against the partition. A root without a key of its own (its partitions have theirs) is
+/// described without identity, and a FULL root over partitions that are not FULL sends "full"
+/// old rows whose other columns are NULL: either would make green wrong, so both are refused.
+async fn partition_identity(
+    blue: &Client,
+    table: &QualifiedName,
+    source: &SourceTable,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let leaves: Vec<(String, String)> = blue
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname), c.relreplident::text
+               FROM pg_partition_tree(to_regclass($1)) p
+               JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE p.isleaf AND p.level > 0",
+            &[&table.quoted()],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    if leaves.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut problems = Vec::new();
+    let full = source.replica_identity == ReplicaIdentity::Full;
+    if !full && !source.columns.iter().any(|c| c.is_key) {
+        problems.push(format!(
+            "partitioned table {table} has no primary key (or replica identity index) of its own, so blue describes it without replica identity while its partitions accept UPDATE and DELETE: add the primary key on {} itself, or set REPLICA IDENTITY FULL on it and on each partition",
+            table.quoted()
+        ));
+    }
+    let not_full: Vec<&str> = leaves
+        .iter()
+        .filter(|(_, ri)| ri != "f")
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if full && !not_full.is_empty() {
+        problems.push(format!(
+            "partitioned table {table} has REPLICA IDENTITY FULL but its partitions {} do not: their updates and deletes would arrive as full old rows holding only the partition's key; run ALTER TABLE ... REPLICA IDENTITY FULL on each of them",
+            not_full.join(", ")
+        ));
+    }
+    Ok(problems)
 }
 
 /// Target columns copied as they are from a blue column whose values may not fit green's type.

@@ -9,6 +9,10 @@
 /// Why values of blue type `blue` may not fit green type `green`; `None` when every value fits
 /// (as far as these rules tell).
 pub fn narrower(blue: &str, green: &str) -> Option<String> {
+    // Arrays are left alone: `varchar(12)[]` is not a `varchar(12)` with a suffix to parse.
+    if blue.ends_with("[]") || green.ends_with("[]") {
+        return None;
+    }
     let (b, g) = (Shape::of(blue), Shape::of(green));
     match (b, g) {
         (Shape::Chars(from), Shape::Chars(Some(to))) if from.is_none_or(|n| n > to) => Some(
@@ -139,5 +143,6 @@ mod tests {
         assert_eq!(narrower("integer", "numeric(12,2)"), None);
         assert_eq!(narrower("integer", "numeric"), None);
         assert_eq!(narrower("timestamp with time zone", "date"), None);
+        assert_eq!(narrower("text[]", "character varying(12)[]"), None);
     }
 }

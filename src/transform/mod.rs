@@ -298,33 +298,48 @@ impl SourceTable {
 }
 
 /// The columns of green's table that identify a row (empty: none). Green's primary key when
-/// it has one (as for PostgreSQL's own apply worker); otherwise its replica identity index or
-/// another unique index whose every column is written from blue's replica identity columns,
-/// which never hold NULL on blue (a primary key, or an index REPLICA IDENTITY accepts), so
-/// that what blue sends of an updated or deleted row finds the row. Under REPLICA IDENTITY
-/// FULL only the replica identity index qualifies besides the key: another unique index may
-/// hold NULLs, which match nothing, while the full old row always matches.
+/// it has one (as for PostgreSQL's own apply worker). Otherwise, unless blue sends full old
+/// rows, green's replica identity index or another unique index over exactly blue's replica
+/// identity: each of its columns a NOT NULL copy, as is, of one identity column, together all
+/// of them. Blue's identity (a primary key, or an index REPLICA IDENTITY accepts) holds each
+/// key once and never NULL, so green's index then holds what blue's does. An index over part
+/// of the identity would merge rows blue keeps apart; a computed column could be NULL, which
+/// matches nothing. Under REPLICA IDENTITY FULL blue may hold equal rows twice (it has no key),
+/// which no unique index of green can: such tables are matched on the full old row.
 fn choose_key(source: &SourceTable, green: &GreenTable, columns: &[TargetColumn]) -> Vec<String> {
     if !green.primary_key.is_empty() {
         return green.primary_key.clone();
     }
-    let full = source.replica_identity == ReplicaIdentity::Full;
-    let from_identity = |name: &String| {
-        columns.iter().any(|c| {
-            &c.name == name
-                && !c.inputs.is_empty()
-                && c.inputs.iter().all(|&i| source.columns[i].is_key)
-        })
+    if source.replica_identity == ReplicaIdentity::Full {
+        return Vec::new();
+    }
+    let identity: Vec<usize> = (0..source.columns.len())
+        .filter(|&i| source.columns[i].is_key)
+        .collect();
+    // The identity column a target column copies as is, when it is NOT NULL on green.
+    let copied = |name: &String| {
+        let c = columns.iter().find(|c| &c.name == name)?;
+        match c.inputs.as_slice() {
+            [i] if c.not_null
+                && source.columns[*i].is_key
+                && c.expr == format!("src.{}", quote_ident(&source.columns[*i].name)) =>
+            {
+                Some(*i)
+            }
+            _ => None,
+        }
     };
     green
         .unique_keys
         .iter()
         .find(|u| {
-            if full {
-                u.replica_identity
-            } else {
-                u.columns.iter().all(from_identity)
-            }
+            let mut from: Vec<usize> = match u.columns.iter().map(copied).collect() {
+                Some(from) => from,
+                None => return false,
+            };
+            from.sort_unstable();
+            from.dedup();
+            !identity.is_empty() && from == identity && u.columns.len() == identity.len()
         })
         .map(|u| u.columns.clone())
         .unwrap_or_default()
