@@ -19,9 +19,10 @@ pub struct GreenColumn {
     /// cast to this: an explicit cast to `varchar(3)` (or a domain over it) would silently
     /// truncate, while the INSERT's assignment cast to the column raises an error instead.
     pub base_type: String,
-    /// `COLLATE "schema"."name"` when the column's collation is not its type's default (for
-    /// instance a nondeterministic one): values compared with the column's take it, so that
-    /// the comparison is the column's own (and not an error between two implicit collations).
+    /// `COLLATE "schema"."name"` of a collatable column (a nondeterministic one, `"C"` of a
+    /// `name`, `"default"` of a text): values compared with the column's take it, so that the
+    /// comparison is the column's own. A cast does not give it: text cast to `name` keeps the
+    /// text's collation, and a record comparison of fields with two collations has none.
     pub collation: Option<String>,
     /// Whether green can compare the column's values with `=` (json, xml, point cannot): rows
     /// of keyless tables are matched by each column's own equality, or by text where there is
@@ -82,7 +83,7 @@ pub async fn green_table(
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
                     format_type(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE a.atttypid END, -1),
-                    CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation
+                    CASE WHEN a.attcollation <> 0
                          THEN format('COLLATE %I.%I', cn.nspname, co.collname) END,
                     a.attnotnull
                FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid

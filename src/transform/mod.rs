@@ -89,8 +89,8 @@ pub struct TargetColumn {
     pub expr: String,
     /// Source columns (indices into `TableMap::source_columns`) that `expr` reads.
     pub inputs: Vec<usize>,
-    /// Green's collation of the column when not its type's default (`COLLATE ...`): values
-    /// compared with stored ones take it, so that the column's own equality decides.
+    /// Green's collation of a collatable column (`COLLATE ...`): values compared with stored
+    /// ones take it, so that the column's own equality decides.
     pub collation: Option<String>,
     /// Whether green has `=` for the column's type (see `catalog::GreenColumn`).
     pub has_equality: bool,
