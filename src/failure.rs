@@ -6,11 +6,22 @@
 //! for type integer: \"abc\""). DETAIL is dropped, and quoted text in class 22 messages is
 //! replaced. The original error is never kept as a `source`, so no error chain can print it.
 
+pub use tokio_postgres::error::SqlState;
+
+/// What the pipeline does about a failure: the one decision, by SQLSTATE (see [`policy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Passes with time: reconnect and resume from green's progress.
+    Retry,
+    /// Needs the operator: stop, with the error's next step.
+    Permanent,
+}
+
 /// A database refusal, redacted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DbFailure {
     /// SQLSTATE, when the server sent one (none for I/O errors and closed connections).
-    pub code: Option<String>,
+    pub code: Option<SqlState>,
     /// The constraint the server named, if any.
     pub constraint: Option<String>,
     pub message: String,
@@ -27,7 +38,7 @@ impl DbFailure {
             };
         };
         let code = db.code().code().to_string();
-        let mut message = if code.starts_with("22") {
+        let mut message = if class_of(db.code()) == "22" {
             redact_data_message(db.message())
         } else if MESSAGE_CLASSES.iter().any(|c| code.starts_with(c)) {
             db.message().to_string()
@@ -49,20 +60,76 @@ impl DbFailure {
         }
         message.push_str(&format!(" (SQLSTATE {code})"));
         DbFailure {
-            code: Some(code),
+            code: Some(db.code().clone()),
             constraint: db.constraint().map(str::to_string),
             message,
         }
     }
 
-    /// Connection trouble, serialization failures, deadlocks, lock and statement timeouts,
-    /// resource shortages and server shutdowns pass with time; data, schema, privilege and
-    /// authentication errors do not.
+    /// See [`policy`].
     pub fn is_retryable(&self) -> bool {
-        match &self.code {
-            None => true,
-            Some(c) => retryable_sqlstate(c),
-        }
+        policy(self.code.as_ref()) == Policy::Retry
+    }
+
+    /// The server sent exactly this SQLSTATE.
+    pub fn is(&self, state: &SqlState) -> bool {
+        self.code.as_ref() == Some(state)
+    }
+
+    /// Class 22: a value green cannot take (too long, out of range, bad syntax for the type).
+    pub fn is_data_exception(&self) -> bool {
+        self.code.as_ref().is_some_and(|c| class_of(c) == "22")
+    }
+
+    /// Class 23: a constraint refused the row (NOT NULL, CHECK, unique, foreign key).
+    pub fn is_integrity_violation(&self) -> bool {
+        self.code.as_ref().is_some_and(|c| class_of(c) == "23")
+    }
+
+    /// Green refused the data itself (class 22 or 23), not the connection or the schema.
+    pub fn is_rejected_data(&self) -> bool {
+        self.is_data_exception() || self.is_integrity_violation()
+    }
+
+    /// A unique or exclusion constraint refused the row.
+    pub fn is_unique_violation(&self) -> bool {
+        self.is(&SqlState::UNIQUE_VIOLATION) || self.is(&SqlState::EXCLUSION_VIOLATION)
+    }
+
+    /// Class 42: the statement does not fit the schema (names, types, privileges).
+    pub fn is_schema_mismatch(&self) -> bool {
+        self.code.as_ref().is_some_and(|c| class_of(c) == "42")
+    }
+}
+
+/// A SQLSTATE's class: its first two characters.
+pub fn class_of(state: &SqlState) -> &str {
+    state.code().get(..2).unwrap_or("")
+}
+
+/// The retry decision, the only one: connection trouble (08), serialization failures and
+/// deadlocks (40), resource shortages (53), operator intervention such as a server shutting
+/// down or a cancelled statement (57P, 57014), system errors (58), a lock not available
+/// (55P03) and an object in use (55006: a replication slot a dead predecessor still holds)
+/// pass with time; data, schema, privilege and authentication errors do not. No SQLSTATE (an
+/// I/O error, a closed connection) passes too.
+pub fn policy(state: Option<&SqlState>) -> Policy {
+    let Some(state) = state else {
+        return Policy::Retry;
+    };
+    let code = state.code();
+    let passes = matches!(class_of(state), "08" | "40" | "53" | "58")
+        || code.starts_with("57P")
+        || [
+            SqlState::QUERY_CANCELED,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::OBJECT_IN_USE,
+        ]
+        .contains(state);
+    if passes {
+        Policy::Retry
+    } else {
+        Policy::Permanent
     }
 }
 
@@ -79,24 +146,14 @@ const MESSAGE_CLASSES: [&str; 13] = [
     "08", "0A", "23", "25", "28", "3D", "3F", "40", "42", "53", "55", "57", "58",
 ];
 
-/// The retry decision for a SQLSTATE.
-pub fn retryable_sqlstate(code: &str) -> bool {
-    code.starts_with("08")
-        || code.starts_with("40")
-        || code.starts_with("53")
-        || code.starts_with("57P")
-        || code.starts_with("58")
-        || matches!(code, "57014" | "55P03" | "55006")
-}
-
 /// The SQLSTATE in a message formatted `... (SQLSTATE XXXXX)`, as pgwire-replication reports
-/// server errors.
-pub fn sqlstate_in(message: &str) -> Option<&str> {
+/// server errors (it keeps no structured code).
+pub fn sqlstate_in(message: &str) -> Option<SqlState> {
     let at = message.rfind("SQLSTATE ")? + "SQLSTATE ".len();
     let code = message.get(at..at + 5)?;
     code.bytes()
         .all(|b| b.is_ascii_alphanumeric())
-        .then_some(code)
+        .then(|| SqlState::from_code(code))
 }
 
 /// Data errors (class 22) quote the offending value: keep only the text before the first
@@ -128,12 +185,17 @@ mod tests {
     fn sqlstates_are_found_and_classified() {
         assert_eq!(
             sqlstate_in("replication slot \"s_08\" is active for PID 7 (SQLSTATE 55006)"),
-            Some("55006")
+            Some(SqlState::OBJECT_IN_USE)
         );
         assert_eq!(sqlstate_in("no code here, slot shadowsync_2024_08"), None);
-        assert!(retryable_sqlstate("55006"));
-        assert!(retryable_sqlstate("08006"));
-        assert!(!retryable_sqlstate("42704"));
-        assert!(!retryable_sqlstate("28P01"));
+        let retry = |code: &str| policy(Some(&SqlState::from_code(code))) == Policy::Retry;
+        assert!(retry("55006"));
+        assert!(retry("08006"));
+        assert!(retry("57P01"));
+        assert!(retry("40P01"));
+        assert!(!retry("42704"));
+        assert!(!retry("28P01"));
+        assert!(!retry("23505"));
+        assert_eq!(policy(None), Policy::Retry);
     }
 }

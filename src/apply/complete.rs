@@ -148,7 +148,9 @@ async fn fetch(
         .collect();
     let rows = blue.query(&sql, &params).await.map_err(|source| {
         let failure = DbFailure::from_pg(&source);
-        if matches!(failure.code.as_deref(), Some("42703" | "42P01")) {
+        if failure.is(&crate::failure::SqlState::UNDEFINED_COLUMN)
+            || failure.is(&crate::failure::SqlState::UNDEFINED_TABLE)
+        {
             ApplyError::ToastGone {
                 table: map.source.to_string(),
                 failure,

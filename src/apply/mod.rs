@@ -184,15 +184,15 @@ fn green_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> App
 }
 
 /// What a statement failure most likely means for the operator.
-fn hint_for(code: Option<&str>) -> &'static str {
-    match code {
-        Some(c) if c.starts_with("22") => {
+fn hint_for(failure: &DbFailure) -> &'static str {
+    match failure {
+        f if f.is_data_exception() => {
             "; a blue value does not fit green's column type: align the column types (or add a transform rule), then restart"
         }
-        Some(c) if c.starts_with("23") => {
+        f if f.is_integrity_violation() => {
             "; green's constraints reject the row: fix the row or the constraint on green, then restart"
         }
-        Some(c) if c.starts_with("42") => {
+        f if f.is_schema_mismatch() => {
             "; green's table does not match blue's: align the schemas, then restart"
         }
         _ => "",
@@ -787,7 +787,7 @@ fn statement_error(
         what,
         table: table.to_string(),
         lsn,
-        hint: hint_for(failure.code.as_deref()),
+        hint: hint_for(&failure),
         failure: Box::new(failure),
     }
 }
@@ -876,7 +876,7 @@ mod tests {
 
     fn unique_violation() -> Box<DbFailure> {
         Box::new(DbFailure {
-            code: Some("23505".into()),
+            code: Some(crate::failure::SqlState::UNIQUE_VIOLATION),
             constraint: Some("items_pkey".into()),
             message: "duplicate key value violates unique constraint".into(),
         })

@@ -21,7 +21,7 @@ pub struct Poison {
 /// Whether green refused the data itself (as opposed to losing a connection).
 pub fn is_data_error(e: &ApplyError) -> bool {
     matches!(e, ApplyError::Statement { failure, .. }
-        if failure.code.as_deref().is_some_and(|c| c.starts_with("22") || c.starts_with("23")))
+        if failure.is_rejected_data())
 }
 
 impl Applier {
@@ -116,7 +116,7 @@ pub fn poison_error(table: &TableOps, p: Poison) -> ApplyError {
         target: table.map.label.clone(),
         key: p.key,
         lsn: p.lsn,
-        hint: hint_for(p.failure.code.as_deref()),
+        hint: hint_for(&p.failure),
         failure: Box::new(p.failure),
     }
 }

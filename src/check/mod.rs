@@ -535,10 +535,8 @@ pub async fn narrow_down(
 /// Errors that mean the rule does not fit the schemas (syntax, names, types, unsupported
 /// features); anything else (a restart, a lock timeout) is the database's, and passes.
 fn is_rule_problem(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| {
-        let c = c.code();
-        c.starts_with("42") || c.starts_with("0A") || c.starts_with("22")
-    })
+    e.code()
+        .is_some_and(|c| matches!(crate::failure::class_of(c), "42" | "0A" | "22"))
 }
 
 fn db_message(e: &tokio_postgres::Error) -> String {

@@ -361,7 +361,7 @@ impl Drop for AbortOnDrop {
 /// connection or a missing privilege: only then is the range narrowed to its row.
 fn is_rejection(e: &SnapshotError) -> bool {
     matches!(e, SnapshotError::Green { failure, .. }
-        if failure.code.as_deref().is_some_and(|c| c.starts_with("22") || c.starts_with("23")))
+        if failure.is_rejected_data())
 }
 
 /// Copies one range in one green transaction; a range green rejects is narrowed to the row.

@@ -48,7 +48,7 @@ pub(super) async fn narrow(
             column: found.column.map(|c| format!(", {c}")).unwrap_or_default(),
             relation: t.parts[job.part].to_string(),
             range: job.range_no,
-            hint: hint_for(found.failure.code.as_deref()),
+            hint: hint_for(&found.failure),
             failure: found.failure,
         })),
         Ok(None) => original,
@@ -59,12 +59,12 @@ pub(super) async fn narrow(
     }
 }
 
-fn hint_for(code: Option<&str>) -> &'static str {
-    match code {
-        Some(c) if c.starts_with("22") => {
+fn hint_for(failure: &DbFailure) -> &'static str {
+    match failure {
+        f if f.is_data_exception() => {
             "; a blue value does not fit green's column: align green's column type (ALTER TABLE ... ALTER COLUMN ... TYPE ...) or map the column with a transform rule"
         }
-        Some(c) if c.starts_with("23") => {
+        f if f.is_integrity_violation() => {
             "; green's constraint rejects the row: fix the row on blue or the constraint on green"
         }
         _ => "",
@@ -73,7 +73,7 @@ fn hint_for(code: Option<&str>) -> &'static str {
 
 fn is_data_error(e: &tokio_postgres::Error) -> bool {
     e.as_db_error()
-        .is_some_and(|d| matches!(&d.code().code()[..2], "22" | "23"))
+        .is_some_and(|d| matches!(crate::failure::class_of(d.code()), "22" | "23"))
 }
 
 async fn find(w: &mut Worker, t: &Table, job: &Job) -> Result<Option<Found>, SnapshotError> {
@@ -120,8 +120,8 @@ async fn find(w: &mut Worker, t: &Table, job: &Job) -> Result<Option<Found>, Sna
         return Ok(None);
     };
     let key = key_of(&tx, t, row, &t.parts[job.part].to_string()).await?;
-    let column = if failure.code.as_deref().is_some_and(|c| c.starts_with("22")) {
-        column_of(&tx, t, row, failure.code.as_deref()).await?
+    let column = if failure.is_data_exception() {
+        column_of(&tx, t, row, failure.code.as_ref()).await?
     } else {
         // Constraints (class 23) name themselves (and NOT NULL its column) in the message.
         None
@@ -237,10 +237,10 @@ async fn column_of(
     tx: &Transaction<'_>,
     t: &Table,
     row: i64,
-    code: Option<&str>,
+    code: Option<&crate::failure::SqlState>,
 ) -> Result<Option<String>, SnapshotError> {
     let map = &t.map;
-    let same = |e: &tokio_postgres::Error| e.as_db_error().map(|d| d.code().code()) == code;
+    let same = |e: &tokio_postgres::Error| e.as_db_error().map(|d| d.code()) == code;
     let mut used: Vec<usize> = map.columns.iter().flat_map(|c| c.inputs.clone()).collect();
     used.extend(map.filter.iter().flat_map(|f| f.inputs.clone()));
     used.sort_unstable();

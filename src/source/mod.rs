@@ -83,7 +83,9 @@ impl SourceError {
             SourceError::Replication { source, .. } => match source {
                 PgWireError::Io(_) | PgWireError::Task(_) => true,
                 PgWireError::Server(m) => match crate::failure::sqlstate_in(m) {
-                    Some(code) => crate::failure::retryable_sqlstate(code),
+                    Some(code) => {
+                        crate::failure::policy(Some(&code)) == crate::failure::Policy::Retry
+                    }
                     // No SQLSTATE: the slot stays "active" until blue notices a dead
                     // predecessor (wal_sender_timeout); shutdowns and restarts pass too.
                     None => {
@@ -109,7 +111,10 @@ impl SourceError {
             SourceError::Replication {
                 source: PgWireError::Server(m),
                 ..
-            } => crate::failure::sqlstate_in(m) == Some("55006") || m.contains("is active for PID"),
+            } => {
+                crate::failure::sqlstate_in(m) == Some(crate::failure::SqlState::OBJECT_IN_USE)
+                    || m.contains("is active for PID")
+            }
             _ => false,
         }
     }

@@ -231,7 +231,7 @@ impl ApplyStage {
                 table,
                 failure,
                 ..
-            }) if failure.code.as_deref() == Some("23505")
+            }) if failure.is(&crate::failure::SqlState::UNIQUE_VIOLATION)
                 && failure.constraint.is_some()
                 && tables.iter().any(|t| {
                     t.map.label == table
@@ -246,9 +246,7 @@ impl ApplyStage {
                 };
                 // Coalescing reorders changes between keys; a secondary unique constraint may
                 // care. Replay the stretch in blue's order before calling any row poison.
-                if final_lsn > self.serial_until
-                    && matches!(failure.code.as_deref(), Some("23505" | "23P01"))
-                {
+                if final_lsn > self.serial_until && failure.is_unique_violation() {
                     // Every transaction in this write commits at or before the one received
                     // last.
                     return Err(ApplyError::Reorder {
