@@ -74,6 +74,11 @@ pub enum SourceError {
     /// A problem with blue's setup that the operator must fix; the message says how.
     #[error("{0}")]
     Setup(String),
+    /// Never read as 0/0: a drain would take that for a target already reached.
+    #[error(
+        "blue returned {text:?} as {what}, which is not a WAL position; nothing was confirmed past it: report this, with blue's version"
+    )]
+    UnreadableLsn { what: &'static str, text: String },
 }
 
 impl SourceError {
@@ -101,7 +106,9 @@ impl SourceError {
                 failure.is_retryable()
             }
             SourceError::StreamEnded => true,
-            SourceError::Decode { .. } | SourceError::Setup(_) => false,
+            SourceError::Decode { .. }
+            | SourceError::Setup(_)
+            | SourceError::UnreadableLsn { .. } => false,
         }
     }
 

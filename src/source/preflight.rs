@@ -144,7 +144,12 @@ async fn slot_state(
                 "replication slot {slot} exists on blue but is not a pgoutput slot of database {current} (plugin {plugin:?}, database {database:?}): choose another blue.slot, or drop it with SELECT pg_drop_replication_slot('{slot}'); if it is unused"
             )));
         }
-        let lsn = confirmed.as_deref().and_then(parse_lsn).unwrap_or(0);
+        // A logical slot being created has no confirmed position yet: streaming then starts
+        // at green's progress, or where blue's slot begins.
+        let lsn = match confirmed.as_deref() {
+            Some(text) => lsn_from(text, "the slot's confirmed position")?,
+            None => 0,
+        };
         return Ok(Some(lsn));
     }
     if let Some(progress) = green_progress {
@@ -167,7 +172,15 @@ pub async fn create_slot(blue: &Client, slot: &str) -> Result<u64, SourceError> 
         .map_err(blue_err("creating the replication slot"))?
         .get(0);
     tracing::info!(slot, lsn = %lsn, "created replication slot on blue; streaming starts at its creation point");
-    Ok(parse_lsn(&lsn).unwrap_or(0))
+    lsn_from(&lsn, "the new slot's creation point")
+}
+
+/// A WAL position blue printed; an error, never 0/0, when it is not one.
+fn lsn_from(text: &str, what: &'static str) -> Result<u64, SourceError> {
+    parse_lsn(text).ok_or_else(|| SourceError::UnreadableLsn {
+        what,
+        text: text.to_string(),
+    })
 }
 
 /// Blue's current WAL insert position: it covers every commit that has returned to its client,
@@ -178,7 +191,7 @@ pub async fn current_wal_lsn(blue: &Client) -> Result<u64, SourceError> {
         .await
         .map_err(blue_err("reading the current WAL position"))?
         .get(0);
-    Ok(parse_lsn(&text).unwrap_or(0))
+    lsn_from(&text, "its current WAL insert position")
 }
 
 /// Prefix of the logical message a drain commits on blue (see [`drain_target`]); the apply
@@ -239,5 +252,26 @@ pub async fn slot_confirmed(blue: &Client, slot: &str) -> Result<u64, SourceErro
         .await
         .map_err(blue_err("reading the slot's confirmed position"))?
         .and_then(|r| r.get(0));
-    Ok(text.as_deref().and_then(parse_lsn).unwrap_or(0))
+    // No slot (dropped under us) or no position yet: nothing is confirmed, which never ends
+    // a drain early (the stream then fails on the missing slot, and says so).
+    match text {
+        Some(text) => lsn_from(&text, "the slot's confirmed position"),
+        None => Ok(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_wal_position_is_an_error_never_zero() {
+        assert_eq!(lsn_from("0/1948A80", "x").unwrap(), 0x1948A80);
+        let e = lsn_from("", "its current WAL insert position").unwrap_err();
+        assert!(!e.is_retryable());
+        assert!(
+            e.to_string().contains("its current WAL insert position"),
+            "{e}"
+        );
+    }
 }
