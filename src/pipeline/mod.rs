@@ -101,6 +101,45 @@ impl PipelineError {
     }
 }
 
+/// A read of the drain's target from blue, in flight (see [`blue_wal_lsn`]).
+type DrainTargetRead = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<u64, PipelineError>> + Send + 'static>,
+>;
+
+/// Blue's WAL insert position for a drain, made reachable (see `preflight::drain_target`), on
+/// a connection of its own.
+async fn blue_wal_lsn(config: Config) -> Result<u64, PipelineError> {
+    let dsn = config.blue_dsn()?;
+    let (client, conn) =
+        dsn.connect("shadowsync-drain")
+            .await
+            .map_err(|source| SourceError::Connect {
+                dsn: dsn.to_string(),
+                failure: crate::failure::DbFailure::from_pg(&source),
+            })?;
+    let lsn = preflight::drain_target(&client).await;
+    drop(client);
+    let _ = conn.await;
+    Ok(lsn?)
+}
+
+/// Fixes the drain's target once blue told it (a failure is tried again at the next tick).
+/// Fields, not `&mut Supervisor`: the session future borrows the supervisor's config.
+fn drain_target_read(
+    drain_lsn: &mut Option<u64>,
+    shared: &Shared,
+    read: Result<u64, PipelineError>,
+) {
+    match read {
+        Ok(lsn) => {
+            info!(drain_lsn = %format_lsn(lsn), "draining: waiting until everything before this LSN is in green and confirmed");
+            *drain_lsn = Some(lsn);
+            shared.set_state(State::Draining);
+        }
+        Err(e) => warn!(error = %e, "cannot read blue's WAL position for the drain; retrying"),
+    }
+}
+
 /// Sleeps until `deadline`, or forever without one: a `select!` branch that may be disarmed.
 pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
@@ -297,6 +336,9 @@ impl Supervisor {
                 // A drain ends at most one tick after blue confirmed it: this is cutover time.
                 let mut tick = tokio::time::interval(Duration::from_millis(10));
                 let mut stopping: Option<Outcome> = None;
+                // The drain's target, being read from blue: polled in its own branch, so that a
+                // slow or unreachable blue never holds up a shutdown or the session's end.
+                let mut target_read: Option<DrainTargetRead> = None;
                 loop {
                     tokio::select! {
                         biased;
@@ -315,17 +357,16 @@ impl Supervisor {
                             self.waiters.push(req.reply);
                             drain_requested = true;
                         }
-                        // 4. Progress checks: start a pending drain, finish a reached one.
+                        // 4. The drain's target arrived from blue.
+                        read = async { target_read.as_mut().expect("armed").await }, if target_read.is_some() => {
+                            target_read = None;
+                            drain_target_read(&mut self.drain_lsn, &self.shared, read);
+                        }
+                        // 5. Progress checks: start a pending drain, finish a reached one.
                         _ = tick.tick(), if stopping.is_none() => {
-                            if drain_requested && self.drain_lsn.is_none() && self.shared.streaming.load(Ordering::Relaxed) {
-                                match self.blue_wal_lsn().await {
-                                    Ok(lsn) => {
-                                        info!(drain_lsn = %format_lsn(lsn), "draining: waiting until everything before this LSN is in green and confirmed");
-                                        self.drain_lsn = Some(lsn);
-                                        self.shared.set_state(State::Draining);
-                                    }
-                                    Err(e) => warn!(error = %e, "cannot read blue's WAL position for the drain; retrying"),
-                                }
+                            if drain_requested && self.drain_lsn.is_none() && target_read.is_none()
+                                && self.shared.streaming.load(Ordering::Relaxed) {
+                                target_read = Some(Box::pin(blue_wal_lsn(self.config.clone())));
                             }
                             if let Some(target) = self.drain_lsn
                                 && self.shared.confirmed_lsn.load(Ordering::Relaxed) >= target {
@@ -397,21 +438,6 @@ impl Supervisor {
                 }
             }
         }
-    }
-
-    async fn blue_wal_lsn(&self) -> Result<u64, PipelineError> {
-        let dsn = self.config.blue_dsn()?;
-        let (client, conn) =
-            dsn.connect("shadowsync-drain")
-                .await
-                .map_err(|source| SourceError::Connect {
-                    dsn: dsn.to_string(),
-                    failure: crate::failure::DbFailure::from_pg(&source),
-                })?;
-        let lsn = preflight::drain_target(&client).await;
-        drop(client);
-        let _ = conn.await;
-        Ok(lsn?)
     }
 
     /// Waits until blue's slot records the drained position (the standby status update has
