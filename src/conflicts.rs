@@ -265,12 +265,7 @@ pub async fn replay(client: &mut Client, ids: &[i64]) -> Result<Vec<Replayed>, C
                     id,
                     action: "nothing to replay (keyless row; blue's change was applied)",
                 });
-                tx.execute(
-                    "UPDATE shadowsync.conflicts SET resolved_at = now() WHERE id = $1",
-                    &[&id],
-                )
-                .await
-                .map_err(green_err("marking a conflict resolved"))?;
+                mark_resolved(&tx, id).await?;
                 continue;
             }
             return Err(ConflictsError::NoTarget {
@@ -336,17 +331,25 @@ pub async fn replay(client: &mut Client, ids: &[i64]) -> Result<Vec<Replayed>, C
                 action: "upsert",
             });
         }
-        tx.execute(
-            "UPDATE shadowsync.conflicts SET resolved_at = now() WHERE id = $1",
-            &[&id],
-        )
-        .await
-        .map_err(green_err("marking a conflict resolved"))?;
+        mark_resolved(&tx, id).await?;
     }
     tx.commit()
         .await
         .map_err(green_err("committing the replay"))?;
     Ok(done)
+}
+
+async fn mark_resolved(
+    tx: &tokio_postgres::Transaction<'_>,
+    id: i64,
+) -> Result<(), ConflictsError> {
+    tx.execute(
+        "UPDATE shadowsync.conflicts SET resolved_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await
+    .map_err(green_err("marking a conflict resolved"))?;
+    Ok(())
 }
 
 /// `shadowsync conflicts`: lists, or replays `ids` and lists them.

@@ -201,51 +201,21 @@ pub fn delete_matching(map: &TableMap, cols: &[usize], detect: bool) -> String {
 mod tests {
     use super::*;
     use crate::decode::ReplicaIdentity;
-    use crate::transform::{ConflictPolicy, QualifiedName, SourceColumn, TargetColumn};
+    use crate::transform::QualifiedName;
 
     /// `(a text COLLATE nd, n numeric NOT NULL, doc json)`, keyless.
     fn map() -> TableMap {
-        let cols = [("a", "text"), ("n", "numeric"), ("doc", "json")];
-        TableMap {
-            source: QualifiedName::new("public", "t"),
-            target: QualifiedName::new("public", "t"),
-            source_columns: cols
-                .iter()
-                .map(|(c, ty)| SourceColumn {
-                    name: c.to_string(),
-                    sql_type: ty.to_string(),
-                    blue_type: ty.to_string(),
-                })
-                .collect(),
-            columns: cols
-                .iter()
-                .enumerate()
-                .map(|(i, (c, ty))| TargetColumn {
-                    name: c.to_string(),
-                    sql_type: ty.to_string(),
-                    base_type: ty.to_string(),
-                    expr: format!("src.{}", quote_ident(c)),
-                    inputs: vec![i],
-                    collation: (i == 0).then(|| "COLLATE \"public\".\"nd\"".to_string()),
-                    has_equality: i != 2,
-                    not_null: i == 1,
-                })
-                .collect(),
-            key: vec![],
-            row_key: vec![],
-            replica_identity: ReplicaIdentity::Full,
-            awaits_identity: false,
-            partitioned: false,
-            label: "public.t".into(),
-            filter: None,
-            reads: vec![],
-            origin: None,
-            conflicts: ConflictPolicy::Off,
-            keyed_lookups: vec![],
-            plain_key: None,
-            insert_new_keys: None,
-            copy_new_keys: None,
-        }
+        let mut map = crate::apply::sql::fixture(
+            QualifiedName::new("public", "t"),
+            &[("a", "text"), ("n", "numeric"), ("doc", "json")],
+        );
+        map.key.clear();
+        map.row_key.clear();
+        map.replica_identity = ReplicaIdentity::Full;
+        map.columns[0].collation = Some("COLLATE \"public\".\"nd\"".to_string());
+        map.columns[1].not_null = true;
+        map.columns[2].has_equality = false;
+        map
     }
 
     #[test]

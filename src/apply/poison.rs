@@ -60,7 +60,7 @@ impl Applier {
                             unreachable!("is_data_error matched a statement error")
                         };
                         return Ok(Some(Poison {
-                            key: key_text(table, key),
+                            key: super::batch::key_text(&table.map, key),
                             lsn: pending.lsn,
                             failure: *failure,
                         }));
@@ -102,11 +102,6 @@ fn subset(table: &TableOps, entries: &[(&super::batch::Key, &super::batch::Pendi
         runs: Vec::new(),
         counts: [0; 3],
     }
-}
-
-/// `(id)=(5)`: the key columns and values, as PostgreSQL writes keys in its messages.
-fn key_text(table: &TableOps, key: &super::batch::Key) -> String {
-    super::batch::key_text(&table.map, key)
 }
 
 /// The poison error for a rejected op of `table`.

@@ -348,54 +348,63 @@ impl ToSql for TextArray<'_> {
     to_sql_checked!();
 }
 
+/// An identity mapping of `cols` (name, type) into `target`, keyed on the first column: the
+/// statements' unit tests build on it.
+#[cfg(test)]
+pub(crate) fn fixture(target: crate::transform::QualifiedName, cols: &[(&str, &str)]) -> TableMap {
+    use crate::transform::{ConflictPolicy, QualifiedName, SourceColumn, TargetColumn};
+    TableMap {
+        source: QualifiedName::new("public", "t"),
+        label: target.to_string(),
+        target,
+        source_columns: cols
+            .iter()
+            .map(|(c, ty)| SourceColumn {
+                name: c.to_string(),
+                sql_type: ty.to_string(),
+                blue_type: ty.to_string(),
+            })
+            .collect(),
+        columns: cols
+            .iter()
+            .enumerate()
+            .map(|(i, (c, ty))| TargetColumn {
+                name: c.to_string(),
+                sql_type: ty.to_string(),
+                base_type: ty.to_string(),
+                expr: format!("src.{}", quote_ident(c)),
+                inputs: vec![i],
+                collation: None,
+                has_equality: true,
+                not_null: false,
+            })
+            .collect(),
+        key: vec![0],
+        row_key: vec![0],
+        awaits_identity: false,
+        partitioned: false,
+        replica_identity: crate::decode::ReplicaIdentity::Default,
+        filter: None,
+        reads: vec![],
+        origin: None,
+        conflicts: ConflictPolicy::Off,
+        keyed_lookups: vec![],
+        plain_key: None,
+        insert_new_keys: None,
+        copy_new_keys: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::ReplicaIdentity;
-    use crate::transform::{QualifiedName, SourceColumn, TargetColumn};
+    use crate::transform::QualifiedName;
 
     fn map() -> TableMap {
-        let cols = [("id", "bigint"), ("na\"me", "text"), ("doc", "jsonb")];
-        TableMap {
-            source: QualifiedName::new("public", "t"),
-            target: QualifiedName::new("public", "T x"),
-            source_columns: cols
-                .iter()
-                .map(|(c, ty)| SourceColumn {
-                    name: c.to_string(),
-                    sql_type: ty.to_string(),
-                    blue_type: ty.to_string(),
-                })
-                .collect(),
-            columns: cols
-                .iter()
-                .enumerate()
-                .map(|(i, (c, ty))| TargetColumn {
-                    name: c.to_string(),
-                    sql_type: ty.to_string(),
-                    base_type: ty.to_string(),
-                    expr: format!("src.{}", quote_ident(c)),
-                    inputs: vec![i],
-                    collation: None,
-                    has_equality: true,
-                    not_null: false,
-                })
-                .collect(),
-            key: vec![0],
-            row_key: vec![0],
-            awaits_identity: false,
-            partitioned: false,
-            replica_identity: ReplicaIdentity::Default,
-            label: "public.T x".into(),
-            filter: None,
-            reads: vec![],
-            origin: None,
-            conflicts: crate::transform::ConflictPolicy::Off,
-            keyed_lookups: vec![],
-            plain_key: None,
-            insert_new_keys: None,
-            copy_new_keys: None,
-        }
+        fixture(
+            QualifiedName::new("public", "T x"),
+            &[("id", "bigint"), ("na\"me", "text"), ("doc", "jsonb")],
+        )
     }
 
     #[test]

@@ -179,10 +179,7 @@ async fn check_table(
         // (Without detection: `check` creates nothing, and the record table may not exist.)
         let all: Vec<usize> = (0..map.source_columns.len()).collect();
         let text = crate::apply::keyless::delete_matching(&map, &all, false);
-        if let Err(e) = green.prepare(&text).await {
-            if !is_rule_problem(&e) {
-                return Err(e);
-            }
+        if let Some(e) = rejection(green, &text).await? {
             verdict.problems.push(format!(
                 "green cannot match the full old rows of keyless table {} column by column: {}; add a primary key on green",
                 map.label,
@@ -201,10 +198,7 @@ async fn check_table(
             "SELECT t.{name} > t.{name} FROM {} AS t LIMIT 0",
             map.target.quoted()
         );
-        if let Err(e) = green.prepare(&text).await {
-            if !is_rule_problem(&e) {
-                return Err(e);
-            }
+        if let Some(e) = rejection(green, &text).await? {
             verdict.problems.push(format!(
                 "{at}last-writer-wins column {} of {} ({}) cannot be compared: {}; name an ordered column such as a timestamp (lww_column), or use [conflicts] resolution = \"apply\"",
                 col.name,
@@ -216,26 +210,27 @@ async fn check_table(
     }
     verdict.map = Some(map.clone());
     verdict.warnings = narrower_columns(&map, &blue_full_types);
+    let key_columns = map
+        .key
+        .iter()
+        .map(|&k| map.columns[k].name.as_str())
+        .collect::<Vec<_>>();
     if map.awaits_identity {
         verdict.notes.push(format!(
             "blue table {table} has no replica identity now (no primary key, or REPLICA IDENTITY NOTHING): blue refuses UPDATE and DELETE on it until it has one; inserts and truncates are replicated, matched on green's key ({})",
-            map.key.iter().map(|&k| map.columns[k].name.as_str()).collect::<Vec<_>>().join(", ")
+            key_columns.join(", ")
         ));
     }
     if map.is_keyed()
-        && !green_table
+        && green_table
             .primary_key
             .iter()
-            .eq(map.key.iter().map(|&k| &map.columns[k].name))
+            .ne(key_columns.iter().copied())
     {
         verdict.notes.push(format!(
             "green table {} has no primary key: rows are matched on its unique index over ({})",
             map.label,
-            map.key
-                .iter()
-                .map(|&k| map.columns[k].name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            key_columns.join(", ")
         ));
     }
     let mixed = map.columns.iter().any(|c| c.inputs.len() > 1);
@@ -298,16 +293,12 @@ async fn partition_identity(
 
 /// Target columns copied as they are from a blue column whose values may not fit green's type.
 fn narrower_columns(map: &TableMap, blue_full_types: &[String]) -> Vec<String> {
+    let names: Vec<&str> = map.source_columns.iter().map(|c| c.name.as_str()).collect();
     map.columns
         .iter()
         .filter_map(|c| {
-            let &[i] = c.inputs.as_slice() else {
-                return None;
-            };
+            let i = c.copied_from(&names)?;
             let source = &map.source_columns[i];
-            if c.expr != format!("src.{}", transform::quote_ident(&source.name)) {
-                return None;
-            }
             let why = width::narrower(&blue_full_types[i], &c.sql_type)?;
             Some(format!(
                 "column {} of {} is {} on green, narrower than blue's {} ({}.{}): {why}; widen green's column (ALTER TABLE {} ALTER COLUMN {} TYPE {}) unless blue's data is known to fit",
@@ -465,10 +456,7 @@ async fn prepare_statements(
     }
     statements.extend(sql::delete_unmatched(map, &all));
     for text in statements {
-        if let Err(e) = green.prepare(&text).await {
-            if !is_rule_problem(&e) {
-                return Err(e);
-            }
+        if let Some(e) = rejection(green, &text).await? {
             problems.extend(narrow_down(green, map, rule).await?);
             if problems.is_empty() {
                 problems.push(format!(
@@ -495,10 +483,7 @@ pub async fn narrow_down(
     let mut problems = Vec::new();
     for c in &map.columns {
         let text = format!("SELECT CAST(({}) AS {}) FROM {src}", c.expr, c.base_type);
-        if let Err(e) = green.prepare(&text).await {
-            if !is_rule_problem(&e) {
-                return Err(e);
-            }
+        if let Some(e) = rejection(green, &text).await? {
             let origin = rule
                 .and_then(|r| r.columns.get(&c.name))
                 .map(|l| l.origin.to_string())
@@ -514,10 +499,7 @@ pub async fn narrow_down(
     }
     if let Some(f) = &map.filter {
         let text = format!("SELECT ({})::boolean FROM {src}", f.expr);
-        if let Err(e) = green.prepare(&text).await {
-            if !is_rule_problem(&e) {
-                return Err(e);
-            }
+        if let Some(e) = rejection(green, &text).await? {
             let origin = rule
                 .and_then(|r| r.filter.as_ref())
                 .map(|l| l.origin.to_string())
@@ -530,6 +512,19 @@ pub async fn narrow_down(
         }
     }
     Ok(problems)
+}
+
+/// Green's refusal of `text` (prepared, not run) when it means the rule or mapping does not fit
+/// the schemas; any other failure (a restart, a lock timeout) is the database's, and passes.
+async fn rejection(
+    green: &Client,
+    text: &str,
+) -> Result<Option<tokio_postgres::Error>, tokio_postgres::Error> {
+    match green.prepare(text).await {
+        Ok(_) => Ok(None),
+        Err(e) if is_rule_problem(&e) => Ok(Some(e)),
+        Err(e) => Err(e),
+    }
 }
 
 /// Errors that mean the rule does not fit the schemas (syntax, names, types, unsupported

@@ -173,6 +173,17 @@ pub struct Filter {
     pub inputs: Vec<usize>,
 }
 
+impl TargetColumn {
+    /// The source column (an index into `names`, the source columns' names) this column
+    /// copies as it is (`src."col"`), if it does.
+    pub fn copied_from(&self, names: &[impl AsRef<str>]) -> Option<usize> {
+        match self.inputs.as_slice() {
+            [i] if self.expr == format!("src.{}", quote_ident(names[*i].as_ref())) => Some(*i),
+            _ => None,
+        }
+    }
+}
+
 impl TableMap {
     /// Whether a partial image (unchanged TOAST) may need the full row: a filter can move the
     /// row in, a column with several inputs can mix changed and unchanged values.
@@ -306,7 +317,12 @@ impl SourceTable {
 /// of the identity would merge rows blue keeps apart; a computed column could be NULL, which
 /// matches nothing. Under REPLICA IDENTITY FULL blue may hold equal rows twice (it has no key),
 /// which no unique index of green can: such tables are matched on the full old row.
-fn choose_key(source: &SourceTable, green: &GreenTable, columns: &[TargetColumn]) -> Vec<String> {
+fn choose_key(
+    source: &SourceTable,
+    names: &[String],
+    green: &GreenTable,
+    columns: &[TargetColumn],
+) -> Vec<String> {
     if !green.primary_key.is_empty() {
         return green.primary_key.clone();
     }
@@ -319,15 +335,8 @@ fn choose_key(source: &SourceTable, green: &GreenTable, columns: &[TargetColumn]
     // The identity column a target column copies as is, when it is NOT NULL on green.
     let copied = |name: &String| {
         let c = columns.iter().find(|c| &c.name == name)?;
-        match c.inputs.as_slice() {
-            [i] if c.not_null
-                && source.columns[*i].is_key
-                && c.expr == format!("src.{}", quote_ident(&source.columns[*i].name)) =>
-            {
-                Some(*i)
-            }
-            _ => None,
-        }
+        c.copied_from(names)
+            .filter(|&i| c.not_null && source.columns[i].is_key)
     };
     green
         .unique_keys
@@ -459,7 +468,7 @@ pub fn build(
     }
     let full = source.replica_identity == ReplicaIdentity::Full;
     let has_identity = full || source.columns.iter().any(|c| c.is_key);
-    let key_columns = choose_key(source, green, &columns);
+    let key_columns = choose_key(source, &names, green, &columns);
     let mut key = Vec::with_capacity(key_columns.len());
     for k in &key_columns {
         let i = columns.iter().position(|c| &c.name == k).ok_or_else(|| {
@@ -584,14 +593,8 @@ pub fn build(
             keyed_lookups.extend(found);
         }
     }
-    // The source column a key column copies as is, if it does.
-    let copied = |k: usize| {
-        let c = &columns[k];
-        match c.inputs.as_slice() {
-            [i] if c.expr == format!("src.{}", quote_ident(&source.columns[*i].name)) => Some(*i),
-            _ => None,
-        }
-    };
+    // The source column a target column copies as is, if it does.
+    let copied = |k: usize| columns[k].copied_from(&names);
     let plain_key = match key.as_slice() {
         [k] => copied(*k),
         _ => None,
