@@ -123,8 +123,17 @@ fn bench(c: &mut Criterion) {
     group.bench_function("insert_then_update_coalesced", |b| {
         b.iter(|| {
             for (i, r) in rows.iter().enumerate() {
-                batch.insert(&m, r.clone(), i as u64).unwrap();
-                batch.update(&m, None, r.clone(), i as u64 + 1).unwrap();
+                batch
+                    .insert(&m, r.clone(), shadowsync::lsn::Lsn::from_u64(i as u64))
+                    .unwrap();
+                batch
+                    .update(
+                        &m,
+                        None,
+                        r.clone(),
+                        shadowsync::lsn::Lsn::from_u64(i as u64 + 1),
+                    )
+                    .unwrap();
             }
             black_box(batch.take());
         })

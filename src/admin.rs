@@ -18,7 +18,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Shared;
 use crate::pipeline::DrainRequest;
-use crate::progress::format_lsn;
 
 #[derive(Clone)]
 struct AppState {
@@ -71,8 +70,8 @@ fn status_json(shared: &Shared) -> serde_json::Value {
         "blue_connected": shared.blue_connected.load(Relaxed),
         "green_connected": shared.green_connected.load(Relaxed),
         "streaming": shared.streaming.load(Relaxed),
-        "confirmed_lsn": format_lsn(shared.confirmed_lsn.load(Relaxed)),
-        "blue_wal_lsn": format_lsn(shared.blue_wal_lsn.load(Relaxed)),
+        "confirmed_lsn": shared.confirmed_lsn(),
+        "blue_wal_lsn": shared.blue_wal_lsn(),
         "lag_bytes": shared.lag_bytes(),
         "lag_seconds": shared.lag_seconds(),
         "applied": shared.applied(),

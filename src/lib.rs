@@ -18,6 +18,7 @@ pub mod decode;
 pub mod demo;
 pub mod failure;
 pub mod logging;
+pub mod lsn;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;

@@ -21,6 +21,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 
+use crate::lsn::Lsn;
+
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
@@ -116,15 +118,15 @@ pub struct Shared {
     state_gauge: Family<StateLabels, Gauge>,
     errors: Family<ErrorLabels, Counter>,
     /// Blue's current WAL position (polled).
-    pub blue_wal_lsn: AtomicU64,
+    blue_wal_lsn: AtomicU64,
     /// LSN confirmed to blue (flush position in the last standby status update).
-    pub confirmed_lsn: AtomicU64,
+    confirmed_lsn: AtomicU64,
     pub blue_connected: AtomicBool,
     pub green_connected: AtomicBool,
     pub streaming: AtomicBool,
     state: Mutex<State>,
     /// (end LSN, commit time in µs since 2000-01-01) of blue commits received, not yet applied.
-    unapplied: Mutex<VecDeque<(u64, i64)>>,
+    unapplied: Mutex<VecDeque<(Lsn, i64)>>,
     applied: Mutex<Applied>,
 }
 
@@ -282,7 +284,7 @@ impl Shared {
     }
 
     /// The source forwarded a blue commit to the apply stage.
-    pub fn commit_received(&self, end_lsn: u64, commit_time: i64) {
+    pub fn commit_received(&self, end_lsn: Lsn, commit_time: i64) {
         self.unapplied
             .lock()
             .expect("lag lock")
@@ -344,7 +346,7 @@ impl Shared {
     }
 
     /// Green committed a batch ending at blue commit `end_lsn`.
-    pub fn batch_committed(&self, txns: u64, rows: u64, took: Duration, end_lsn: u64) {
+    pub fn batch_committed(&self, txns: u64, rows: u64, took: Duration, end_lsn: Lsn) {
         self.transactions.inc_by(txns);
         self.batches.inc();
         self.batch_rows.observe(rows as f64);
@@ -364,12 +366,25 @@ impl Shared {
         self.applied.lock().expect("report lock").clone()
     }
 
-    pub fn set_confirmed(&self, lsn: u64) {
-        self.confirmed_lsn.fetch_max(lsn, Ordering::Relaxed);
+    /// Blue confirmed `lsn` (it only moves forward).
+    pub fn set_confirmed(&self, lsn: Lsn) {
+        self.confirmed_lsn
+            .fetch_max(lsn.as_u64(), Ordering::Relaxed);
     }
 
-    pub fn set_blue_wal(&self, lsn: u64) {
-        self.blue_wal_lsn.fetch_max(lsn, Ordering::Relaxed);
+    /// Blue's WAL insert position was read as `lsn` (it only moves forward).
+    pub fn set_blue_wal(&self, lsn: Lsn) {
+        self.blue_wal_lsn.fetch_max(lsn.as_u64(), Ordering::Relaxed);
+    }
+
+    /// The LSN blue last confirmed to this process.
+    pub fn confirmed_lsn(&self) -> Lsn {
+        Lsn::from_u64(self.confirmed_lsn.load(Ordering::Relaxed))
+    }
+
+    /// Blue's WAL insert position as last read.
+    pub fn blue_wal_lsn(&self) -> Lsn {
+        Lsn::from_u64(self.blue_wal_lsn.load(Ordering::Relaxed))
     }
 
     /// Age of the oldest unapplied blue commit, in seconds.
@@ -422,7 +437,7 @@ mod tests {
     fn exposition_names_the_core_metrics() {
         let s = Shared::new();
         s.add_rows("public.t", "insert", 3);
-        s.batch_committed(2, 3, Duration::from_millis(5), 100);
+        s.batch_committed(2, 3, Duration::from_millis(5), Lsn::from_u64(100));
         s.set_state(State::Streaming);
         let text = s.encode();
         for name in [
@@ -444,9 +459,9 @@ mod tests {
     fn lag_seconds_is_zero_when_caught_up_and_counts_unapplied_commits() {
         let s = Shared::new();
         assert_eq!(s.lag_seconds(), 0.0);
-        s.commit_received(10, 0); // committed at 2000-01-01: very old
+        s.commit_received(Lsn::from_u64(10), 0); // committed at 2000-01-01: very old
         assert!(s.lag_seconds() > 1e8);
-        s.batch_committed(1, 1, Duration::ZERO, 10);
+        s.batch_committed(1, 1, Duration::ZERO, Lsn::from_u64(10));
         assert_eq!(s.lag_seconds(), 0.0);
     }
 }

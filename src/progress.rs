@@ -7,6 +7,8 @@
 
 use tokio_postgres::Client;
 
+use crate::lsn::Lsn;
+
 /// Schema holding shadowsync's own tables in green.
 pub const SCHEMA: &str = "shadowsync";
 
@@ -23,10 +25,10 @@ COMMENT ON TABLE shadowsync.progress IS
     'shadowsync: end LSN and commit time of the last blue transaction applied, per slot; written in the same transaction as the data';
 ";
 
-/// Upsert of the progress row; parameters: slot, end LSN (text), commit time (µs since 2000-01-01).
+/// Upsert of the progress row; parameters: slot, end LSN, commit time (µs since 2000-01-01).
 pub const WRITE_SQL: &str = "
 INSERT INTO shadowsync.progress AS p (slot, end_lsn, commit_time, applied_at)
-VALUES ($1, $2::text::pg_lsn, '2000-01-01 00:00:00+00'::timestamptz + $3::bigint * interval '1 microsecond', now())
+VALUES ($1, $2::pg_lsn, '2000-01-01 00:00:00+00'::timestamptz + $3::bigint * interval '1 microsecond', now())
 ON CONFLICT (slot) DO UPDATE
    SET end_lsn = EXCLUDED.end_lsn, commit_time = EXCLUDED.commit_time, applied_at = EXCLUDED.applied_at";
 
@@ -34,7 +36,7 @@ ON CONFLICT (slot) DO UPDATE
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
     /// End LSN of the last applied commit.
-    pub end_lsn: u64,
+    pub end_lsn: Lsn,
 }
 
 /// Creates the schema when missing.
@@ -46,14 +48,11 @@ pub async fn ensure_schema(client: &Client) -> Result<(), tokio_postgres::Error>
 pub async fn read(client: &Client, slot: &str) -> Result<Option<Progress>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT end_lsn::text FROM shadowsync.progress WHERE slot = $1",
+            "SELECT end_lsn FROM shadowsync.progress WHERE slot = $1",
             &[&slot],
         )
         .await?;
-    Ok(row.and_then(|r| {
-        let text: String = r.get(0);
-        parse_lsn(&text).map(|end_lsn| Progress { end_lsn })
-    }))
+    Ok(row.map(|r| Progress { end_lsn: r.get(0) }))
 }
 
 /// A PostgreSQL timestamp (µs since 2000-01-01 UTC) as a `SystemTime`.
@@ -64,32 +63,5 @@ pub fn pg_time(micros: i64) -> std::time::SystemTime {
         epoch + std::time::Duration::from_micros(micros as u64)
     } else {
         epoch - std::time::Duration::from_micros(micros.unsigned_abs())
-    }
-}
-
-/// Formats an LSN the way PostgreSQL prints it (`16/B374D848`).
-pub fn format_lsn(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
-}
-
-/// Parses PostgreSQL's `X/Y` LSN text.
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (hi, lo) = text.trim().split_once('/')?;
-    let hi = u64::from_str_radix(hi, 16).ok()?;
-    let lo = u64::from_str_radix(lo, 16).ok()?;
-    (hi <= u32::MAX as u64 && lo <= u32::MAX as u64).then_some((hi << 32) | lo)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lsn_text_round_trips() {
-        for lsn in [0u64, 1, 0x16_B374_D848, u64::MAX] {
-            assert_eq!(parse_lsn(&format_lsn(lsn)), Some(lsn));
-        }
-        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
-        assert_eq!(parse_lsn("nope"), None);
     }
 }

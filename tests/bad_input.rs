@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::*;
 use shadowsync::config::Config;
+use shadowsync::lsn::Lsn;
 use shadowsync::pipeline::{self, RunOptions};
-use shadowsync::progress::{format_lsn, parse_lsn};
 use tokio_postgres::Client;
 
 const SLOT: &str = "test_slot";
@@ -48,7 +48,7 @@ fn assert_mentions(message: &str, words: &[&str]) {
 
 /// Blue state that would reach green if the pipeline streamed: the slot exists before the
 /// rows are written. Returns the slot's confirmed position.
-async fn slot_and_rows(blue: &Client) -> u64 {
+async fn slot_and_rows(blue: &Client) -> Lsn {
     blue.query_one(
         "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
         &[&SLOT],
@@ -84,7 +84,7 @@ async fn assert_green_untouched(green: &Client, tables: &[&str]) {
 }
 
 /// The slot did not move: nothing was confirmed to blue.
-async fn assert_slot_unmoved(blue: &Client, before: u64) {
+async fn assert_slot_unmoved(blue: &Client, before: Lsn) {
     let now = slot_confirmed(blue, SLOT)
         .await
         .expect("the slot still exists");
@@ -92,7 +92,7 @@ async fn assert_slot_unmoved(blue: &Client, before: u64) {
         now,
         Some(before),
         "the slot's confirmed_flush_lsn must not move (was {})",
-        format_lsn(before)
+        before
     );
 }
 
@@ -317,7 +317,7 @@ async fn column_of_incompatible_type() {
 }
 
 /// The LSN an apply error names (`... (blue LSN 0/1A2B3C4) ...`).
-fn lsn_in_message(message: &str) -> u64 {
+fn lsn_in_message(message: &str) -> Lsn {
     let rest = message
         .split("LSN ")
         .nth(1)
@@ -325,20 +325,22 @@ fn lsn_in_message(message: &str) -> u64 {
     let end = rest
         .find(|c: char| !(c.is_ascii_hexdigit() || c == '/'))
         .unwrap_or(rest.len());
-    parse_lsn(&rest[..end]).unwrap_or_else(|| panic!("no LSN in {message}"))
+    Lsn::parse(&rest[..end])
+        .ok()
+        .unwrap_or_else(|| panic!("no LSN in {message}"))
 }
 
 /// End LSN of transaction `xid`'s flushed commit record on blue (read with pg_walinspect
 /// from `from`): the LSN pgoutput reports as the commit's end.
-async fn commit_end_lsn(blue: &Client, from: &str, xid: &str) -> u64 {
+async fn commit_end_lsn(blue: &Client, from: Lsn, xid: &str) -> Lsn {
     blue.query_opt(
-        "SELECT end_lsn::text FROM pg_get_wal_records_info_till_end_of_wal($1::text::pg_lsn)
+        "SELECT end_lsn FROM pg_get_wal_records_info_till_end_of_wal($1)
           WHERE resource_manager = 'Transaction' AND record_type = 'COMMIT' AND xid::text = $2",
         &[&from, &xid],
     )
     .await
     .expect("read blue's WAL")
-    .map(|r| parse_lsn(&r.get::<_, String>(0)).expect("an LSN"))
+    .map(|r| r.get(0))
     .expect("the commit record of the bad transaction")
 }
 
@@ -397,7 +399,7 @@ async fn rejected_value_stops_before_the_commit(green_tweak: &str, bad_sql: &str
         .unwrap();
     tx.batch_execute(bad_sql).await.unwrap();
     tx.commit().await.unwrap();
-    let commit_end = commit_end_lsn(&blue, &format_lsn(before), &xid).await;
+    let commit_end = commit_end_lsn(&blue, before, &xid).await;
 
     // Fail fast (rather than at the deadline) if green commits the rejected transaction.
     let g = &green;
@@ -420,7 +422,7 @@ async fn rejected_value_stops_before_the_commit(green_tweak: &str, bad_sql: &str
         },
         () = committed_anyway => panic!(
             "green committed the rejected transaction (progress reached {}); green holds {:?}",
-            format_lsn(commit_end),
+            commit_end,
             rows(&green, "accounts").await
         ),
     };
@@ -434,9 +436,9 @@ async fn rejected_value_stops_before_the_commit(green_tweak: &str, bad_sql: &str
     assert!(
         before < named && named <= commit_end,
         "the error names LSN {} which is not inside the bad transaction ({}, {}]: {message}",
-        format_lsn(named),
-        format_lsn(before),
-        format_lsn(commit_end)
+        named,
+        before,
+        commit_end
     );
 
     // Nothing of the bad transaction in green, the earlier ones intact.
@@ -455,8 +457,8 @@ async fn rejected_value_stops_before_the_commit(green_tweak: &str, bad_sql: &str
     assert!(
         confirmed < commit_end,
         "blue's slot confirmed {} past the rejected commit ending at {}",
-        format_lsn(confirmed),
-        format_lsn(commit_end)
+        confirmed,
+        commit_end
     );
 }
 

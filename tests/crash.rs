@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use shadowsync::progress::parse_lsn;
+use shadowsync::lsn::Lsn;
 
 const SCHEMA: &str = "
 CREATE TABLE accounts (
@@ -290,7 +290,7 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     assert_eq!(report["drained"], true, "{report}");
     let drain_lsn = report["drain_lsn"]
         .as_str()
-        .and_then(parse_lsn)
+        .and_then(|t| Lsn::parse(t).ok())
         .unwrap_or_else(|| panic!("no drain_lsn in {report}"));
 
     assert_same(&pair, &TABLES).await;
@@ -306,10 +306,10 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .await
         .unwrap()
         .get(0);
-    let confirmed = parse_lsn(&confirmed).expect("slot LSN");
+    let confirmed = Lsn::parse(&confirmed).expect("slot LSN");
     assert!(
         confirmed >= drain_lsn,
-        "slot confirmed {confirmed:X} < drain_lsn {drain_lsn:X}; {report}"
+        "slot confirmed {confirmed} < drain_lsn {drain_lsn}; {report}"
     );
     let green = pair.green().await;
     let progress: String = green
@@ -320,7 +320,10 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .await
         .unwrap()
         .get(0);
-    assert!(parse_lsn(&progress).is_some_and(|p| p > 0), "{progress}");
+    assert!(
+        Lsn::parse(&progress).ok().is_some_and(|p| p > Lsn::ZERO),
+        "{progress}"
+    );
     let counts = [
         count(&green, "accounts").await,
         count(&green, "orders").await,

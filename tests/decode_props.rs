@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use proptest::prelude::*;
 use shadowsync::decode::*;
+use shadowsync::lsn::Lsn;
 
 fn name() -> impl Strategy<Value = String> {
     // Any UTF-8 except NUL, which cannot appear in a wire string.
@@ -65,7 +66,7 @@ fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (any::<u64>(), any::<i64>(), any::<u32>()).prop_map(|(final_lsn, commit_time, xid)| {
             Message::Begin(Begin {
-                final_lsn,
+                final_lsn: Lsn::from_u64(final_lsn),
                 commit_time,
                 xid,
             })
@@ -73,13 +74,15 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u8>(), any::<u64>(), any::<u64>(), any::<i64>()).prop_map(
             |(flags, commit_lsn, end_lsn, commit_time)| Message::Commit(Commit {
                 flags,
-                commit_lsn,
-                end_lsn,
+                commit_lsn: Lsn::from_u64(commit_lsn),
+                end_lsn: Lsn::from_u64(end_lsn),
                 commit_time,
             })
         ),
-        (any::<u64>(), cbytes())
-            .prop_map(|(commit_lsn, name)| Message::Origin { commit_lsn, name }),
+        (any::<u64>(), cbytes()).prop_map(|(commit_lsn, name)| Message::Origin {
+            commit_lsn: Lsn::from_u64(commit_lsn),
+            name
+        }),
         (
             any::<u32>(),
             name(),
@@ -110,7 +113,7 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<bool>(), any::<u64>(), cbytes(), payload()).prop_map(
             |(transactional, lsn, prefix, content)| Message::Message {
                 transactional,
-                lsn,
+                lsn: Lsn::from_u64(lsn),
                 prefix,
                 content,
             }

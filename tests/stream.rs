@@ -141,7 +141,7 @@ async fn idle_stream_confirms_wal_it_does_not_need() {
         .await
         .unwrap()
         .get(0);
-    let wal = shadowsync::progress::parse_lsn(&wal).unwrap();
+    let wal = shadowsync::lsn::Lsn::parse(&wal).unwrap();
     wait_for(
         "the slot to confirm idle WAL",
         std::time::Duration::from_secs(30),
@@ -149,7 +149,7 @@ async fn idle_stream_confirms_wal_it_does_not_need() {
             slot_confirmed(&blue, "test_slot")
                 .await
                 .flatten()
-                .unwrap_or(0)
+                .unwrap_or_default()
                 >= wal
         },
     )
@@ -186,10 +186,10 @@ async fn drain_target_is_flushed_on_an_idle_blue() {
             .await
             .unwrap()
             .get(0);
-        let flushed = shadowsync::progress::parse_lsn(&flushed).unwrap();
+        let flushed = shadowsync::lsn::Lsn::parse(&flushed).unwrap();
         assert!(
             flushed > target,
-            "round {i}: blue flushed {flushed:X}, the drain needs past {target:X}"
+            "round {i}: blue flushed {flushed}, the drain needs past {target}"
         );
     }
 }

@@ -33,9 +33,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use shadowsync::config::{Config, SnapshotMode};
+use shadowsync::lsn::Lsn;
 use shadowsync::metrics::State;
 use shadowsync::pipeline::{self, Handle, RunOptions};
-use shadowsync::progress::format_lsn;
 use tokio_postgres::Client;
 
 /// shadowsync's slot (see `common::Pair::config`).
@@ -117,7 +117,7 @@ impl Shadow {
 
     /// Waits until blue's slot records `target` as confirmed: shadowsync confirms only what
     /// green has committed, so green then holds every blue transaction before it.
-    async fn reach(&mut self, blue: &Client, target: u64) {
+    async fn reach(&mut self, blue: &Client, target: Lsn) {
         let started = Instant::now();
         loop {
             self.fail_if_stopped().await;
@@ -131,7 +131,7 @@ impl Shadow {
             assert!(
                 started.elapsed() < DEADLINE,
                 "shadowsync did not confirm {} within {DEADLINE:?} (state {}){}",
-                format_lsn(target),
+                target,
                 self.handle().shared.state().name(),
                 self.errors()
             );
@@ -184,7 +184,7 @@ impl Native {
 
     /// Waits until every table is synchronized and blue's slot for the subscription records
     /// `target` as confirmed (what TAP's wait_for_subscription_sync and wait_for_catchup do).
-    async fn reach(&self, pair: &Pair, blue: &Client, target: u64) {
+    async fn reach(&self, pair: &Pair, blue: &Client, target: Lsn) {
         let started = Instant::now();
         loop {
             let unsynced: i64 = self
@@ -209,7 +209,7 @@ impl Native {
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
                 panic!(
                     "the native subscription did not reach {} within {DEADLINE:?}; green's log ends:\n{}",
-                    format_lsn(target),
+                    target,
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
@@ -222,7 +222,7 @@ impl Native {
 /// committed after reading it, with a local synchronous commit, so its commit record lies past
 /// the position and is flushed (the clusters commit asynchronously, and an idle WAL tail, or an
 /// insert position just past a page header, would otherwise never be confirmed).
-async fn mark(blue: &Client) -> u64 {
+async fn mark(blue: &Client) -> Lsn {
     let lsn = wal_insert_lsn(blue).await;
     blue.batch_execute("BEGIN; SET LOCAL synchronous_commit = local")
         .await

@@ -267,8 +267,8 @@ pub async fn connect(dsn: &str) -> Client {
 async fn lsn(client: &Client, sql: &str) -> u64 {
     let text: Option<String> = client.query_one(sql, &[]).await.expect("lsn").get(0);
     text.as_deref()
-        .and_then(shadowsync::progress::parse_lsn)
-        .unwrap_or(0)
+        .and_then(|t| shadowsync::lsn::Lsn::parse(t).ok())
+        .map_or(0, |l| l.as_u64())
 }
 
 async fn slot_confirmed(blue: &Client, slot: &str) -> u64 {
@@ -554,7 +554,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path, blind_first: boo
     ])
     .args(["-o", "proto_version=1", "-o"])
     .arg(format!("publication_names={publication}"))
-    .args(["-E", &shadowsync::progress::format_lsn(end)])
+    .args(["-E", &shadowsync::lsn::Lsn::from_u64(end).to_string()])
     .stdout(Stdio::null());
     let meter = CpuMeter::start(&blue, &green);
     let (ceiling, _, tool, ok) = run_watched(cmd);

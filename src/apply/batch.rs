@@ -19,6 +19,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::decode::{Datum, OldTuple, Tuple};
+use crate::lsn::Lsn;
 use crate::transform::TableMap;
 
 /// Values of a row's key columns (`TableMap::row_key`), as blue printed them.
@@ -40,9 +41,9 @@ pub enum KeyedOp {
 pub struct Pending {
     pub op: KeyedOp,
     /// LSN of the change that left the key so (for errors).
-    pub lsn: u64,
+    pub lsn: Lsn,
     /// Commit LSN of that change's blue transaction.
-    pub commit_lsn: u64,
+    pub commit_lsn: Lsn,
     /// Commit time of that change's blue transaction, in µs since 2000-01-01 UTC.
     pub commit_time: i64,
     /// Whether green should hold the key before the batch: the key's first change in the batch
@@ -73,7 +74,7 @@ pub struct OldRow {
     pub tuple: Tuple,
     /// The image is an update's (else a delete's).
     pub update: bool,
-    pub commit_lsn: u64,
+    pub commit_lsn: Lsn,
     pub commit_time: i64,
 }
 
@@ -84,7 +85,7 @@ pub struct RowMove {
     pub map: Arc<TableMap>,
     pub old_key: Tuple,
     pub new: Tuple,
-    pub lsn: u64,
+    pub lsn: Lsn,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -95,30 +96,30 @@ pub enum BatchError {
     ToastedKey {
         table: String,
         column: String,
-        lsn: String,
+        lsn: Lsn,
     },
     #[error(
         "table {table}: an update or delete at LSN {lsn} carries no old row, and green's table has no key to match it; set REPLICA IDENTITY FULL on blue or add a primary key on green"
     )]
-    NoOldRow { table: String, lsn: String },
+    NoOldRow { table: String, lsn: Lsn },
     #[error(
         "table {table}: blue sent an update or delete at LSN {lsn} while it describes the table without a replica identity (no primary key, REPLICA IDENTITY NOTHING), so the row cannot be found on green; blue itself refuses such changes on a published table, so this should not happen, except for a partitioned table published through its root whose key is on its partitions only (blue checks the partition): add the primary key on the partitioned table itself; otherwise report it, with the table's recent ALTER TABLE history. Nothing from this transaction on was applied or confirmed"
     )]
-    NoIdentity { table: String, lsn: String },
+    NoIdentity { table: String, lsn: Lsn },
     #[error(
         "table {table}: blue inserted key {key} a second time at LSN {lsn}, while it describes the table without a replica identity (no primary key yet); green's key holds each key once, so green cannot hold what blue does: remove the duplicate on blue and add the primary key there, or drop green's key; nothing from this transaction on was applied or confirmed"
     )]
     DuplicateWithoutIdentity {
         table: String,
         key: String,
-        lsn: String,
+        lsn: Lsn,
     },
     #[error(
         "table {table}: a row at LSN {lsn} has {got} columns where the relation announced {expected}"
     )]
     Arity {
         table: String,
-        lsn: String,
+        lsn: Lsn,
         got: usize,
         expected: usize,
     },
@@ -187,7 +188,7 @@ pub struct Batch {
     /// Mappings whose rules read other tables (to tell which tables take part in lookups).
     readers: Vec<Arc<TableMap>>,
     /// Commit LSN and time of the blue transaction being received.
-    txn: (u64, i64),
+    txn: (Lsn, i64),
     /// Current segment: values of the source columns that pending readers' keyed lookups
     /// compare with another table's key, per (reader label, source column); `None` once a
     /// value was unknown (unchanged TOAST).
@@ -210,7 +211,7 @@ impl Batch {
     }
 
     /// Following changes belong to the blue transaction with this commit LSN and time.
-    pub fn begin_txn(&mut self, commit_lsn: u64, commit_time: i64) {
+    pub fn begin_txn(&mut self, commit_lsn: Lsn, commit_time: i64) {
         self.txn = (commit_lsn, commit_time);
     }
 
@@ -395,7 +396,7 @@ impl Batch {
         self.bytes += t.payload_bytes() + 16 * t.0.len();
     }
 
-    pub fn insert(&mut self, map: &Arc<TableMap>, new: Tuple, lsn: u64) -> Result<(), BatchError> {
+    pub fn insert(&mut self, map: &Arc<TableMap>, new: Tuple, lsn: Lsn) -> Result<(), BatchError> {
         check_arity(map, &new, lsn)?;
         self.account(&new);
         if !map.keyed_lookups.is_empty() {
@@ -415,7 +416,7 @@ impl Batch {
             return Err(BatchError::DuplicateWithoutIdentity {
                 table: map.label.clone(),
                 key: key_text(map, &key),
-                lsn: crate::progress::format_lsn(lsn),
+                lsn,
             });
         }
         put(&mut ops.ops, key, KeyedOp::Upsert(new), lsn, txn, false);
@@ -426,7 +427,7 @@ impl Batch {
         &mut self,
         map: &Arc<TableMap>,
         old: OldTuple,
-        lsn: u64,
+        lsn: Lsn,
     ) -> Result<(), BatchError> {
         let old = match old {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
@@ -458,7 +459,7 @@ impl Batch {
         map: &Arc<TableMap>,
         old: Option<OldTuple>,
         mut new: Tuple,
-        lsn: u64,
+        lsn: Lsn,
     ) -> Result<Option<RowMove>, BatchError> {
         no_identity_check(map, lsn)?;
         check_arity(map, &new, lsn)?;
@@ -485,7 +486,7 @@ impl Batch {
             let Some(old_full) = old_full else {
                 return Err(BatchError::NoOldRow {
                     table: map.label.clone(),
-                    lsn: crate::progress::format_lsn(lsn),
+                    lsn,
                 });
             };
             fill_unchanged(&mut new, &old_full);
@@ -591,8 +592,8 @@ fn put(
     ops: &mut HashMap<Key, Pending>,
     key: Key,
     op: KeyedOp,
-    lsn: u64,
-    txn: (u64, i64),
+    lsn: Lsn,
+    txn: (Lsn, i64),
     existed: bool,
 ) {
     match ops.entry(key) {
@@ -619,8 +620,8 @@ fn put_first(
     ops: &mut HashMap<Key, Pending>,
     key: Key,
     op: KeyedOp,
-    lsn: u64,
-    txn: (u64, i64),
+    lsn: Lsn,
+    txn: (Lsn, i64),
     existed: bool,
 ) {
     ops.remove(&key);
@@ -668,21 +669,21 @@ pub fn key_text(map: &TableMap, key: &Key) -> String {
 }
 
 /// Updates and deletes need a replica identity (see `TableMap::awaits_identity`).
-fn no_identity_check(map: &TableMap, lsn: u64) -> Result<(), BatchError> {
+fn no_identity_check(map: &TableMap, lsn: Lsn) -> Result<(), BatchError> {
     if map.awaits_identity {
         return Err(BatchError::NoIdentity {
             table: map.label.clone(),
-            lsn: crate::progress::format_lsn(lsn),
+            lsn,
         });
     }
     Ok(())
 }
 
-fn check_arity(map: &TableMap, t: &Tuple, lsn: u64) -> Result<(), BatchError> {
+fn check_arity(map: &TableMap, t: &Tuple, lsn: Lsn) -> Result<(), BatchError> {
     if t.0.len() != map.source_columns.len() {
         return Err(BatchError::Arity {
             table: map.label.clone(),
-            lsn: crate::progress::format_lsn(lsn),
+            lsn,
             got: t.0.len(),
             expected: map.source_columns.len(),
         });
@@ -691,7 +692,7 @@ fn check_arity(map: &TableMap, t: &Tuple, lsn: u64) -> Result<(), BatchError> {
 }
 
 /// Key of a row image; `None` entries are SQL NULLs (possible only in a keyless mapping).
-pub fn key_of(map: &TableMap, t: &Tuple, lsn: u64) -> Result<Key, BatchError> {
+pub fn key_of(map: &TableMap, t: &Tuple, lsn: Lsn) -> Result<Key, BatchError> {
     map.row_key
         .iter()
         .map(|&i| match &t.0[i] {
@@ -700,7 +701,7 @@ pub fn key_of(map: &TableMap, t: &Tuple, lsn: u64) -> Result<Key, BatchError> {
             Datum::UnchangedToast => Err(BatchError::ToastedKey {
                 table: map.label.clone(),
                 column: map.source_columns[i].name.clone(),
-                lsn: crate::progress::format_lsn(lsn),
+                lsn,
             }),
         })
         .collect()

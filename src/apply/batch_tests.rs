@@ -78,10 +78,19 @@ fn only_table(b: &mut Batch) -> TableOps {
 fn insert_then_update_coalesces_to_one_upsert() {
     let m = map(true);
     let mut b = Batch::default();
-    b.insert(&m, t(&[Some("1"), Some("x"), Some("big")]), 10)
-        .unwrap();
-    b.update(&m, None, t(&[Some("1"), Some("y"), Some("<u>")]), 20)
-        .unwrap();
+    b.insert(
+        &m,
+        t(&[Some("1"), Some("x"), Some("big")]),
+        Lsn::from_u64(10),
+    )
+    .unwrap();
+    b.update(
+        &m,
+        None,
+        t(&[Some("1"), Some("y"), Some("<u>")]),
+        Lsn::from_u64(20),
+    )
+    .unwrap();
     assert_eq!(b.rows, 2);
     let ops = only_table(&mut b);
     assert_eq!(
@@ -95,24 +104,37 @@ fn insert_then_update_coalesces_to_one_upsert() {
 fn existed_follows_each_key_s_first_change_and_commit_follows_its_last() {
     let m = map(true);
     let mut b = Batch::default();
-    b.begin_txn(100, 7);
-    b.insert(&m, t(&[Some("1"), Some("x"), Some("a")]), 10)
+    b.begin_txn(Lsn::from_u64(100), 7);
+    b.insert(&m, t(&[Some("1"), Some("x"), Some("a")]), Lsn::from_u64(10))
         .unwrap();
-    b.update(&m, None, t(&[Some("2"), Some("x"), Some("a")]), 11)
-        .unwrap();
-    b.delete(&m, OldTuple::Key(t(&[Some("3"), None, None])), 12)
-        .unwrap();
-    b.begin_txn(200, 8);
-    b.delete(&m, OldTuple::Key(t(&[Some("1"), None, None])), 20)
-        .unwrap();
-    b.insert(&m, t(&[Some("3"), Some("y"), Some("b")]), 21)
+    b.update(
+        &m,
+        None,
+        t(&[Some("2"), Some("x"), Some("a")]),
+        Lsn::from_u64(11),
+    )
+    .unwrap();
+    b.delete(
+        &m,
+        OldTuple::Key(t(&[Some("3"), None, None])),
+        Lsn::from_u64(12),
+    )
+    .unwrap();
+    b.begin_txn(Lsn::from_u64(200), 8);
+    b.delete(
+        &m,
+        OldTuple::Key(t(&[Some("1"), None, None])),
+        Lsn::from_u64(20),
+    )
+    .unwrap();
+    b.insert(&m, t(&[Some("3"), Some("y"), Some("b")]), Lsn::from_u64(21))
         .unwrap();
     // A key change: the old key existed, the new one did not.
     b.update(
         &m,
         Some(OldTuple::Key(t(&[Some("2"), None, None]))),
         t(&[Some("4"), Some("z"), Some("c")]),
-        22,
+        Lsn::from_u64(22),
     )
     .unwrap();
     let ops = only_table(&mut b);
@@ -120,20 +142,30 @@ fn existed_follows_each_key_s_first_change_and_commit_follows_its_last() {
         let p = &ops.ops[&key(k)];
         (p.existed, p.commit_lsn, p.commit_time)
     };
-    assert_eq!(seen("1"), (false, 200, 8));
-    assert_eq!(seen("2"), (true, 200, 8));
-    assert_eq!(seen("3"), (true, 200, 8));
-    assert_eq!(seen("4"), (false, 200, 8));
+    assert_eq!(seen("1"), (false, Lsn::from_u64(200), 8));
+    assert_eq!(seen("2"), (true, Lsn::from_u64(200), 8));
+    assert_eq!(seen("3"), (true, Lsn::from_u64(200), 8));
+    assert_eq!(seen("4"), (false, Lsn::from_u64(200), 8));
 }
 
 #[test]
 fn unchanged_toast_without_earlier_image_stays_partial() {
     let m = map(true);
     let mut b = Batch::default();
-    b.update(&m, None, t(&[Some("1"), Some("y"), Some("<u>")]), 20)
-        .unwrap();
-    b.update(&m, None, t(&[Some("1"), Some("z"), Some("<u>")]), 30)
-        .unwrap();
+    b.update(
+        &m,
+        None,
+        t(&[Some("1"), Some("y"), Some("<u>")]),
+        Lsn::from_u64(20),
+    )
+    .unwrap();
+    b.update(
+        &m,
+        None,
+        t(&[Some("1"), Some("z"), Some("<u>")]),
+        Lsn::from_u64(30),
+    )
+    .unwrap();
     let ops = only_table(&mut b);
     assert_eq!(
         ops.ops[&key("1")].op,
@@ -145,10 +177,20 @@ fn unchanged_toast_without_earlier_image_stays_partial() {
 fn partial_then_full_update_becomes_upsert() {
     let m = map(true);
     let mut b = Batch::default();
-    b.update(&m, None, t(&[Some("1"), Some("y"), Some("<u>")]), 20)
-        .unwrap();
-    b.update(&m, None, t(&[Some("1"), Some("z"), Some("new")]), 30)
-        .unwrap();
+    b.update(
+        &m,
+        None,
+        t(&[Some("1"), Some("y"), Some("<u>")]),
+        Lsn::from_u64(20),
+    )
+    .unwrap();
+    b.update(
+        &m,
+        None,
+        t(&[Some("1"), Some("z"), Some("new")]),
+        Lsn::from_u64(30),
+    )
+    .unwrap();
     let ops = only_table(&mut b);
     assert_eq!(
         ops.ops[&key("1")].op,
@@ -160,13 +202,23 @@ fn partial_then_full_update_becomes_upsert() {
 fn delete_wins_and_reinsert_wins_over_delete() {
     let m = map(true);
     let mut b = Batch::default();
-    b.insert(&m, t(&[Some("1"), Some("x"), None]), 1).unwrap();
-    b.delete(&m, OldTuple::Key(t(&[Some("1"), None, None])), 2)
+    b.insert(&m, t(&[Some("1"), Some("x"), None]), Lsn::from_u64(1))
         .unwrap();
-    b.insert(&m, t(&[Some("2"), Some("x"), None]), 3).unwrap();
-    b.delete(&m, OldTuple::Key(t(&[Some("2"), None, None])), 4)
+    b.delete(
+        &m,
+        OldTuple::Key(t(&[Some("1"), None, None])),
+        Lsn::from_u64(2),
+    )
+    .unwrap();
+    b.insert(&m, t(&[Some("2"), Some("x"), None]), Lsn::from_u64(3))
         .unwrap();
-    b.insert(&m, t(&[Some("2"), Some("again"), None]), 5)
+    b.delete(
+        &m,
+        OldTuple::Key(t(&[Some("2"), None, None])),
+        Lsn::from_u64(4),
+    )
+    .unwrap();
+    b.insert(&m, t(&[Some("2"), Some("again"), None]), Lsn::from_u64(5))
         .unwrap();
     let ops = only_table(&mut b);
     assert!(matches!(ops.ops[&key("1")].op, KeyedOp::Delete(_)));
@@ -185,7 +237,7 @@ fn key_change_moves_the_row() {
             &m,
             Some(OldTuple::Key(t(&[Some("1"), None, None]))),
             t(&[Some("2"), Some("x"), Some("v")]),
-            5,
+            Lsn::from_u64(5),
         )
         .unwrap();
     assert!(mv.is_none());
@@ -199,12 +251,27 @@ fn key_swap_through_a_third_key_ends_right() {
     let m = map(true);
     let mut b = Batch::default();
     let k = |s: &str| Some(OldTuple::Key(t(&[Some(s), None, None])));
-    b.update(&m, k("1"), t(&[Some("3"), Some("one"), None]), 1)
-        .unwrap();
-    b.update(&m, k("2"), t(&[Some("1"), Some("two"), None]), 2)
-        .unwrap();
-    b.update(&m, k("3"), t(&[Some("2"), Some("one"), None]), 3)
-        .unwrap();
+    b.update(
+        &m,
+        k("1"),
+        t(&[Some("3"), Some("one"), None]),
+        Lsn::from_u64(1),
+    )
+    .unwrap();
+    b.update(
+        &m,
+        k("2"),
+        t(&[Some("1"), Some("two"), None]),
+        Lsn::from_u64(2),
+    )
+    .unwrap();
+    b.update(
+        &m,
+        k("3"),
+        t(&[Some("2"), Some("one"), None]),
+        Lsn::from_u64(3),
+    )
+    .unwrap();
     let ops = only_table(&mut b);
     assert!(matches!(ops.ops[&key("3")].op, KeyedOp::Delete(_)));
     assert_eq!(
@@ -221,18 +288,23 @@ fn key_swap_through_a_third_key_ends_right() {
 fn key_change_with_unchanged_toast_asks_green_to_move_the_row() {
     let m = map(true);
     let mut b = Batch::default();
-    b.update(&m, None, t(&[Some("1"), Some("y"), Some("<u>")]), 1)
-        .unwrap();
+    b.update(
+        &m,
+        None,
+        t(&[Some("1"), Some("y"), Some("<u>")]),
+        Lsn::from_u64(1),
+    )
+    .unwrap();
     let mv = b
         .update(
             &m,
             Some(OldTuple::Key(t(&[Some("1"), None, None]))),
             t(&[Some("2"), Some("x"), Some("<u>")]),
-            5,
+            Lsn::from_u64(5),
         )
         .unwrap()
         .expect("a move");
-    assert_eq!(mv.lsn, 5);
+    assert_eq!(mv.lsn, Lsn::from_u64(5));
     // The pending partial update of key 1 is still there, to be flushed before the move.
     let ops = only_table(&mut b);
     assert!(matches!(ops.ops[&key("1")].op, KeyedOp::Update(_)));
@@ -242,14 +314,18 @@ fn key_change_with_unchanged_toast_asks_green_to_move_the_row() {
 fn key_change_with_unchanged_toast_known_in_batch_is_an_upsert() {
     let m = map(true);
     let mut b = Batch::default();
-    b.insert(&m, t(&[Some("1"), Some("x"), Some("big")]), 1)
-        .unwrap();
+    b.insert(
+        &m,
+        t(&[Some("1"), Some("x"), Some("big")]),
+        Lsn::from_u64(1),
+    )
+    .unwrap();
     let mv = b
         .update(
             &m,
             Some(OldTuple::Key(t(&[Some("1"), None, None]))),
             t(&[Some("2"), Some("x"), Some("<u>")]),
-            5,
+            Lsn::from_u64(5),
         )
         .unwrap();
     assert!(mv.is_none());
@@ -264,7 +340,7 @@ fn old(values: &[Option<&str>], update: bool) -> OldRow {
     OldRow {
         tuple: t(values),
         update,
-        commit_lsn: 0,
+        commit_lsn: Lsn::from_u64(0),
         commit_time: 0,
     }
 }
@@ -273,17 +349,23 @@ fn old(values: &[Option<&str>], update: bool) -> OldRow {
 fn keyless_changes_stay_in_order_as_runs() {
     let m = map(false);
     let mut b = Batch::default();
-    b.insert(&m, t(&[Some("1"), Some("x"), None]), 1).unwrap();
-    b.insert(&m, t(&[Some("1"), Some("x"), None]), 2).unwrap();
+    b.insert(&m, t(&[Some("1"), Some("x"), None]), Lsn::from_u64(1))
+        .unwrap();
+    b.insert(&m, t(&[Some("1"), Some("x"), None]), Lsn::from_u64(2))
+        .unwrap();
     b.update(
         &m,
         Some(OldTuple::Full(t(&[Some("1"), Some("x"), Some("big")]))),
         t(&[Some("1"), Some("y"), Some("<u>")]),
-        3,
+        Lsn::from_u64(3),
     )
     .unwrap();
-    b.delete(&m, OldTuple::Full(t(&[Some("1"), Some("x"), None])), 4)
-        .unwrap();
+    b.delete(
+        &m,
+        OldTuple::Full(t(&[Some("1"), Some("x"), None])),
+        Lsn::from_u64(4),
+    )
+    .unwrap();
     let ops = only_table(&mut b);
     assert_eq!(
         ops.runs,
@@ -308,20 +390,20 @@ fn a_lookup_barrier_starts_a_segment_written_in_order() {
     let free = Arc::new(free);
     let mut b = Batch::default();
     b.set_readers(vec![vms.clone()]);
-    b.insert(&free, t(&[Some("1"), Some("f"), None]), 1)
+    b.insert(&free, t(&[Some("1"), Some("f"), None]), Lsn::from_u64(1))
         .unwrap();
-    b.insert(&vms, t(&[Some("1"), Some("vm"), None]), 2)
+    b.insert(&vms, t(&[Some("1"), Some("vm"), None]), Lsn::from_u64(2))
         .unwrap();
     assert!(
         b.affects_pending_reader(&users, &[Some(&t(&[Some("9"), None, None]))]),
         "vms reads public.t (not keyed)"
     );
     b.start_segment();
-    b.insert(&users, t(&[Some("9"), Some("u"), None]), 3)
+    b.insert(&users, t(&[Some("9"), Some("u"), None]), Lsn::from_u64(3))
         .unwrap();
-    b.insert(&vms, t(&[Some("2"), Some("vm"), None]), 4)
+    b.insert(&vms, t(&[Some("2"), Some("vm"), None]), Lsn::from_u64(4))
         .unwrap();
-    b.insert(&free, t(&[Some("2"), Some("f"), None]), 5)
+    b.insert(&free, t(&[Some("2"), Some("f"), None]), Lsn::from_u64(5))
         .unwrap();
     assert!(
         b.affects_pending_reader(&users, &[Some(&t(&[Some("9"), None, None]))]),
@@ -354,7 +436,8 @@ fn keyed_lookups_split_only_for_keys_a_pending_reader_looked_up() {
     let vms = Arc::new(vms);
     let mut b = Batch::default();
     b.set_readers(vec![vms.clone()]);
-    b.insert(&vms, t(&[Some("1"), Some("5"), None]), 1).unwrap();
+    b.insert(&vms, t(&[Some("1"), Some("5"), None]), Lsn::from_u64(1))
+        .unwrap();
     assert!(
         !b.affects_pending_reader(&users, &[Some(&t(&[Some("9"), None, None]))]),
         "a new user 9"
@@ -367,8 +450,13 @@ fn keyed_lookups_split_only_for_keys_a_pending_reader_looked_up() {
         b.affects_pending_reader(&users, &[Some(&t(&[Some("<u>"), None, None]))]),
         "an unknown key"
     );
-    b.update(&vms, None, t(&[Some("1"), Some("<u>"), None]), 2)
-        .unwrap();
+    b.update(
+        &vms,
+        None,
+        t(&[Some("1"), Some("<u>"), None]),
+        Lsn::from_u64(2),
+    )
+    .unwrap();
     assert!(
         b.affects_pending_reader(&users, &[Some(&t(&[Some("9"), None, None]))]),
         "a looked-up value is unknown"
@@ -381,7 +469,8 @@ fn keyed_lookups_split_only_for_keys_a_pending_reader_looked_up() {
     // A key that is not copied verbatim cannot be compared.
     let mut computed = (*users).clone();
     computed.plain_key = None;
-    b.insert(&vms, t(&[Some("2"), Some("7"), None]), 3).unwrap();
+    b.insert(&vms, t(&[Some("2"), Some("7"), None]), Lsn::from_u64(3))
+        .unwrap();
     assert!(b.affects_pending_reader(&computed, &[Some(&t(&[Some("9"), None, None]))]));
 }
 
@@ -390,7 +479,7 @@ fn keyless_update_without_old_row_is_a_clear_error() {
     let m = map(false);
     let mut b = Batch::default();
     let err = b
-        .update(&m, None, t(&[Some("1"), None, None]), 0x10)
+        .update(&m, None, t(&[Some("1"), None, None]), Lsn::from_u64(0x10))
         .unwrap_err();
     assert!(err.to_string().contains("REPLICA IDENTITY FULL"), "{err}");
 }
@@ -400,7 +489,7 @@ fn toasted_key_is_a_clear_error() {
     let m = map(true);
     let mut b = Batch::default();
     let err = b
-        .update(&m, None, t(&[Some("<u>"), None, None]), 0x10)
+        .update(&m, None, t(&[Some("<u>"), None, None]), Lsn::from_u64(0x10))
         .unwrap_err();
     assert!(err.to_string().contains("key column id"), "{err}");
 }

@@ -30,6 +30,7 @@ use tracing::{debug, info};
 use crate::config::Dsn;
 use crate::decode::{Datum, Tuple};
 use crate::failure::DbFailure;
+use crate::lsn::Lsn;
 use crate::transform::{MapError, TableMap};
 use batch::{BatchError, KeyedOp, KeylessRun, RowMove, TableOps};
 use sql::TextArray;
@@ -42,12 +43,12 @@ pub enum ApplyError {
     Connect { dsn: String, failure: DbFailure },
     #[error(
         "green rejected {what} for table {table} (blue LSN {}): {failure}{hint}",
-        crate::progress::format_lsn(*.lsn)
+        *.lsn
     )]
     Statement {
         what: &'static str,
         table: String,
-        lsn: u64,
+        lsn: Lsn,
         failure: Box<DbFailure>,
         hint: &'static str,
     },
@@ -59,13 +60,13 @@ pub enum ApplyError {
     #[error(transparent)]
     Map(#[from] MapError),
     #[error("a change at blue LSN {lsn} for a table that cannot be mapped: {error}")]
-    Unmapped { lsn: String, error: MapError },
+    Unmapped { lsn: Lsn, error: MapError },
     #[error(transparent)]
     Batch(#[from] BatchError),
     #[error(
         "blue sent a change for relation OID {oid} at LSN {lsn} before describing it; this is a protocol error, restart shadowsync"
     )]
-    UnknownRelation { oid: u32, lsn: String },
+    UnknownRelation { oid: u32, lsn: Lsn },
     #[error(
         "table {table}: an update left out TOASTed values its rule needs, and there is no connection to blue to read them; this is a bug, report it"
     )]
@@ -86,23 +87,23 @@ pub enum ApplyError {
     },
     #[error(
         "green rejects the row of blue table {source_table} with key {key} (blue LSN {}) for {target}: {failure}{hint}; nothing from that transaction on was applied or confirmed: fix the rule, green's constraint or column type, then restart: the stream resumes at that transaction",
-        crate::progress::format_lsn(*.lsn)
+        *.lsn
     )]
     Poison {
         source_table: String,
         target: String,
         key: String,
-        lsn: u64,
+        lsn: Lsn,
         failure: Box<DbFailure>,
         hint: &'static str,
     },
     #[error(
         "a unique or exclusion constraint of green table {table} rejects the coalesced batch ending at blue LSN {}: {failure}; replaying that stretch change by change, in blue's order",
-        crate::progress::format_lsn(*.until)
+        *.until
     )]
     Reorder {
         table: String,
-        until: u64,
+        until: Lsn,
         failure: Box<DbFailure>,
     },
     #[error(
@@ -149,7 +150,7 @@ impl ApplyError {
 pub struct Recovery {
     /// Transactions committing at or before this LSN are replayed change by change (a unique
     /// constraint on green rejected them coalesced: [`ApplyError::Reorder`]).
-    pub serial_until: u64,
+    pub serial_until: Lsn,
     /// Target tables whose new keys are written with upserts, never with a plain insert (a
     /// writer on green inserted keys there: [`ApplyError::NewKeyExists`]).
     pub upsert_only: BTreeSet<String>,
@@ -304,7 +305,7 @@ fn copy_data(pending: &[&batch::Pending], sources: &[usize]) -> bytes::Bytes {
 struct Origin {
     what: &'static str,
     table: String,
-    lsn: u64,
+    lsn: Lsn,
 }
 
 impl Applier {
@@ -440,8 +441,8 @@ impl Applier {
     pub async fn write(
         &mut self,
         tables: &[TableOps],
-        commit: Option<(u64, i64)>,
-        lsn: u64,
+        commit: Option<(Lsn, i64)>,
+        lsn: Lsn,
     ) -> Result<Written, ApplyError> {
         // Statements first (preparing is a round trip, but only the first time per shape).
         let mut plans: Vec<(Statement, Input<'_>, Origin)> = Vec::new();
@@ -462,8 +463,8 @@ impl Applier {
                 Input::Copy(_) => Vec::new(),
             })
             .collect();
-        let progress_params: Option<(String, String, i64)> =
-            commit.map(|(end, time)| (self.slot.clone(), crate::progress::format_lsn(end), time));
+        let progress_params: Option<(String, Lsn, i64)> =
+            commit.map(|(end, time)| (self.slot.clone(), end, time));
 
         let mut origins: Vec<Origin> = Vec::new();
         let mut pending: Vec<Pending<'_>> = Vec::new();
@@ -559,7 +560,7 @@ impl Applier {
     }
 
     /// Commits the open transaction (or an empty one) with the progress row.
-    pub async fn commit(&mut self, end_lsn: u64, commit_time: i64) -> Result<(), ApplyError> {
+    pub async fn commit(&mut self, end_lsn: Lsn, commit_time: i64) -> Result<(), ApplyError> {
         self.write(&[], Some((end_lsn, commit_time)), end_lsn)
             .await
             .map(|_| ())
@@ -580,7 +581,7 @@ impl Applier {
     async fn plan_table<'t>(
         &mut self,
         ops: &'t TableOps,
-        lsn: u64,
+        lsn: Lsn,
         plans: &mut Vec<(Statement, Input<'t>, Origin)>,
     ) -> Result<(), tokio_postgres::Error> {
         let map = &ops.map;
@@ -747,7 +748,7 @@ impl Applier {
         &mut self,
         maps: &[Arc<TableMap>],
         restart_identity: bool,
-        lsn: u64,
+        lsn: Lsn,
     ) -> Result<(), ApplyError> {
         let targets: Vec<String> = maps.iter().map(|m| m.target.quoted()).collect();
         let labels: Vec<String> = maps.iter().map(|m| m.label.clone()).collect();
@@ -779,7 +780,7 @@ impl Drop for Applier {
 fn statement_error(
     what: &'static str,
     table: &str,
-    lsn: u64,
+    lsn: Lsn,
     source: tokio_postgres::Error,
 ) -> ApplyError {
     let failure = DbFailure::from_pg(&source);
@@ -815,7 +816,7 @@ fn keyed_params<'t>(
             rows.iter().map(|p| p.existed).collect::<Vec<bool>>(),
         ));
         params.push(Box::new(conflict::WordArray(
-            rows.iter().map(|p| p.commit_lsn as i64).collect(),
+            rows.iter().map(|p| p.commit_lsn.as_u64() as i64).collect(),
         )));
         params.push(Box::new(conflict::WordArray(
             rows.iter().map(|p| p.commit_time).collect(),
@@ -837,7 +838,7 @@ fn keyless_meta<'t>(rows: &[batch::OldRow], slot: &str, map: &TableMap) -> Param
     vec![
         Box::new(rows.iter().map(|r| r.update).collect::<Vec<bool>>()),
         Box::new(conflict::WordArray(
-            rows.iter().map(|r| r.commit_lsn as i64).collect(),
+            rows.iter().map(|r| r.commit_lsn.as_u64() as i64).collect(),
         )),
         Box::new(conflict::WordArray(
             rows.iter().map(|r| r.commit_time).collect(),
@@ -893,16 +894,16 @@ mod tests {
         r.learn(&e);
         r.learn(&ApplyError::Reorder {
             table: "public.items".into(),
-            until: 100,
+            until: Lsn::from_u64(100),
             failure: unique_violation(),
         });
         r.learn(&ApplyError::Reorder {
             table: "public.items".into(),
-            until: 50,
+            until: Lsn::from_u64(50),
             failure: unique_violation(),
         });
         r.learn(&ApplyError::SessionBusy { slot: "s".into() });
-        assert_eq!(r.serial_until, 100, "never moves back");
+        assert_eq!(r.serial_until, Lsn::from_u64(100), "never moves back");
         assert_eq!(
             r.upsert_only.iter().collect::<Vec<_>>(),
             vec!["public.items"]

@@ -10,11 +10,12 @@ use std::collections::HashMap;
 use super::batch::TableOps;
 use super::{Applier, ApplyError, hint_for};
 use crate::failure::DbFailure;
+use crate::lsn::Lsn;
 
 /// The op green refuses, as the error names it.
 pub struct Poison {
     pub key: String,
-    pub lsn: u64,
+    pub lsn: Lsn,
     pub failure: DbFailure,
 }
 
@@ -50,7 +51,10 @@ impl Applier {
             let half = candidates.len().div_ceil(2);
             let first = subset(table, &candidates[..half]);
             self.savepoint("SAVEPOINT shadowsync_bisect").await?;
-            match self.write(std::slice::from_ref(&first), None, 0).await {
+            match self
+                .write(std::slice::from_ref(&first), None, Lsn::ZERO)
+                .await
+            {
                 Err(e) if is_data_error(&e) => {
                     self.savepoint("ROLLBACK TO SAVEPOINT shadowsync_bisect")
                         .await?;

@@ -23,6 +23,7 @@ use inflight::{Inflight, Tally};
 use super::batch::Batch;
 use super::{Applier, ApplyError};
 use crate::decode::{Begin, Commit, Message, OldTuple, Relation};
+use crate::lsn::Lsn;
 use crate::metrics::Shared;
 use crate::source::SourceEvent;
 use crate::source::preflight::DRAIN_MESSAGE_PREFIX;
@@ -51,7 +52,7 @@ pub struct ApplyStage {
     blue: Option<tokio_postgres::Client>,
     limits: Limits,
     /// Green's progress at session start: commits that start before it are already applied.
-    skip_before: u64,
+    skip_before: Lsn,
     skipping: bool,
     in_txn: bool,
     /// Last blue commit whose changes are in the batch but not yet committed in green.
@@ -67,20 +68,20 @@ pub struct ApplyStage {
     /// Rows written and conflicts met in the open green transaction; published only once green
     /// commits them.
     tally: Tally,
-    last_lsn: u64,
+    last_lsn: Lsn,
     /// Transactions committing at or before this LSN are written change by change, in blue's
     /// order: a secondary unique constraint on green rejected them coalesced (see
     /// `ApplyError::Reorder`). Compared with `Begin.final_lsn`, which follows stream order
     /// (change LSNs do not: a long transaction's early changes have low LSNs).
-    serial_until: u64,
+    serial_until: Lsn,
     /// Commit LSN of the transaction being received (or last received).
-    txn_final_lsn: u64,
+    txn_final_lsn: Lsn,
     /// Source table (`schema.table`) -> snapshot LSN of its initial copy: its changes from
     /// transactions committing before it are in the copy.
-    copied_at: HashMap<String, u64>,
+    copied_at: HashMap<String, Lsn>,
     /// The same, by relation OID, for the relations seen so far.
-    copied_before: HashMap<u32, u64>,
-    committed: watch::Sender<u64>,
+    copied_before: HashMap<u32, Lsn>,
+    committed: watch::Sender<Lsn>,
     shared: Arc<Shared>,
 }
 
@@ -91,9 +92,9 @@ impl ApplyStage {
         rules: Arc<RuleSet>,
         blue: Option<tokio_postgres::Client>,
         limits: Limits,
-        skip_before: u64,
-        serial_until: u64,
-        committed: watch::Sender<u64>,
+        skip_before: Lsn,
+        serial_until: Lsn,
+        committed: watch::Sender<Lsn>,
         shared: Arc<Shared>,
     ) -> Self {
         ApplyStage {
@@ -116,7 +117,7 @@ impl ApplyStage {
             tally: Tally::default(),
             last_lsn: skip_before,
             serial_until,
-            txn_final_lsn: 0,
+            txn_final_lsn: Lsn::ZERO,
             copied_at: HashMap::new(),
             copied_before: HashMap::new(),
             committed,
@@ -125,7 +126,7 @@ impl ApplyStage {
     }
 
     /// Tables whose initial copy holds their changes up to a snapshot (see `snapshot`).
-    pub fn with_copied_at(mut self, copied_at: HashMap<String, u64>) -> Self {
+    pub fn with_copied_at(mut self, copied_at: HashMap<String, Lsn>) -> Self {
         self.copied_at = copied_at;
         self
     }
@@ -329,7 +330,7 @@ impl ApplyStage {
         self.txn_final_lsn = b.final_lsn;
         self.batch.begin_txn(b.final_lsn, b.commit_time);
         if self.skipping {
-            debug!(final_lsn = %crate::progress::format_lsn(b.final_lsn), "skipping a transaction green already has");
+            debug!(final_lsn = %b.final_lsn, "skipping a transaction green already has");
         }
         self.in_txn = true;
         if self.batch_started.is_none() {
@@ -361,7 +362,7 @@ impl ApplyStage {
             Err(ApplyError::Map(e)) => {
                 // Routine for the leaves of a root published via the root (blue describes each
                 // leaf after the root): not worth a warning until a change needs the mapping.
-                debug!(table = %table, lsn = %crate::progress::format_lsn(self.last_lsn), error = %e,
+                debug!(table = %table, lsn = %self.last_lsn, error = %e,
                     "blue described a table that cannot be mapped now; a change to it would stop the pipeline with this error");
                 self.maps.insert(oid, Mapped::Unmapped(e));
                 Ok(())
@@ -428,7 +429,7 @@ impl ApplyStage {
                         origin: rule.origin.clone(),
                         message: format!(
                             "the rule no longer fits blue table {source} as the stream describes it at LSN {}: {first}; update the rule, then restart",
-                            crate::progress::format_lsn(self.last_lsn)
+                            self.last_lsn
                         ),
                     }
                     .into());
@@ -452,18 +453,15 @@ impl ApplyStage {
         Ok(())
     }
 
-    fn map(&self, oid: u32, lsn: u64) -> Result<Option<Arc<TableMap>>, ApplyError> {
+    fn map(&self, oid: u32, lsn: Lsn) -> Result<Option<Arc<TableMap>>, ApplyError> {
         match self.maps.get(&oid) {
             Some(Mapped::Table(m)) => Ok(Some(m.clone())),
             Some(Mapped::Skipped) => Ok(None),
             Some(Mapped::Unmapped(e)) => Err(ApplyError::Unmapped {
-                lsn: crate::progress::format_lsn(lsn),
+                lsn,
                 error: e.clone(),
             }),
-            None => Err(ApplyError::UnknownRelation {
-                oid,
-                lsn: crate::progress::format_lsn(lsn),
-            }),
+            None => Err(ApplyError::UnknownRelation { oid, lsn }),
         }
     }
 
@@ -474,7 +472,7 @@ impl ApplyStage {
     fn map_for_change(
         &mut self,
         oid: u32,
-        lsn: u64,
+        lsn: Lsn,
         tuples: &[Option<&crate::decode::Tuple>],
     ) -> Result<Option<Arc<TableMap>>, ApplyError> {
         let map = self.map(oid, lsn)?;
@@ -486,7 +484,7 @@ impl ApplyStage {
         Ok(map)
     }
 
-    async fn after_change(&mut self, lsn: u64) -> Result<(), ApplyError> {
+    async fn after_change(&mut self, lsn: Lsn) -> Result<(), ApplyError> {
         self.batch_rows += 1;
         // Inside a large blue transaction: write what we hold, keep the green transaction open.
         // Replaying a stretch green rejected coalesced: write each change on its own.

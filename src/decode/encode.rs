@@ -23,18 +23,18 @@ impl Message {
         out.push(self.tag());
         match self {
             Message::Begin(b) => {
-                out.extend_from_slice(&b.final_lsn.to_be_bytes());
+                out.extend_from_slice(&b.final_lsn.as_u64().to_be_bytes());
                 out.extend_from_slice(&b.commit_time.to_be_bytes());
                 out.extend_from_slice(&b.xid.to_be_bytes());
             }
             Message::Commit(c) => {
                 out.push(c.flags);
-                out.extend_from_slice(&c.commit_lsn.to_be_bytes());
-                out.extend_from_slice(&c.end_lsn.to_be_bytes());
+                out.extend_from_slice(&c.commit_lsn.as_u64().to_be_bytes());
+                out.extend_from_slice(&c.end_lsn.as_u64().to_be_bytes());
                 out.extend_from_slice(&c.commit_time.to_be_bytes());
             }
             Message::Origin { commit_lsn, name } => {
-                out.extend_from_slice(&commit_lsn.to_be_bytes());
+                out.extend_from_slice(&commit_lsn.as_u64().to_be_bytes());
                 put_cstr(out, name);
             }
             Message::Relation(r) => {
@@ -90,7 +90,7 @@ impl Message {
                 content,
             } => {
                 out.push(u8::from(*transactional));
-                out.extend_from_slice(&lsn.to_be_bytes());
+                out.extend_from_slice(&lsn.as_u64().to_be_bytes());
                 put_cstr(out, prefix);
                 put_len32(out, content.len());
                 out.extend_from_slice(content);

@@ -22,8 +22,8 @@
 
 use bytes::Bytes;
 
-/// Log sequence number as a plain u64 in this module (callers convert).
-pub type Lsn = u64;
+/// Positions in the messages are [`Lsn`]s, read from the wire as 64-bit integers.
+pub use crate::lsn::Lsn;
 
 /// One decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq)]
@@ -197,18 +197,18 @@ pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
     };
     let msg = match tag {
         b'B' => Message::Begin(Begin {
-            final_lsn: r.u64("final LSN")?,
+            final_lsn: Lsn::from_u64(r.u64("final LSN")?),
             commit_time: r.i64("commit timestamp")?,
             xid: r.u32("xid")?,
         }),
         b'C' => Message::Commit(Commit {
             flags: r.u8("flags")?,
-            commit_lsn: r.u64("commit LSN")?,
-            end_lsn: r.u64("end LSN")?,
+            commit_lsn: Lsn::from_u64(r.u64("commit LSN")?),
+            end_lsn: Lsn::from_u64(r.u64("end LSN")?),
             commit_time: r.i64("commit timestamp")?,
         }),
         b'O' => Message::Origin {
-            commit_lsn: r.u64("origin commit LSN")?,
+            commit_lsn: Lsn::from_u64(r.u64("origin commit LSN")?),
             name: r.cstr_bytes("origin name")?,
         },
         b'R' => Message::Relation(r.relation()?),
@@ -267,7 +267,7 @@ pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
             Message::Message {
                 // Only bit 0 is defined; the server ignores the others, and so do we.
                 transactional: flags & 1 != 0,
-                lsn: r.u64("message LSN")?,
+                lsn: Lsn::from_u64(r.u64("message LSN")?),
                 prefix: r.cstr_bytes("message prefix")?,
                 content: r.len_prefixed("message content")?,
             }
@@ -546,17 +546,17 @@ mod tests {
             0, 0, 0, 1, 0x6B, 0x2C, 0xA0, 0x28, // final LSN 1/6B2CA028
             0, 0, 0, 0, 0, 0, 1, 0,             // commit time 256
             0, 0, 0x30, 0x39,                   // xid 12345
-        ], Message::Begin(Begin { final_lsn: 0x1_6B2C_A028, commit_time: 256, xid: 12345 }));
+        ], Message::Begin(Begin { final_lsn: Lsn::from_u64(0x1_6B2C_A028), commit_time: 256, xid: 12345 }));
         #[rustfmt::skip]
         check(&[b'C', 0,
             0, 0, 0, 0, 0, 0, 0, 0x10,
             0, 0, 0, 0, 0, 0, 0, 0x20,
             0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFE, // commit time -2
-        ], Message::Commit(Commit { flags: 0, commit_lsn: 0x10, end_lsn: 0x20, commit_time: -2 }));
+        ], Message::Commit(Commit { flags: 0, commit_lsn: Lsn::from_u64(0x10), end_lsn: Lsn::from_u64(0x20), commit_time: -2 }));
         let name = Bytes::from_static(b"node1");
         #[rustfmt::skip]
         check(&[b'O', 0, 0, 0, 0, 0, 0, 0, 7, b'n', b'o', b'd', b'e', b'1', 0],
-            Message::Origin { commit_lsn: 7, name });
+            Message::Origin { commit_lsn: Lsn::from_u64(7), name });
     }
 
     #[test]
@@ -677,11 +677,11 @@ mod tests {
         let (prefix, content) = (Bytes::from_static(b"px"), Bytes::from_static(b"a\0c"));
         #[rustfmt::skip]
         check(&[b'M', 1, 0, 0, 0, 0, 0, 0, 0, 5, b'p', b'x', 0, 0, 0, 0, 3, b'a', 0, b'c'],
-            Message::Message { transactional: true, lsn: 5, prefix, content });
+            Message::Message { transactional: true, lsn: Lsn::from_u64(5), prefix, content });
         let (prefix, content) = (Bytes::new(), Bytes::new());
         #[rustfmt::skip]
         check(&[b'M', 0, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0],
-            Message::Message { transactional: false, lsn: 6, prefix, content });
+            Message::Message { transactional: false, lsn: Lsn::from_u64(6), prefix, content });
     }
 
     #[test]

@@ -24,8 +24,8 @@ use tracing::{error, info, warn};
 
 use crate::apply::ApplyError;
 use crate::config::{Config, ConfigError};
+use crate::lsn::Lsn;
 use crate::metrics::{Shared, State};
-use crate::progress::format_lsn;
 use crate::source::{SourceError, preflight};
 
 #[derive(Debug, thiserror::Error)]
@@ -103,12 +103,12 @@ impl PipelineError {
 
 /// A read of the drain's target from blue, in flight (see [`blue_wal_lsn`]).
 type DrainTargetRead = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<u64, PipelineError>> + Send + 'static>,
+    Box<dyn std::future::Future<Output = Result<Lsn, PipelineError>> + Send + 'static>,
 >;
 
 /// Blue's WAL insert position for a drain, made reachable (see `preflight::drain_target`), on
 /// a connection of its own.
-async fn blue_wal_lsn(config: Config) -> Result<u64, PipelineError> {
+async fn blue_wal_lsn(config: Config) -> Result<Lsn, PipelineError> {
     let dsn = config.blue_dsn()?;
     let (client, conn) =
         dsn.connect("shadowsync-drain")
@@ -126,13 +126,13 @@ async fn blue_wal_lsn(config: Config) -> Result<u64, PipelineError> {
 /// Fixes the drain's target once blue told it (a failure is tried again at the next tick).
 /// Fields, not `&mut Supervisor`: the session future borrows the supervisor's config.
 fn drain_target_read(
-    drain_lsn: &mut Option<u64>,
+    drain_lsn: &mut Option<Lsn>,
     shared: &Shared,
-    read: Result<u64, PipelineError>,
+    read: Result<Lsn, PipelineError>,
 ) {
     match read {
         Ok(lsn) => {
-            info!(drain_lsn = %format_lsn(lsn), "draining: waiting until everything before this LSN is in green and confirmed");
+            info!(drain_lsn = %lsn, "draining: waiting until everything before this LSN is in green and confirmed");
             *drain_lsn = Some(lsn);
             shared.set_state(State::Draining);
         }
@@ -153,11 +153,11 @@ pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 pub struct Report {
     pub slot: String,
     /// LSN streaming started from.
-    pub start_lsn: String,
+    pub start_lsn: Lsn,
     /// LSN confirmed to blue at the end.
-    pub final_lsn: String,
+    pub final_lsn: Lsn,
     /// Blue's WAL position when the drain began (everything before it is in green).
-    pub drain_lsn: Option<String>,
+    pub drain_lsn: Option<Lsn>,
     pub drained: bool,
     /// Whether blue's slot was seen recording `final_lsn` (false: green has everything, but
     /// blue could not be asked; it will learn the position on the next start).
@@ -294,8 +294,8 @@ struct Supervisor {
     config: Config,
     shared: Arc<Shared>,
     started: Instant,
-    start_lsn: Option<u64>,
-    drain_lsn: Option<u64>,
+    start_lsn: Option<Lsn>,
+    drain_lsn: Option<Lsn>,
     waiters: Vec<oneshot::Sender<Result<Report, String>>>,
     /// What failed sessions taught about green (replay some changes one by one, write some
     /// tables with upserts only).
@@ -369,7 +369,7 @@ impl Supervisor {
                                 target_read = Some(Box::pin(blue_wal_lsn(self.config.clone())));
                             }
                             if let Some(target) = self.drain_lsn
-                                && self.shared.confirmed_lsn.load(Ordering::Relaxed) >= target {
+                                && self.shared.confirmed_lsn() >= target {
                                 stopping = Some(Outcome::Drained);
                                 let _ = stop_tx.send(true);
                             }
@@ -474,9 +474,9 @@ impl Supervisor {
         let applied = self.shared.applied();
         Report {
             slot: self.config.blue.slot.clone(),
-            start_lsn: format_lsn(self.start_lsn.unwrap_or(0)),
-            final_lsn: format_lsn(self.shared.confirmed_lsn.load(Ordering::Relaxed)),
-            drain_lsn: self.drain_lsn.map(format_lsn),
+            start_lsn: self.start_lsn.unwrap_or_default(),
+            final_lsn: self.shared.confirmed_lsn(),
+            drain_lsn: self.drain_lsn,
             drained,
             confirmed_by_blue: false,
             duration_seconds: self.started.elapsed().as_secs_f64(),

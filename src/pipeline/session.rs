@@ -16,8 +16,8 @@ use super::PipelineError;
 use crate::apply::stage::{ApplyStage, Limits};
 use crate::apply::{Applier, ApplyError};
 use crate::config::Config;
+use crate::lsn::Lsn;
 use crate::metrics::{Shared, State};
-use crate::progress::format_lsn;
 use crate::source::{self, SourceError, SourceStage, preflight};
 
 /// How often blue's WAL position is polled for the lag metric.
@@ -31,7 +31,7 @@ pub async fn run(
     stop: watch::Receiver<bool>,
     recovery: &crate::apply::Recovery,
     snapshot_truncate: bool,
-    on_start: impl FnOnce(u64),
+    on_start: impl FnOnce(Lsn),
 ) -> Result<(), PipelineError> {
     let green_dsn = config.green_dsn()?;
     let rules = Arc::new(config.rules()?);
@@ -89,13 +89,13 @@ pub async fn run(
             shared,
         ) => prepared?,
     };
-    let green_lsn = progress.map(|p| p.end_lsn).unwrap_or(0);
+    let green_lsn = progress.map(|p| p.end_lsn).unwrap_or_default();
     let start = prepared.slot_confirmed.max(green_lsn);
     info!(
         slot = %config.blue.slot,
-        slot_confirmed = %format_lsn(prepared.slot_confirmed),
-        green_progress = %format_lsn(green_lsn),
-        start = %format_lsn(start),
+        slot_confirmed = %prepared.slot_confirmed,
+        green_progress = %green_lsn,
+        start = %start,
         tables = state.tables.len(),
         "resuming"
     );

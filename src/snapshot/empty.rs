@@ -24,6 +24,7 @@ use tokio_postgres::Client;
 use tracing::warn;
 
 use super::{SnapshotError, green_err};
+use crate::lsn::Lsn;
 use crate::transform::{QualifiedName, TableMap};
 
 /// What the copy does before its first row.
@@ -53,7 +54,7 @@ pub(super) async fn plan(
     green: &Client,
     maps: &[Arc<TableMap>],
     mut todo: Vec<Arc<TableMap>>,
-    copied_at: &mut HashMap<String, u64>,
+    copied_at: &mut HashMap<String, Lsn>,
 ) -> Result<Plan, SnapshotError> {
     let mut holds_rows: HashMap<String, bool> = HashMap::new();
     // Tables being copied, empty, that the TRUNCATE must name for a foreign key's sake.
@@ -124,7 +125,7 @@ fn emptied(
 fn link_lookups(
     maps: &[Arc<TableMap>],
     todo: &mut Vec<Arc<TableMap>>,
-    copied_at: &mut HashMap<String, u64>,
+    copied_at: &mut HashMap<String, Lsn>,
 ) {
     loop {
         let linked: Vec<Arc<TableMap>> = maps

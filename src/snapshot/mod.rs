@@ -41,8 +41,8 @@ use tracing::{info, warn};
 
 use crate::config::{Config, SnapshotMode};
 use crate::failure::DbFailure;
+use crate::lsn::Lsn;
 use crate::metrics::Shared;
-use crate::progress::{format_lsn, parse_lsn};
 use crate::source::{self, SourceError};
 use crate::transform::TableMap;
 
@@ -165,17 +165,17 @@ pub(crate) fn green_err(
 #[derive(Debug, Clone, Default)]
 pub struct Prepared {
     /// The slot's confirmed position (its consistent point when just created).
-    pub slot_confirmed: u64,
+    pub slot_confirmed: Lsn,
     /// Source table (`schema.table`) -> snapshot LSN: changes of that table committed before
     /// it are in green already.
-    pub copied_at: HashMap<String, u64>,
+    pub copied_at: HashMap<String, Lsn>,
 }
 
 /// Copy state of one table for this slot, as green records it.
 #[derive(Debug, Clone)]
 struct TableState {
     done: bool,
-    snapshot_lsn: u64,
+    snapshot_lsn: Lsn,
     ranges_done: Vec<i32>,
     ranges: i32,
 }
@@ -186,7 +186,7 @@ async fn read_state(
 ) -> Result<BTreeMap<String, TableState>, SnapshotError> {
     let rows = green
         .query(
-            "SELECT s.source_table, s.state = 'done', s.snapshot_lsn::text, s.ranges,
+            "SELECT s.source_table, s.state = 'done', s.snapshot_lsn, s.ranges,
                     coalesce((SELECT array_agg(r.range_no) FROM shadowsync.copy_ranges r
                                WHERE r.slot = s.slot AND r.source_table = s.source_table), '{}')
                FROM shadowsync.copy_state s WHERE s.slot = $1",
@@ -196,12 +196,7 @@ async fn read_state(
         .map_err(green_err("reading shadowsync.copy_state"))?;
     rows.iter()
         .map(|r| {
-            let lsn: String = r.get(2);
-            let snapshot_lsn = parse_lsn(&lsn).ok_or_else(|| {
-                SnapshotError::Export(format!(
-                    "shadowsync.copy_state holds an unreadable snapshot LSN {lsn:?}"
-                ))
-            })?;
+            let snapshot_lsn: Lsn = r.get(2);
             Ok((
                 r.get::<_, String>(0),
                 TableState {
@@ -222,7 +217,7 @@ pub async fn prepare(
     blue: &Client,
     green: &Client,
     maps: &[Arc<TableMap>],
-    slot_confirmed: Option<u64>,
+    slot_confirmed: Option<Lsn>,
     truncate: bool,
     shared: &Arc<Shared>,
 ) -> Result<Prepared, SnapshotError> {
@@ -230,7 +225,7 @@ pub async fn prepare(
     barrier(green, slot).await?;
     init_bookkeeping(green, slot, slot_confirmed.is_none()).await?;
     let state = read_state(green, slot).await?;
-    let mut copied_at: HashMap<String, u64> = state
+    let mut copied_at: HashMap<String, Lsn> = state
         .iter()
         .filter(|(_, s)| s.done)
         .map(|(t, s)| (t.clone(), s.snapshot_lsn))
@@ -334,7 +329,7 @@ async fn unfinished(
     slot: &str,
     maps: &[Arc<TableMap>],
     state: &BTreeMap<String, TableState>,
-    copied_at: &mut HashMap<String, u64>,
+    copied_at: &mut HashMap<String, Lsn>,
 ) -> Result<Vec<Arc<TableMap>>, SnapshotError> {
     let mut out = Vec::new();
     for m in maps {
@@ -356,7 +351,7 @@ async fn unfinished(
 /// Tables to copy that were never copied for this slot, by `mode`.
 fn fresh(
     mode: SnapshotMode,
-    slot_confirmed: Option<u64>,
+    slot_confirmed: Option<Lsn>,
     maps: &[Arc<TableMap>],
     state: &BTreeMap<String, TableState>,
 ) -> Vec<Arc<TableMap>> {
@@ -377,9 +372,9 @@ fn fresh(
 /// snapshot), the consistent point and the snapshot's name.
 async fn export(
     config: &Config,
-    slot_confirmed: Option<u64>,
+    slot_confirmed: Option<Lsn>,
     tables: usize,
-) -> Result<(pgwire_replication::ReplicationClient, u64, String), SnapshotError> {
+) -> Result<(pgwire_replication::ReplicationClient, Lsn, String), SnapshotError> {
     let slot = &config.blue.slot;
     let blue_dsn = config
         .blue_dsn()
@@ -392,7 +387,7 @@ async fn export(
         &blue_dsn,
         &export_slot,
         &config.blue.publication,
-        0,
+        Lsn::ZERO,
         std::time::Duration::from_millis(config.blue.status_interval_ms),
     );
     let mut exporter = pgwire_replication::ReplicationClient::connect_gated(repl_cfg)
@@ -413,17 +408,14 @@ async fn export(
             .map(|b| String::from_utf8_lossy(b).into_owned())
             .unwrap_or_default()
     };
-    let consistent = parse_lsn(&text(1)).ok_or_else(|| {
-        SnapshotError::Export(format!(
-            "CREATE_REPLICATION_SLOT returned an unreadable consistent point {:?}",
-            text(1)
-        ))
+    let consistent = Lsn::parse(&text(1)).map_err(|e| {
+        SnapshotError::Export(format!("CREATE_REPLICATION_SLOT's consistent point: {e}"))
     })?;
     let snapshot_name = text(2);
     info!(
         slot = %export_slot,
         temporary,
-        consistent_point = %format_lsn(consistent),
+        consistent_point = %consistent,
         snapshot = %snapshot_name,
         tables,
         "initial copy: snapshot exported"
@@ -437,7 +429,7 @@ async fn export(
 async fn start_copy(
     config: &Config,
     plan: &empty::Plan,
-    consistent: u64,
+    consistent: Lsn,
 ) -> Result<(), SnapshotError> {
     let mut tx_green = copy::green_connect(config).await?;
     let tx = tx_green
@@ -452,9 +444,9 @@ async fn start_copy(
     }
     let sources: Vec<String> = plan.todo.iter().map(|m| m.source.to_string()).collect();
     tx.execute(
-        "UPDATE shadowsync.copy_state SET snapshot_lsn = $3::text::pg_lsn
+        "UPDATE shadowsync.copy_state SET snapshot_lsn = $3::pg_lsn
           WHERE slot = $1 AND source_table = ANY ($2)",
-        &[&config.blue.slot, &sources, &format_lsn(consistent)],
+        &[&config.blue.slot, &sources, &consistent],
     )
     .await
     .map_err(green_err("recording the copy's snapshot"))?;

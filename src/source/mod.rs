@@ -25,17 +25,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use pgwire_replication::{
-    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
-};
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::{Dsn, SESSION_OPTIONS};
 use crate::decode::{self, Begin, Commit, DecodeError, Message};
 use crate::failure::DbFailure;
+use crate::lsn::Lsn;
 use crate::metrics::Shared;
-use crate::progress::format_lsn;
 
 /// Most events forwarded in one channel message.
 pub const EVENTS_PER_SEND: usize = 256;
@@ -48,7 +46,7 @@ pub fn channel_runs(events: usize) -> usize {
 /// One decoded message and the WAL position it was sent at.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceEvent {
-    pub lsn: u64,
+    pub lsn: Lsn,
     pub msg: Message,
 }
 
@@ -59,7 +57,7 @@ pub enum SourceError {
     #[error(
         "cannot decode blue's change at LSN {lsn}: {source}; this is a bug in shadowsync or an unsupported server: report it with the LSN (nothing past it was confirmed)"
     )]
-    Decode { lsn: String, source: DecodeError },
+    Decode { lsn: Lsn, source: DecodeError },
     #[error(
         "cannot connect to blue ({dsn}): {failure}; check blue.dsn, that blue is up, and the password (SHADOWSYNC_BLUE_PASSWORD or pgpass)"
     )]
@@ -74,11 +72,6 @@ pub enum SourceError {
     /// A problem with blue's setup that the operator must fix; the message says how.
     #[error("{0}")]
     Setup(String),
-    /// Never read as 0/0: a drain would take that for a target already reached.
-    #[error(
-        "blue returned {text:?} as {what}, which is not a WAL position; nothing was confirmed past it: report this, with blue's version"
-    )]
-    UnreadableLsn { what: &'static str, text: String },
 }
 
 impl SourceError {
@@ -106,9 +99,7 @@ impl SourceError {
                 failure.is_retryable()
             }
             SourceError::StreamEnded => true,
-            SourceError::Decode { .. }
-            | SourceError::Setup(_)
-            | SourceError::UnreadableLsn { .. } => false,
+            SourceError::Decode { .. } | SourceError::Setup(_) => false,
         }
     }
 
@@ -132,7 +123,7 @@ pub fn replication_config(
     dsn: &Dsn,
     slot: &str,
     publication: &str,
-    start: u64,
+    start: Lsn,
     status_interval: Duration,
 ) -> ReplicationConfig {
     let password = dsn.password.clone().unwrap_or_default();
@@ -158,7 +149,7 @@ pub fn replication_config(
         .with_port(dsn.port)
         .with_tls(pgwire_replication::TlsConfig::disabled())
     };
-    base.with_start_lsn(Lsn::from_u64(start))
+    base.with_start_lsn(start.into())
         .with_status_interval(status_interval)
         // Idle confirmations need no hurry (blue's keepalive requests are answered at once).
         .with_wakeup_interval(status_interval.max(IDLE_CONFIRM_INTERVAL))
@@ -188,17 +179,17 @@ pub struct SourceStage {
     client: ReplicationClient,
     dsn: String,
     /// Commits ending at or before this are in green already.
-    skip_before: u64,
+    skip_before: Lsn,
     shared: Arc<Shared>,
     in_txn: bool,
     /// End LSN of the last blue commit forwarded to the apply stage.
-    last_forwarded: u64,
+    last_forwarded: Lsn,
     /// End LSN of the last commit green committed.
-    committed: u64,
+    committed: Lsn,
 }
 
 impl SourceStage {
-    pub fn new(client: ReplicationClient, dsn: &Dsn, start: u64, shared: Arc<Shared>) -> Self {
+    pub fn new(client: ReplicationClient, dsn: &Dsn, start: Lsn, shared: Arc<Shared>) -> Self {
         shared.set_confirmed(start);
         SourceStage {
             client,
@@ -216,7 +207,7 @@ impl SourceStage {
     pub async fn run(
         mut self,
         tx: mpsc::Sender<Vec<SourceEvent>>,
-        mut committed: watch::Receiver<u64>,
+        mut committed: watch::Receiver<Lsn>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), SourceError> {
         let mut tx = Some(tx);
@@ -236,7 +227,7 @@ impl SourceStage {
                     }
                     let lsn = *committed.borrow_and_update();
                     self.committed = self.committed.max(lsn);
-                    self.client.update_applied_lsn(Lsn::from_u64(self.committed));
+                    self.client.update_applied_lsn(self.committed.into());
                 }
                 // 2. Stop intake on shutdown or drain, at a transaction boundary: a transaction
                 //    being received is read to its Commit (within STOP_GRACE), so the batch in
@@ -258,7 +249,7 @@ impl SourceStage {
                 }
                 // 3. Publish what blue has been told, for metrics and drains.
                 _ = tick.tick() => {
-                    self.shared.set_confirmed(metrics.last_applied_lsn().as_u64());
+                    self.shared.set_confirmed(Lsn::from(metrics.last_applied_lsn()));
                 }
                 // 4. The stream itself, with whatever else the transport holds already.
                 event = self.client.recv(), if tx.is_some() => {
@@ -301,14 +292,14 @@ impl SourceStage {
     async fn confirm_sent(&self) {
         let metrics = self.client.metrics();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while metrics.last_applied_lsn().as_u64() < self.committed
+        while Lsn::from(metrics.last_applied_lsn()) < self.committed
             && tokio::time::Instant::now() < deadline
             && self.client.is_running()
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.shared
-            .set_confirmed(metrics.last_applied_lsn().as_u64());
+            .set_confirmed(Lsn::from(metrics.last_applied_lsn()));
     }
 
     /// The next event if the transport holds one already; never waits.
@@ -347,9 +338,9 @@ impl SourceStage {
             } => {
                 self.in_txn = true;
                 SourceEvent {
-                    lsn: final_lsn.as_u64(),
+                    lsn: Lsn::from(final_lsn),
                     msg: Message::Begin(Begin {
-                        final_lsn: final_lsn.as_u64(),
+                        final_lsn: Lsn::from(final_lsn),
                         commit_time: commit_time_micros,
                         xid,
                     }),
@@ -361,7 +352,7 @@ impl SourceStage {
                 commit_time_micros,
             } => {
                 self.in_txn = false;
-                let end = end_lsn.as_u64();
+                let end = Lsn::from(end_lsn);
                 self.last_forwarded = self.last_forwarded.max(end);
                 if end > self.skip_before {
                     self.shared.commit_received(end, commit_time_micros);
@@ -370,7 +361,7 @@ impl SourceStage {
                     lsn: end,
                     msg: Message::Commit(Commit {
                         flags: 0,
-                        commit_lsn: lsn.as_u64(),
+                        commit_lsn: lsn.into(),
                         end_lsn: end,
                         commit_time: commit_time_micros,
                     }),
@@ -380,11 +371,11 @@ impl SourceStage {
                 wal_start, data, ..
             } => {
                 let msg = decode::decode(&data).map_err(|source| SourceError::Decode {
-                    lsn: format_lsn(wal_start.as_u64()),
+                    lsn: wal_start.into(),
                     source,
                 })?;
                 SourceEvent {
-                    lsn: wal_start.as_u64(),
+                    lsn: Lsn::from(wal_start),
                     msg,
                 }
             }
@@ -396,10 +387,10 @@ impl SourceStage {
             } => {
                 debug!(%prefix, transactional, "logical message");
                 SourceEvent {
-                    lsn: lsn.as_u64(),
+                    lsn: lsn.into(),
                     msg: Message::Message {
                         transactional,
-                        lsn: lsn.as_u64(),
+                        lsn: lsn.into(),
                         prefix: prefix.into_bytes().into(),
                         content,
                     },
@@ -408,8 +399,8 @@ impl SourceStage {
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // Idle: nothing received is unapplied, so blue may forget WAL up to here.
                 if !self.in_txn && self.committed >= self.last_forwarded {
-                    let lsn = wal_end.as_u64().max(self.committed);
-                    self.client.update_applied_lsn(Lsn::from_u64(lsn));
+                    let lsn = Lsn::from(wal_end).max(self.committed);
+                    self.client.update_applied_lsn(lsn.into());
                 }
                 return Ok(());
             }

@@ -6,7 +6,7 @@
 use tokio_postgres::Client;
 
 use super::SourceError;
-use crate::progress::parse_lsn;
+use crate::lsn::Lsn;
 use crate::transform::QualifiedName;
 use crate::transform::rules::RuleSet;
 
@@ -14,7 +14,7 @@ use crate::transform::rules::RuleSet;
 #[derive(Debug, Clone)]
 pub struct BlueState {
     /// The slot's `confirmed_flush_lsn`; `None` when the slot does not exist yet.
-    pub slot_confirmed: Option<u64>,
+    pub slot_confirmed: Option<Lsn>,
     /// Tables in the publication.
     pub tables: Vec<QualifiedName>,
     /// Mappings of the replicated tables (not skipped), from blue's catalog.
@@ -36,7 +36,7 @@ pub async fn check(
     slot: &str,
     publication: &str,
     rules: &RuleSet,
-    green_progress: Option<u64>,
+    green_progress: Option<Lsn>,
 ) -> Result<BlueState, SourceError> {
     let tables = check_blue(blue, publication).await?;
     let report = crate::check::check(blue, green, &tables, publication, rules)
@@ -124,11 +124,11 @@ pub async fn check_blue(
 async fn slot_state(
     blue: &Client,
     slot: &str,
-    green_progress: Option<u64>,
-) -> Result<Option<u64>, SourceError> {
+    green_progress: Option<Lsn>,
+) -> Result<Option<Lsn>, SourceError> {
     let row = blue
         .query_opt(
-            "SELECT plugin::text, database::text, confirmed_flush_lsn::text, current_database()::text
+            "SELECT plugin::text, database::text, confirmed_flush_lsn, current_database()::text
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -137,7 +137,7 @@ async fn slot_state(
     if let Some(row) = row {
         let plugin: Option<String> = row.get(0);
         let database: Option<String> = row.get(1);
-        let confirmed: Option<String> = row.get(2);
+        let confirmed: Option<Lsn> = row.get(2);
         let current: String = row.get(3);
         if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(current.as_str()) {
             return Err(SourceError::Setup(format!(
@@ -146,52 +146,39 @@ async fn slot_state(
         }
         // A logical slot being created has no confirmed position yet: streaming then starts
         // at green's progress, or where blue's slot begins.
-        let lsn = match confirmed.as_deref() {
-            Some(text) => lsn_from(text, "the slot's confirmed position")?,
-            None => 0,
-        };
-        return Ok(Some(lsn));
+        return Ok(Some(confirmed.unwrap_or(Lsn::ZERO)));
     }
     if let Some(progress) = green_progress {
         return Err(SourceError::Setup(format!(
             "replication slot {slot} does not exist on blue, but green has applied its changes up to LSN {}: changes committed on blue since then may be gone (a failover to a standby without the slot, or a dropped slot). Re-seed green from a fresh copy; or, if you know nothing was committed on blue since, run DELETE FROM shadowsync.progress WHERE slot = '{slot}'; on green to start from a new slot",
-            crate::progress::format_lsn(progress)
+            progress
         )));
     }
     Ok(None)
 }
 
 /// Creates the slot without a snapshot (nothing to copy); returns its creation point.
-pub async fn create_slot(blue: &Client, slot: &str) -> Result<u64, SourceError> {
-    let lsn: String = blue
+pub async fn create_slot(blue: &Client, slot: &str) -> Result<Lsn, SourceError> {
+    let lsn: Lsn = blue
         .query_one(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            "SELECT lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
             &[&slot],
         )
         .await
         .map_err(blue_err("creating the replication slot"))?
         .get(0);
     tracing::info!(slot, lsn = %lsn, "created replication slot on blue; streaming starts at its creation point");
-    lsn_from(&lsn, "the new slot's creation point")
-}
-
-/// A WAL position blue printed; an error, never 0/0, when it is not one.
-fn lsn_from(text: &str, what: &'static str) -> Result<u64, SourceError> {
-    parse_lsn(text).ok_or_else(|| SourceError::UnreadableLsn {
-        what,
-        text: text.to_string(),
-    })
+    Ok(lsn)
 }
 
 /// Blue's current WAL insert position: it covers every commit that has returned to its client,
 /// even with synchronous_commit = off (the write position may trail those).
-pub async fn current_wal_lsn(blue: &Client) -> Result<u64, SourceError> {
-    let text: String = blue
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+pub async fn current_wal_lsn(blue: &Client) -> Result<Lsn, SourceError> {
+    Ok(blue
+        .query_one("SELECT pg_current_wal_insert_lsn()", &[])
         .await
         .map_err(blue_err("reading the current WAL position"))?
-        .get(0);
-    lsn_from(&text, "its current WAL insert position")
+        .get(0))
 }
 
 /// Prefix of the logical message a drain commits on blue (see [`drain_target`]); the apply
@@ -211,7 +198,7 @@ const DRAIN_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// local synchronous commit after reading the position: its commit record lies beyond the
 /// position and flushes everything before it. Should it fail (a refused read-write
 /// transaction) or take over `DRAIN_FLUSH_TIMEOUT`, the drain still ends once blue writes again.
-pub async fn drain_target(blue: &Client) -> Result<u64, SourceError> {
+pub async fn drain_target(blue: &Client) -> Result<Lsn, SourceError> {
     let lsn = current_wal_lsn(blue).await?;
     // `local`: blue's own flush is all its walsender needs; a synchronous standby that is slow
     // or down must not hold the cutover.
@@ -243,10 +230,10 @@ pub async fn drain_target(blue: &Client) -> Result<u64, SourceError> {
 }
 
 /// The slot's confirmed position as blue records it.
-pub async fn slot_confirmed(blue: &Client, slot: &str) -> Result<u64, SourceError> {
-    let text: Option<String> = blue
+pub async fn slot_confirmed(blue: &Client, slot: &str) -> Result<Lsn, SourceError> {
+    let confirmed: Option<Lsn> = blue
         .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -254,24 +241,5 @@ pub async fn slot_confirmed(blue: &Client, slot: &str) -> Result<u64, SourceErro
         .and_then(|r| r.get(0));
     // No slot (dropped under us) or no position yet: nothing is confirmed, which never ends
     // a drain early (the stream then fails on the missing slot, and says so).
-    match text {
-        Some(text) => lsn_from(&text, "the slot's confirmed position"),
-        None => Ok(0),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_unreadable_wal_position_is_an_error_never_zero() {
-        assert_eq!(lsn_from("0/1948A80", "x").unwrap(), 0x1948A80);
-        let e = lsn_from("", "its current WAL insert position").unwrap_err();
-        assert!(!e.is_retryable());
-        assert!(
-            e.to_string().contains("its current WAL insert position"),
-            "{e}"
-        );
-    }
+    Ok(confirmed.unwrap_or(Lsn::ZERO))
 }

@@ -2,6 +2,7 @@
 //! config between them, and table comparison. Real PostgreSQL, no mocks.
 #![allow(dead_code)]
 
+use shadowsync::lsn::Lsn;
 use std::time::{Duration, Instant};
 
 use shadowsync::cluster::{Cluster, pipeline_config};
@@ -369,17 +370,16 @@ pub async fn count(client: &Client, table: &str) -> i64 {
 }
 
 /// Blue's current WAL insert position.
-pub async fn wal_insert_lsn(client: &Client) -> u64 {
-    let text: String = client
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+pub async fn wal_insert_lsn(client: &Client) -> Lsn {
+    client
+        .query_one("SELECT pg_current_wal_insert_lsn()", &[])
         .await
         .expect("read the WAL position")
-        .get(0);
-    shadowsync::progress::parse_lsn(&text).expect("an LSN")
+        .get(0)
 }
 
 /// Green's progress `end_lsn` for `slot`; `None` when the table or the row is absent.
-pub async fn progress_lsn(green: &Client, slot: &str) -> Option<u64> {
+pub async fn progress_lsn(green: &Client, slot: &str) -> Option<Lsn> {
     let exists: bool = green
         .query_one("SELECT to_regclass('shadowsync.progress') IS NOT NULL", &[])
         .await
@@ -390,26 +390,23 @@ pub async fn progress_lsn(green: &Client, slot: &str) -> Option<u64> {
     }
     green
         .query_opt(
-            "SELECT end_lsn::text FROM shadowsync.progress WHERE slot = $1",
+            "SELECT end_lsn FROM shadowsync.progress WHERE slot = $1",
             &[&slot],
         )
         .await
         .expect("read shadowsync.progress")
-        .map(|r| shadowsync::progress::parse_lsn(&r.get::<_, String>(0)).expect("an LSN"))
+        .map(|r| r.get(0))
 }
 
 /// A replication slot on blue: `None` when it does not exist, else its `confirmed_flush_lsn`.
-pub async fn slot_confirmed(blue: &Client, slot: &str) -> Option<Option<u64>> {
+pub async fn slot_confirmed(blue: &Client, slot: &str) -> Option<Option<Lsn>> {
     blue.query_opt(
-        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1",
         &[&slot],
     )
     .await
     .expect("read pg_replication_slots")
-    .map(|r| {
-        r.get::<_, Option<String>>(0)
-            .and_then(|t| shadowsync::progress::parse_lsn(&t))
-    })
+    .map(|r| r.get(0))
 }
 
 // (`count` is defined above; shared by several test files.)

@@ -17,13 +17,14 @@ use super::ApplyStage;
 use crate::apply::batch::{OP_NAMES, TableOps};
 use crate::apply::{Applier, ApplyError, Written};
 use crate::decode::Commit;
+use crate::lsn::Lsn;
 
 /// A write running in the background.
 pub(super) struct Inflight {
     task: tokio::task::JoinHandle<Output>,
     /// Commit LSN of the last blue transaction received when the write started: the
     /// transactions it holds commit at or before it.
-    final_lsn: u64,
+    final_lsn: Lsn,
     /// Present when the write commits.
     commit: Option<Committing>,
 }
@@ -112,7 +113,7 @@ impl ApplyStage {
 
     /// Writes pending ops of a large blue transaction without committing, in the background:
     /// green executes this chunk while the next one is received and coalesced.
-    pub(super) async fn flush_in_background(&mut self, lsn: u64) -> Result<(), ApplyError> {
+    pub(super) async fn flush_in_background(&mut self, lsn: Lsn) -> Result<(), ApplyError> {
         if self.batch.is_empty() {
             return Ok(());
         }
@@ -120,7 +121,7 @@ impl ApplyStage {
     }
 
     /// Writes pending ops without committing, and waits for green.
-    pub(super) async fn flush(&mut self, lsn: u64) -> Result<(), ApplyError> {
+    pub(super) async fn flush(&mut self, lsn: Lsn) -> Result<(), ApplyError> {
         if self.batch.is_empty() {
             return Ok(());
         }
@@ -158,7 +159,7 @@ impl ApplyStage {
 
     async fn spawn_write(
         &mut self,
-        lsn: u64,
+        lsn: Lsn,
         commit: Option<Committing>,
     ) -> Result<(), ApplyError> {
         let (tables, final_lsn) = self.take_for_write().await?;
@@ -181,7 +182,7 @@ impl ApplyStage {
     /// flight) and the applier knows whether new keys may take the plain insert (not while
     /// replaying change by change). Returns them with the commit LSN of the last transaction
     /// received, at or before which all of them commit.
-    async fn take_for_write(&mut self) -> Result<(Vec<TableOps>, u64), ApplyError> {
+    async fn take_for_write(&mut self) -> Result<(Vec<TableOps>, Lsn), ApplyError> {
         let mut tables = self.batch.take();
         crate::apply::complete::complete_rows(self.blue.as_ref(), &mut tables).await?;
         self.settle().await?;
@@ -207,7 +208,7 @@ impl ApplyStage {
         self.shared
             .batch_committed(c.txns, c.rows, elapsed, end_lsn);
         debug!(
-            end_lsn = %crate::progress::format_lsn(end_lsn),
+            end_lsn = %end_lsn,
             txns = c.txns,
             rows = c.rows,
             ms = elapsed.as_millis() as u64,
@@ -222,7 +223,7 @@ impl ApplyStage {
         &mut self,
         result: Result<Written, ApplyError>,
         tables: &[TableOps],
-        final_lsn: u64,
+        final_lsn: Lsn,
     ) -> Result<Written, ApplyError> {
         match result {
             // A new key met a row on green: a conflict, not bad input (see `NewKeyExists`).
@@ -275,7 +276,7 @@ impl ApplyStage {
 
 /// One warning per batch and table: counts by kind and resolution, and the first keys (values
 /// are in `shadowsync.conflicts`, never in logs).
-fn log_conflicts(conflicts: &[crate::conflicts::Seen], end_lsn: u64) {
+fn log_conflicts(conflicts: &[crate::conflicts::Seen], end_lsn: Lsn) {
     const KEYS_SHOWN: usize = 10;
     let mut by_table: BTreeMap<&str, Vec<&crate::conflicts::Seen>> = BTreeMap::new();
     for c in conflicts {
@@ -304,7 +305,7 @@ fn log_conflicts(conflicts: &[crate::conflicts::Seen], end_lsn: u64) {
             conflicts = seen.len(),
             counts = %counts,
             keys = %keys.join(" "),
-            end_lsn = %crate::progress::format_lsn(end_lsn),
+            end_lsn = %end_lsn,
             "conflicts with green's rows resolved (recorded in shadowsync.conflicts)"
         );
     }
