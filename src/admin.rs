@@ -14,10 +14,11 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::drain::DrainRequest;
 use crate::metrics::Shared;
-use crate::pipeline::DrainRequest;
+use crate::shutdown::Shutdown;
 
 #[derive(Clone)]
 struct AppState {
@@ -31,7 +32,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     drain: mpsc::Sender<DrainRequest>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Shutdown,
 ) {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -41,7 +42,7 @@ pub async fn serve(
         .route("/drain", post(drain_handler))
         .with_state(AppState { shared, drain });
     let shutdown = async move {
-        let _ = stop.wait_for(|s| *s).await;
+        stop.recv().await;
     };
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)

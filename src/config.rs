@@ -36,12 +36,10 @@ pub const DEFAULT_STATUS_INTERVAL_MS: u64 = 10;
 pub const DEFAULT_SNAPSHOT_RANGE_PAGES: u64 = 16_384;
 /// Most copy workers chosen by default (`[snapshot] workers = 0`).
 pub const DEFAULT_SNAPSHOT_MAX_WORKERS: usize = 4;
-/// Default `[conflicts] lww_column`.
-pub const DEFAULT_LWW_COLUMN: &str = "updated_at";
-/// Default `[conflicts] commit_time_column`.
-pub const DEFAULT_COMMIT_TIME_COLUMN: &str = "shadowsync_commit_time";
-/// The `lww_column` value that compares blue's commit time instead of a row column.
-pub const LWW_COMMIT_TIME: &str = "commit_time";
+
+pub use crate::transform::lww::{
+    ConflictsConfig, DEFAULT_COMMIT_TIME_COLUMN, DEFAULT_LWW_COLUMN, LWW_COMMIT_TIME, Resolution,
+};
 
 /// Session settings pinned on both sides so that the text blue's walsender prints is exactly the
 /// text green parses back (dates, intervals, floats, bytea, money, xml fragments).
@@ -165,51 +163,6 @@ impl SnapshotConfig {
     }
 }
 
-/// How a conflict (green's row disagreeing with a change from blue) is resolved.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Resolution {
-    /// Last writer wins: the change is applied only when its timestamp is later than or equal
-    /// to green's row; a table without the comparison column falls back to `apply`.
-    #[default]
-    Lww,
-    /// Blue always wins.
-    Apply,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConflictsConfig {
-    /// `lww` (default) or `apply`.
-    #[serde(default)]
-    pub resolution: Resolution,
-    /// Target column compared under `lww` (any ordered type, usually a timestamp), or
-    /// `commit_time` to compare blue's commit time with `commit_time_column`. A rule may
-    /// override it with its own `lww_column`.
-    #[serde(default = "default_lww_column")]
-    pub lww_column: String,
-    /// Target column (timestamptz) in which shadowsync stores blue's commit time for
-    /// `lww_column = "commit_time"`; green's own writers should set it too (e.g. a trigger
-    /// setting now(), which shadowsync's replica-role session does not fire).
-    #[serde(default = "default_commit_time_column")]
-    pub commit_time_column: String,
-    /// Detect and record conflicts (true); false applies blue's changes blindly, as
-    /// PostgreSQL's own apply worker does, and records nothing.
-    #[serde(default = "default_true")]
-    pub detect: bool,
-}
-
-impl Default for ConflictsConfig {
-    fn default() -> Self {
-        ConflictsConfig {
-            resolution: Resolution::Lww,
-            lww_column: DEFAULT_LWW_COLUMN.to_string(),
-            commit_time_column: DEFAULT_COMMIT_TIME_COLUMN.to_string(),
-            detect: true,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlueConfig {
@@ -328,15 +281,6 @@ fn default_startup_timeout_ms() -> u64 {
 }
 fn default_range_pages() -> u64 {
     DEFAULT_SNAPSHOT_RANGE_PAGES
-}
-fn default_lww_column() -> String {
-    DEFAULT_LWW_COLUMN.to_string()
-}
-fn default_commit_time_column() -> String {
-    DEFAULT_COMMIT_TIME_COLUMN.to_string()
-}
-fn default_true() -> bool {
-    true
 }
 fn default_status_interval_ms() -> u64 {
     DEFAULT_STATUS_INTERVAL_MS

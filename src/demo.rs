@@ -9,7 +9,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
@@ -74,12 +74,12 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
         handle.addr
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
+    let (stop, stopped) = crate::shutdown::channel();
     let written = Arc::new(AtomicU64::new(0));
     let mut writers = Vec::new();
     for worker in 0..2u64 {
         let dsn = blue.dsn("novacron");
-        let (stop, written) = (stop.clone(), written.clone());
+        let (stop, written) = (stopped.clone(), written.clone());
         writers.push(tokio::spawn(async move {
             workload_client(&dsn, worker, stop, written).await
         }));
@@ -113,7 +113,7 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
     if tty {
         eprintln!();
     }
-    stop.store(true, Ordering::Relaxed);
+    stop.fire();
     for w in writers {
         w.await.expect("workload task")?;
     }
@@ -227,7 +227,7 @@ const VM_STATUSES: [&str; 7] = [
 pub async fn workload_client(
     dsn: &str,
     worker: u64,
-    stop: Arc<AtomicBool>,
+    stop: crate::shutdown::Shutdown,
     written: Arc<AtomicU64>,
 ) -> Result<(), DemoError> {
     let (mut client, conn) = tokio_postgres::connect(dsn, NoTls).await?;
@@ -235,7 +235,7 @@ pub async fn workload_client(
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (worker + 1));
     let base = (worker as i64) << 40;
     let mut next_id = 1i64;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_shutdown() {
         let tx = client.transaction().await?;
         let id = base + next_id;
         next_id += 1;

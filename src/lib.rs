@@ -2,11 +2,19 @@
 //! migration, exactly once, through SQL transform rules evaluated by green.
 //!
 //! Pipeline: `source` (replication connection) -> `decode` (pgoutput) -> `transform` (mapping
-//! of source rows to target statements) -> `apply` (set-based, group-committed writes to green,
+//! of source rows to target columns) -> `apply` (set-based, group-committed writes to green,
 //! with `progress` and the `conflicts` record in the same transaction) -> acknowledgement to
-//! blue. `metrics` and `admin`
-//! observe and steer it; `snapshot` copies blue's existing rows before streaming; `pipeline` wires the stages together; `cluster` starts throwaway
-//! PostgreSQL servers for tests and `demo`.
+//! blue. `snapshot` copies blue's existing rows before streaming; `pipeline` runs the stages
+//! under one supervisor; `metrics` and `admin` observe and steer it.
+//!
+//! Layers, each using only those above it (`tests/layering.rs` keeps the module graph acyclic):
+//! - foundations: `lsn`, `failure` (errors by SQLSTATE), `shutdown`, `decode`, `config`;
+//! - what a mapping is: `transform` (rules, expressions, conflict policy), then `statement` (the
+//!   SQL text and parameters of the apply, no I/O) and `validate` (green's verdict on a rule);
+//! - shadowsync's tables on green: `progress`, `conflicts`;
+//! - the stages: `source`, `apply`, `snapshot`, with `metrics`;
+//! - `check` (every mapping against both schemas), `drain`, `admin`, `pipeline`;
+//! - commands and tools: `demo`, `cluster` (throwaway PostgreSQL servers for tests and `demo`).
 
 pub mod admin;
 pub mod apply;
@@ -16,12 +24,16 @@ pub mod config;
 pub mod conflicts;
 pub mod decode;
 pub mod demo;
+pub mod drain;
 pub mod failure;
 pub mod logging;
 pub mod lsn;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;
+pub mod shutdown;
 pub mod snapshot;
 pub mod source;
+pub mod statement;
 pub mod transform;
+pub mod validate;

@@ -178,9 +178,7 @@ async fn drain_target_is_flushed_on_an_idle_blue() {
         ))
         .await
         .unwrap();
-        let target = shadowsync::source::preflight::drain_target(&blue)
-            .await
-            .unwrap();
+        let target = shadowsync::source::slot::drain_target(&blue).await.unwrap();
         let flushed: String = blue
             .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
             .await

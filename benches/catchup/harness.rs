@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use shadowsync::cluster::Cluster;
@@ -792,11 +792,11 @@ async fn write_backlog(workload: Workload, size: Size, dsn: &str) -> i64 {
             n
         }
         Workload::W2 => {
-            let stop = Arc::new(AtomicBool::new(false));
+            let (stop, stopped) = shadowsync::shutdown::channel();
             let written = Arc::new(AtomicU64::new(0));
             let mut writers = Vec::new();
             for w in 0..4u64 {
-                let (stop, written, dsn) = (stop.clone(), written.clone(), dsn.to_string());
+                let (stop, written, dsn) = (stopped.clone(), written.clone(), dsn.to_string());
                 writers.push(tokio::spawn(async move {
                     shadowsync::demo::workload_client(&dsn, w, stop, written)
                         .await
@@ -806,7 +806,7 @@ async fn write_backlog(workload: Workload, size: Size, dsn: &str) -> i64 {
             while written.load(Ordering::Relaxed) < size.backlog as u64 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            stop.store(true, Ordering::Relaxed);
+            stop.fire();
             for w in writers {
                 w.await.unwrap();
             }

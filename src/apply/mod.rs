@@ -13,10 +13,7 @@
 
 pub mod batch;
 mod complete;
-pub mod conflict;
-pub(crate) mod keyless;
 mod poison;
-pub mod sql;
 pub mod stage;
 
 use std::collections::{BTreeSet, HashMap};
@@ -31,9 +28,9 @@ use crate::config::Dsn;
 use crate::decode::{Datum, Tuple};
 use crate::failure::DbFailure;
 use crate::lsn::Lsn;
+use crate::statement::{self as sql, TextArray, WordArray, conflict, keyless};
 use crate::transform::{MapError, TableMap};
 use batch::{BatchError, KeyedOp, KeylessRun, RowMove, TableOps};
-use sql::TextArray;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -815,10 +812,10 @@ fn keyed_params<'t>(
         params.push(Box::new(
             rows.iter().map(|p| p.existed).collect::<Vec<bool>>(),
         ));
-        params.push(Box::new(conflict::WordArray(
+        params.push(Box::new(WordArray(
             rows.iter().map(|p| p.commit_lsn.as_u64() as i64).collect(),
         )));
-        params.push(Box::new(conflict::WordArray(
+        params.push(Box::new(WordArray(
             rows.iter().map(|p| p.commit_time).collect(),
         )));
         params.push(Box::new(slot.clone()));
@@ -837,12 +834,10 @@ fn keyed_params<'t>(
 fn keyless_meta<'t>(rows: &[batch::OldRow], slot: &str, map: &TableMap) -> Params<'t> {
     vec![
         Box::new(rows.iter().map(|r| r.update).collect::<Vec<bool>>()),
-        Box::new(conflict::WordArray(
+        Box::new(WordArray(
             rows.iter().map(|r| r.commit_lsn.as_u64() as i64).collect(),
         )),
-        Box::new(conflict::WordArray(
-            rows.iter().map(|r| r.commit_time).collect(),
-        )),
+        Box::new(WordArray(rows.iter().map(|r| r.commit_time).collect())),
         Box::new(slot.to_string()),
         Box::new(map.source.to_string()),
         Box::new(map.label.clone()),

@@ -26,7 +26,7 @@ use crate::decode::{Begin, Commit, Message, OldTuple, Relation};
 use crate::lsn::Lsn;
 use crate::metrics::Shared;
 use crate::source::SourceEvent;
-use crate::source::preflight::DRAIN_MESSAGE_PREFIX;
+use crate::source::slot::DRAIN_MESSAGE_PREFIX;
 use crate::transform::rules::RuleSet;
 use crate::transform::{self, TableMap};
 
@@ -60,7 +60,7 @@ pub struct ApplyStage {
     /// Blue transactions in the batch.
     txns: u64,
     /// The transaction being received carries a drain's flush marker (see
-    /// `preflight::drain_target`).
+    /// `source::slot::drain_target`).
     drain_marker: bool,
     /// Rows received in the batch, for the batch-size histogram.
     batch_rows: u64,
@@ -177,7 +177,7 @@ impl ApplyStage {
                 }
                 // 2. A committed blue transaction must not wait longer than max_delay, however
                 //    busy the stream: check the deadline before taking more input.
-                _ = crate::pipeline::sleep_until(deadline), if committable => {
+                _ = crate::shutdown::sleep_until(deadline), if committable => {
                     self.commit().await?;
                     continue;
                 }
@@ -421,7 +421,7 @@ impl ApplyStage {
                     .expect("skipped rules return above");
                 // The rule meets this shape of the table for the first time in this session:
                 // let green type-check it now, rather than fail on the first row.
-                let problems = crate::check::narrow_down(self.green(), &map, Some(rule))
+                let problems = crate::validate::narrow_down(self.green(), &map, Some(rule))
                     .await
                     .map_err(catalog_err)?;
                 if let Some(first) = problems.into_iter().next() {

@@ -13,10 +13,11 @@ mod width;
 
 use tokio_postgres::Client;
 
-use crate::apply::sql;
 use crate::decode::ReplicaIdentity;
+use crate::statement as sql;
 use crate::transform::rules::{Origin, RuleSet};
 use crate::transform::{self, QualifiedName, SourceTable, SourceTableColumn, TableMap, catalog};
+use crate::validate::{db_message, narrow_down, rejection};
 
 /// The verdict on one table of the publication.
 #[derive(Debug, Clone)]
@@ -178,7 +179,7 @@ async fn check_table(
         // Identity tables too: the full-row match groups and compares every column's type.
         // (Without detection: `check` creates nothing, and the record table may not exist.)
         let all: Vec<usize> = (0..map.source_columns.len()).collect();
-        let text = crate::apply::keyless::delete_matching(&map, &all, false);
+        let text = crate::statement::keyless::delete_matching(&map, &all, false);
         if let Some(e) = rejection(green, &text).await? {
             verdict.problems.push(format!(
                 "green cannot match the full old rows of keyless table {} column by column: {}; add a primary key on green",
@@ -472,78 +473,6 @@ async fn prepare_statements(
     Ok(())
 }
 
-/// Prepares each column expression and the filter alone, to say which one is wrong.
-pub async fn narrow_down(
-    green: &Client,
-    map: &TableMap,
-    rule: Option<&transform::rules::Rule>,
-) -> Result<Vec<String>, tokio_postgres::Error> {
-    let all: Vec<usize> = (0..map.source_columns.len()).collect();
-    let src = sql::src_relation(map, &all, 1);
-    let mut problems = Vec::new();
-    for c in &map.columns {
-        let text = format!("SELECT CAST(({}) AS {}) FROM {src}", c.expr, c.base_type);
-        if let Some(e) = rejection(green, &text).await? {
-            let origin = rule
-                .and_then(|r| r.columns.get(&c.name))
-                .map(|l| l.origin.to_string())
-                .or_else(|| rule.map(|r| r.origin.to_string()))
-                .unwrap_or_default();
-            problems.push(format!(
-                "{origin}: column {} of {}: {}",
-                c.name,
-                map.label,
-                db_message(&e)
-            ));
-        }
-    }
-    if let Some(f) = &map.filter {
-        let text = format!("SELECT ({})::boolean FROM {src}", f.expr);
-        if let Some(e) = rejection(green, &text).await? {
-            let origin = rule
-                .and_then(|r| r.filter.as_ref())
-                .map(|l| l.origin.to_string())
-                .unwrap_or_default();
-            problems.push(format!(
-                "{origin}: filter of {}: {}",
-                map.label,
-                db_message(&e)
-            ));
-        }
-    }
-    Ok(problems)
-}
-
-/// Green's refusal of `text` (prepared, not run) when it means the rule or mapping does not fit
-/// the schemas; any other failure (a restart, a lock timeout) is the database's, and passes.
-async fn rejection(
-    green: &Client,
-    text: &str,
-) -> Result<Option<tokio_postgres::Error>, tokio_postgres::Error> {
-    match green.prepare(text).await {
-        Ok(_) => Ok(None),
-        Err(e) if is_rule_problem(&e) => Ok(Some(e)),
-        Err(e) => Err(e),
-    }
-}
-
-/// Errors that mean the rule does not fit the schemas (syntax, names, types, unsupported
-/// features); anything else (a restart, a lock timeout) is the database's, and passes.
-fn is_rule_problem(e: &tokio_postgres::Error) -> bool {
-    e.code()
-        .is_some_and(|c| matches!(crate::failure::class_of(c), "42" | "0A" | "22"))
-}
-
-fn db_message(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(d) => match d.hint() {
-            Some(h) => format!("{} (hint: {h})", d.message()),
-            None => d.message().to_string(),
-        },
-        None => e.to_string(),
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     #[error(transparent)]
@@ -575,7 +504,7 @@ pub async fn command(config: &crate::config::Config) -> Result<Report, CheckErro
             failure: crate::failure::DbFailure::from_pg(&source),
         })?;
     let result = async {
-        let tables = crate::source::preflight::check_blue(&blue, &config.blue.publication).await?;
+        let tables = crate::source::catalog::check_blue(&blue, &config.blue.publication).await?;
         check(&blue, &green, &tables, &config.blue.publication, &rules)
             .await
             .map_err(|source| {

@@ -10,23 +10,25 @@
 //!   pipeline with the operator's next step. Before the first session ever streamed, retryable
 //!   errors are retried only for `retry.startup_timeout_ms`, so a wrong DSN fails fast.
 
+pub mod preflight;
+
+pub use crate::drain::{DrainRequest, Report};
 mod session;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::apply::ApplyError;
 use crate::config::{Config, ConfigError};
 use crate::lsn::Lsn;
 use crate::metrics::{Shared, State};
-use crate::source::{SourceError, preflight};
+use crate::shutdown::{self, Shutdown, Trigger};
+use crate::source::{SourceError, slot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -106,7 +108,7 @@ type DrainTargetRead = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<Lsn, PipelineError>> + Send + 'static>,
 >;
 
-/// Blue's WAL insert position for a drain, made reachable (see `preflight::drain_target`), on
+/// Blue's WAL insert position for a drain, made reachable (see `source::slot::drain_target`), on
 /// a connection of its own.
 async fn blue_wal_lsn(config: Config) -> Result<Lsn, PipelineError> {
     let dsn = config.blue_dsn()?;
@@ -117,7 +119,7 @@ async fn blue_wal_lsn(config: Config) -> Result<Lsn, PipelineError> {
                 dsn: dsn.to_string(),
                 failure: crate::failure::DbFailure::from_pg(&source),
             })?;
-    let lsn = preflight::drain_target(&client).await;
+    let lsn = slot::drain_target(&client).await;
     drop(client);
     let _ = conn.await;
     Ok(lsn?)
@@ -140,37 +142,6 @@ fn drain_target_read(
     }
 }
 
-/// Sleeps until `deadline`, or forever without one: a `select!` branch that may be disarmed.
-pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
-}
-
-/// What a run did; printed as JSON by `run --drain` and `drain`.
-#[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub slot: String,
-    /// LSN streaming started from.
-    pub start_lsn: Lsn,
-    /// LSN confirmed to blue at the end.
-    pub final_lsn: Lsn,
-    /// Blue's WAL position when the drain began (everything before it is in green).
-    pub drain_lsn: Option<Lsn>,
-    pub drained: bool,
-    /// Whether blue's slot was seen recording `final_lsn` (false: green has everything, but
-    /// blue could not be asked; it will learn the position on the next start).
-    pub confirmed_by_blue: bool,
-    pub duration_seconds: f64,
-    pub transactions: u64,
-    pub batches: u64,
-    /// target table -> operation -> rows.
-    pub rows: BTreeMap<String, BTreeMap<String, u64>>,
-    /// target table -> conflict kind -> conflicts recorded in `shadowsync.conflicts`.
-    pub conflicts: BTreeMap<String, BTreeMap<String, u64>>,
-}
-
 /// Options of `run`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
@@ -180,26 +151,21 @@ pub struct RunOptions {
     pub snapshot_truncate: bool,
 }
 
-/// A drain request from the admin endpoint.
-pub struct DrainRequest {
-    pub reply: oneshot::Sender<Result<Report, String>>,
-}
-
 /// A running pipeline.
 pub struct Handle {
     pub addr: SocketAddr,
     pub shared: Arc<Shared>,
-    shutdown: watch::Sender<bool>,
+    shutdown: Trigger,
     drain: mpsc::Sender<DrainRequest>,
     join: tokio::task::JoinHandle<Result<Report, PipelineError>>,
     http: tokio::task::JoinHandle<()>,
-    http_stop: watch::Sender<bool>,
+    http_stop: Trigger,
 }
 
 impl Handle {
     /// Asks for a graceful stop (as SIGTERM does).
     pub fn shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        self.shutdown.fire();
     }
 
     /// Drains and waits for the report; the pipeline then exits.
@@ -218,7 +184,7 @@ impl Handle {
         let result = self.join.await.map_err(PipelineError::task("pipeline"));
         // Responses already owed (a /drain waiting for this report) reach their clients before
         // the process exits.
-        let _ = self.http_stop.send(true);
+        self.http_stop.fire();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
         result?
     }
@@ -241,9 +207,9 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
             source,
         })?;
     let shared = Arc::new(Shared::new());
-    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (shutdown, shutdown_rx) = shutdown::channel();
     let (drain, drain_rx) = mpsc::channel(8);
-    let (http_stop, http_stop_rx) = watch::channel(false);
+    let (http_stop, http_stop_rx) = shutdown::channel();
     let http = tokio::spawn(crate::admin::serve(
         listener,
         shared.clone(),
@@ -283,7 +249,7 @@ pub async fn run(
     let watcher = tokio::spawn(async move {
         shutdown_signal.await;
         info!("signal received: finishing the batch in flight");
-        let _ = shutdown.send(true);
+        shutdown.fire();
     });
     let result = handle.wait().await;
     watcher.abort();
@@ -311,7 +277,7 @@ impl Supervisor {
     async fn run(
         mut self,
         opts: RunOptions,
-        mut shutdown: watch::Receiver<bool>,
+        mut shutdown: Shutdown,
         mut drains: mpsc::Receiver<DrainRequest>,
     ) -> Result<Report, PipelineError> {
         let mut backoff = Duration::from_millis(self.config.retry.initial_backoff_ms);
@@ -319,7 +285,7 @@ impl Supervisor {
         let startup_timeout = Duration::from_millis(self.config.retry.startup_timeout_ms);
         let mut drain_requested = opts.drain;
         loop {
-            let (stop_tx, stop_rx) = watch::channel(false);
+            let (stop_tx, stop_rx) = shutdown::channel();
             let mut session_start = None;
             let outcome = {
                 let session = session::run(
@@ -345,12 +311,10 @@ impl Supervisor {
                         // 1. The session ending (cleanly after a stop, or with an error).
                         result = &mut session => break result.map(|()| stopping.take().unwrap_or(Outcome::Shutdown)),
                         // 2. Shutdown: stop intake, commit what is complete, confirm.
-                        changed = shutdown.changed(), if stopping.is_none() => {
-                            if changed.is_err() || *shutdown.borrow() {
-                                self.shared.set_state(State::Stopped);
-                                stopping = Some(Outcome::Shutdown);
-                                let _ = stop_tx.send(true);
-                            }
+                        () = shutdown.recv(), if stopping.is_none() => {
+                            self.shared.set_state(State::Stopped);
+                            stopping = Some(Outcome::Shutdown);
+                            stop_tx.fire();
                         }
                         // 3. Drain requests: remember the waiter, fix the target once.
                         Some(req) = drains.recv() => {
@@ -371,7 +335,7 @@ impl Supervisor {
                             if let Some(target) = self.drain_lsn
                                 && self.shared.confirmed_lsn() >= target {
                                 stopping = Some(Outcome::Drained);
-                                let _ = stop_tx.send(true);
+                                stop_tx.fire();
                             }
                         }
                     }
@@ -412,7 +376,7 @@ impl Supervisor {
                             || e.is_contention());
                     self.shared.error(e.stage(), retry);
                     self.shared.streaming.store(false, Ordering::Relaxed);
-                    if !retry || *shutdown.borrow() {
+                    if !retry || shutdown.is_shutdown() {
                         error!(error = %e, "stopping");
                         self.shared.set_state(State::Failed);
                         for w in self.waiters.drain(..) {
@@ -428,7 +392,7 @@ impl Supervisor {
                     let stop = tokio::select! {
                         _ = tokio::time::sleep(backoff) => false,
                         // A dropped handle counts as a shutdown request.
-                        changed = shutdown.changed() => changed.is_err() || *shutdown.borrow(),
+                        () = shutdown.recv() => true,
                     };
                     if stop {
                         self.shared.set_state(State::Stopped);
@@ -455,7 +419,7 @@ impl Supervisor {
         let mut confirmed = false;
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            match preflight::slot_confirmed(&client, &self.config.blue.slot).await {
+            match slot::slot_confirmed(&client, &self.config.blue.slot).await {
                 Ok(lsn) if lsn >= target => {
                     self.shared.set_confirmed(lsn);
                     confirmed = true;

@@ -13,12 +13,14 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use super::PipelineError;
+use super::preflight;
 use crate::apply::stage::{ApplyStage, Limits};
 use crate::apply::{Applier, ApplyError};
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::metrics::{Shared, State};
-use crate::source::{self, SourceError, SourceStage, preflight};
+use crate::shutdown::Shutdown;
+use crate::source::{self, SourceError, SourceStage};
 
 /// How often blue's WAL position is polled for the lag metric.
 const WAL_POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -28,7 +30,7 @@ const WAL_POLL_INTERVAL: Duration = Duration::from_secs(1);
 pub async fn run(
     config: &Config,
     shared: &Arc<Shared>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
     recovery: &crate::apply::Recovery,
     snapshot_truncate: bool,
     on_start: impl FnOnce(Lsn),
@@ -75,7 +77,7 @@ pub async fn run(
         // A stop during the initial copy ends the session at once rather than after the copy:
         // the copy is left interrupted, and the next run copies the unfinished tables again
         // from a new snapshot (see `snapshot`).
-        _ = stop_copy.wait_for(|stop| *stop) => {
+        () = stop_copy.recv() => {
             info!("stopping during the initial copy; the next run finishes it from a new snapshot");
             return Ok(());
         }
@@ -197,7 +199,7 @@ async fn poll_wal(blue: tokio_postgres::Client, shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(WAL_POLL_INTERVAL);
     loop {
         tick.tick().await;
-        match preflight::current_wal_lsn(&blue).await {
+        match source::slot::current_wal_lsn(&blue).await {
             Ok(lsn) => {
                 shared.set_blue_wal(lsn);
                 shared.blue_connected.store(true, Ordering::Relaxed);

@@ -19,9 +19,9 @@ use tracing::debug;
 use super::display::Progress;
 use super::plan::{self, Job};
 use super::{SnapshotError, blue_err, green_err};
-use crate::apply::sql::{Cast, select_list};
 use crate::config::Config;
 use crate::metrics::Shared;
+use crate::statement::{Cast, select_list};
 use crate::transform::{QualifiedName, TableMap, quote_ident};
 
 /// Every green connection of a copy holds this per-slot lock, shared.
@@ -499,7 +499,7 @@ pub(super) async fn relay(
 /// `rows`, a condition on the staging table `s`, limits the rows read.
 pub(super) fn insert_from_staging(map: &TableMap, staging: &str, rows: Option<&str>) -> String {
     let all: Vec<usize> = (0..map.source_columns.len()).collect();
-    let targets = crate::apply::sql::computable(map, &all);
+    let targets = crate::statement::computable(map, &all);
     let src = staging_source(map, &all);
     let rows = rows.map(|r| format!(" WHERE {r}")).unwrap_or_default();
     // No column list at all for a table without columns (`()` is not valid SQL): the

@@ -235,7 +235,7 @@ pub async fn prepare(
     if fresh.is_empty() && interrupted.is_empty() {
         let slot_confirmed = match slot_confirmed {
             Some(l) => l,
-            None => source::preflight::create_slot(blue, slot).await?,
+            None => source::slot::create_slot(blue, slot).await?,
         };
         return Ok(Prepared {
             slot_confirmed,

@@ -19,7 +19,8 @@
 //!   goes in one send, so a busy stream costs one wakeup of the apply stage per run, not per
 //!   row. A run never waits for more input, so it adds no latency.
 
-pub mod preflight;
+pub mod catalog;
+pub mod slot;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,7 @@ use crate::decode::{self, Begin, Commit, DecodeError, Message};
 use crate::failure::DbFailure;
 use crate::lsn::Lsn;
 use crate::metrics::Shared;
+use crate::shutdown::Shutdown;
 
 /// Most events forwarded in one channel message.
 pub const EVENTS_PER_SEND: usize = 256;
@@ -208,7 +210,7 @@ impl SourceStage {
         mut self,
         tx: mpsc::Sender<Vec<SourceEvent>>,
         mut committed: watch::Receiver<Lsn>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Shutdown,
     ) -> Result<(), SourceError> {
         let mut tx = Some(tx);
         let mut stop_by: Option<tokio::time::Instant> = None;
@@ -232,18 +234,16 @@ impl SourceStage {
                 // 2. Stop intake on shutdown or drain, at a transaction boundary: a transaction
                 //    being received is read to its Commit (within STOP_GRACE), so the batch in
                 //    flight commits whole; the apply stage finishes what it holds.
-                _ = stop.changed(), if tx.is_some() && stop_by.is_none() => {
-                    if *stop.borrow() {
-                        stop_by = Some(tokio::time::Instant::now() + STOP_GRACE);
-                        if !self.in_txn {
-                            info!("stopping intake from blue");
-                            tx = None;
-                        } else {
-                            info!("stopping intake from blue after the transaction being received");
-                        }
+                () = stop.recv(), if tx.is_some() && stop_by.is_none() => {
+                    stop_by = Some(tokio::time::Instant::now() + STOP_GRACE);
+                    if !self.in_txn {
+                        info!("stopping intake from blue");
+                        tx = None;
+                    } else {
+                        info!("stopping intake from blue after the transaction being received");
                     }
                 }
-                _ = crate::pipeline::sleep_until(stop_by), if tx.is_some() => {
+                _ = crate::shutdown::sleep_until(stop_by), if tx.is_some() => {
                     warn!("the transaction being received did not end in time; it will be streamed again");
                     tx = None;
                 }
@@ -411,5 +411,13 @@ impl SourceStage {
         };
         out.push(event);
         Ok(())
+    }
+}
+
+/// Maps a failed query on blue to [`SourceError::Blue`] with what was being done.
+pub(crate) fn blue_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
+    move |e| SourceError::Blue {
+        context,
+        failure: DbFailure::from_pg(&e),
     }
 }

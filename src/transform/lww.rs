@@ -5,11 +5,73 @@
 //! value); an `Lww::CommitTime` column exists on green as `timestamptz` and is never mapped from
 //! blue (shadowsync alone fills it, with blue's commit time).
 
-use crate::config::{ConflictsConfig, LWW_COMMIT_TIME, Resolution};
+use serde::Deserialize;
 
 use super::catalog::GreenTable;
 use super::rules::{Origin, Rule};
 use super::{MapError, TargetColumn};
+
+/// Default `[conflicts] lww_column`.
+pub const DEFAULT_LWW_COLUMN: &str = "updated_at";
+/// Default `[conflicts] commit_time_column`.
+pub const DEFAULT_COMMIT_TIME_COLUMN: &str = "shadowsync_commit_time";
+/// The `lww_column` value that compares blue's commit time instead of a row column.
+pub const LWW_COMMIT_TIME: &str = "commit_time";
+
+/// How a conflict (green's row disagreeing with a change from blue) is resolved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resolution {
+    /// Last writer wins: the change is applied only when its timestamp is later than or equal
+    /// to green's row; a table without the comparison column falls back to `apply`.
+    #[default]
+    Lww,
+    /// Blue always wins.
+    Apply,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConflictsConfig {
+    /// `lww` (default) or `apply`.
+    #[serde(default)]
+    pub resolution: Resolution,
+    /// Target column compared under `lww` (any ordered type, usually a timestamp), or
+    /// `commit_time` to compare blue's commit time with `commit_time_column`. A rule may
+    /// override it with its own `lww_column`.
+    #[serde(default = "default_lww_column")]
+    pub lww_column: String,
+    /// Target column (timestamptz) in which shadowsync stores blue's commit time for
+    /// `lww_column = "commit_time"`; green's own writers should set it too (e.g. a trigger
+    /// setting now(), which shadowsync's replica-role session does not fire).
+    #[serde(default = "default_commit_time_column")]
+    pub commit_time_column: String,
+    /// Detect and record conflicts (true); false applies blue's changes blindly, as
+    /// PostgreSQL's own apply worker does, and records nothing.
+    #[serde(default = "default_detect")]
+    pub detect: bool,
+}
+
+impl Default for ConflictsConfig {
+    fn default() -> Self {
+        ConflictsConfig {
+            resolution: Resolution::Lww,
+            lww_column: DEFAULT_LWW_COLUMN.to_string(),
+            commit_time_column: DEFAULT_COMMIT_TIME_COLUMN.to_string(),
+            detect: true,
+        }
+    }
+}
+
+fn default_lww_column() -> String {
+    DEFAULT_LWW_COLUMN.to_string()
+}
+fn default_commit_time_column() -> String {
+    DEFAULT_COMMIT_TIME_COLUMN.to_string()
+}
+fn default_detect() -> bool {
+    true
+}
 
 /// How conflicts with rows green changed itself are handled for one mapping.
 #[derive(Debug, Clone, PartialEq, Eq)]

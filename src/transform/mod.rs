@@ -17,9 +17,9 @@ pub mod rules;
 
 use std::sync::Arc;
 
-use crate::config::ConflictsConfig;
 use crate::decode::{Relation, ReplicaIdentity};
 use catalog::GreenTable;
+use lww::ConflictsConfig;
 pub use lww::{ConflictPolicy, Lww};
 use rules::{Origin, Rule};
 
@@ -140,7 +140,7 @@ pub struct TableMap {
     pub plain_key: Option<usize>,
     /// The names a violation of green's key carries (its index, and on a partitioned table
     /// each partition's), when keys blue inserted may be written with a plain INSERT (see
-    /// `apply::sql::insert_new`): every key column is a verbatim copy of one of blue's replica
+    /// `statement::insert_new`): every key column is a verbatim copy of one of blue's replica
     /// identity columns, together exactly that identity, of one type whose text form is
     /// canonical (integers, uuid). Then a key new on blue is new on green unless a writer on
     /// green inserted it, and a violation of this key means just that. `None`: always upsert.
@@ -149,7 +149,7 @@ pub struct TableMap {
     /// of the same type, there is no filter, and green's table takes `COPY`: the source column
     /// of each target column. New keys are then written with `COPY ... FROM STDIN` when they are
     /// the first statement of a write, which green runs for about three quarters of the plain
-    /// INSERT's CPU (see `apply::sql::copy_new`).
+    /// INSERT's CPU (see `statement::copy_new`).
     pub copy_new_keys: Option<Vec<usize>>,
 }
 

@@ -54,7 +54,7 @@ pub struct Rule {
 pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// `[conflicts]` of the config (defaults when rules are loaded alone).
-    pub conflicts: crate::config::ConflictsConfig,
+    pub conflicts: super::lww::ConflictsConfig,
 }
 
 impl RuleSet {

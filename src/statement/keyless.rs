@@ -22,7 +22,7 @@
 //! record's id). The record's image (jsonb) is built only for the images that found no row: a
 //! json value with `\u0000` has no jsonb form, and must not fail every batch of its table.
 
-use super::sql::{Cast, computable, select_list, src_relation};
+use super::{Cast, computable, select_list, src_relation};
 use crate::transform::{TableMap, quote_ident};
 
 /// Grouping expression of target column `i` of the images `v` (as `"~g<n>"` in `d`).
@@ -205,7 +205,7 @@ mod tests {
 
     /// `(a text COLLATE nd, n numeric NOT NULL, doc json)`, keyless.
     fn map() -> TableMap {
-        let mut map = crate::apply::sql::fixture(
+        let mut map = crate::statement::fixture(
             QualifiedName::new("public", "t"),
             &[("a", "text"), ("n", "numeric"), ("doc", "json")],
         );

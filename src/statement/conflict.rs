@@ -20,10 +20,9 @@
 //! `~existed bool[]`, `~commit_lsn pg_lsn[]`, `~commit_time timestamptz[]`, then the slot, the
 //! source table and the target table (text).
 
-use bytes::{BufMut, BytesMut};
-use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
+use postgres_types::Type;
 
-use super::sql::{Cast, column_list, computable, excluded_sets, key_match, select_list};
+use super::{Cast, column_list, computable, excluded_sets, key_match, select_list};
 use crate::transform::{Lww, TableMap, quote_ident};
 
 /// Metadata columns of the incoming rows (never target column names: they start with `~`).
@@ -557,43 +556,4 @@ pub fn delete(map: &TableMap) -> String {
             &relevant,
         ),
     )
-}
-
-/// An array of 8-byte binary values (`pg_lsn`, `timestamptz`: both are 64-bit integers on the
-/// wire), sent without conversion.
-#[derive(Debug)]
-pub struct WordArray(pub Vec<i64>);
-
-impl ToSql for WordArray {
-    fn to_sql(
-        &self,
-        ty: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        let element = match *ty {
-            Type::PG_LSN_ARRAY => Type::PG_LSN,
-            _ => Type::TIMESTAMPTZ,
-        };
-        let dims = [postgres_protocol::types::ArrayDimension {
-            len: i32::try_from(self.0.len())?,
-            lower_bound: 1,
-        }];
-        postgres_protocol::types::array_to_sql(
-            dims,
-            element.oid(),
-            self.0.iter(),
-            |v, buf| {
-                buf.put_i64(*v);
-                Ok(postgres_protocol::IsNull::No)
-            },
-            out,
-        )?;
-        Ok(IsNull::No)
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        *ty == Type::PG_LSN_ARRAY || *ty == Type::TIMESTAMPTZ_ARRAY
-    }
-
-    to_sql_checked!();
 }

@@ -9,11 +9,13 @@
 //! Invariants: every identifier is quoted; values only ever travel as parameters or COPY data,
 //! never in SQL text.
 
-use bytes::{BufMut, BytesMut};
-use postgres_types::{IsNull, ToSql, Type, to_sql_checked};
-
-use crate::decode::{Datum, Tuple};
 use crate::transform::{TableMap, quote_ident};
+
+pub mod conflict;
+pub mod keyless;
+pub mod params;
+
+pub use params::{TextArray, WordArray, copy_row};
 
 /// `(SELECT u.c0::type AS "name", ... FROM (SELECT unnest($n::text[]) AS c0, ...) AS u) AS src`
 /// over the given source columns, numbering parameters from `first_param`. `unnest` in a
@@ -164,39 +166,6 @@ pub fn copy_new(map: &TableMap) -> String {
     )
 }
 
-/// Appends one row in COPY's text format: `sources[k]` is the source column of target column k.
-pub fn copy_row(buf: &mut BytesMut, t: &Tuple, sources: &[usize]) {
-    for (k, &c) in sources.iter().enumerate() {
-        if k > 0 {
-            buf.put_u8(b'\t');
-        }
-        match &t.0[c] {
-            Datum::Text(b) | Datum::Binary(b) => copy_escape(buf, b),
-            Datum::Null | Datum::UnchangedToast => buf.put_slice(b"\\N"),
-        }
-    }
-    buf.put_u8(b'\n');
-}
-
-/// A value in COPY's text format: backslash, and the delimiter and line ends it would read as
-/// such, escaped.
-fn copy_escape(buf: &mut BytesMut, mut v: &[u8]) {
-    while let Some(at) = v
-        .iter()
-        .position(|&b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r'))
-    {
-        buf.put_slice(&v[..at]);
-        buf.put_slice(match v[at] {
-            b'\\' => b"\\\\",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            _ => b"\\r",
-        });
-        v = &v[at + 1..];
-    }
-    buf.put_slice(v);
-}
-
 /// Insert full rows; existing keys are overwritten (keyed) or rows appended (keyless). With a
 /// rule filter only matching rows are written ([`delete_unmatched`] removes the others).
 pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
@@ -310,44 +279,6 @@ pub fn truncate(targets: &[String], restart_identity: bool) -> String {
     sql
 }
 
-/// A `text[]` parameter built from borrowed bytes, without UTF-8 checks or copies: blue already
-/// produced valid text in the database encoding.
-#[derive(Debug, Default)]
-pub struct TextArray<'a>(pub Vec<Option<&'a [u8]>>);
-
-impl ToSql for TextArray<'_> {
-    fn to_sql(
-        &self,
-        _ty: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        let dims = [postgres_protocol::types::ArrayDimension {
-            len: i32::try_from(self.0.len())?,
-            lower_bound: 1,
-        }];
-        postgres_protocol::types::array_to_sql(
-            dims,
-            Type::TEXT.oid(),
-            self.0.iter(),
-            |v, buf| match v {
-                Some(bytes) => {
-                    buf.put_slice(bytes);
-                    Ok(postgres_protocol::IsNull::No)
-                }
-                None => Ok(postgres_protocol::IsNull::Yes),
-            },
-            out,
-        )?;
-        Ok(IsNull::No)
-    }
-
-    fn accepts(ty: &Type) -> bool {
-        *ty == Type::TEXT_ARRAY
-    }
-
-    to_sql_checked!();
-}
-
 /// An identity mapping of `cols` (name, type) into `target`, keyed on the first column: the
 /// statements' unit tests build on it.
 #[cfg(test)]
@@ -439,22 +370,6 @@ mod tests {
         assert_eq!(
             copy_new(&map()),
             r#"COPY "public"."T x" ("id", "na""me", "doc") FROM STDIN"#
-        );
-    }
-
-    #[test]
-    fn copy_rows_escape_what_copy_text_would_read_otherwise() {
-        let t = Tuple(vec![
-            Datum::Text(bytes::Bytes::from_static(b"7")),
-            Datum::Text(bytes::Bytes::from_static(b"a\tb\nc\rd\\e\\Nf")),
-            Datum::Null,
-        ]);
-        let mut buf = BytesMut::new();
-        copy_row(&mut buf, &t, &[0, 1, 2]);
-        copy_row(&mut buf, &t, &[2, 0]);
-        assert_eq!(
-            &buf[..],
-            b"7\ta\\tb\\nc\\rd\\\\e\\\\Nf\t\\N\n\\N\t7\n".as_slice()
         );
     }
 

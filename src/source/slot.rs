@@ -1,127 +1,18 @@
-//! Checks of blue (and of green against blue) before streaming, and slot management.
+//! Blue's replication slot and WAL positions: the slot's state and confirmed position, its
+//! creation, and the drain's target (a position made reachable at once).
 //!
-//! Every failure is a [`SourceError::Setup`] telling the operator what is wrong and what to run;
-//! nothing here writes to either database except creating a missing slot.
+//! Invariant: the only writes to blue are creating a missing slot and the drain's empty
+//! logical message; positions are read as `pg_lsn` values.
 
 use tokio_postgres::Client;
 
-use super::SourceError;
+use super::{SourceError, blue_err};
 use crate::lsn::Lsn;
-use crate::transform::QualifiedName;
-use crate::transform::rules::RuleSet;
-
-/// What the preflight learned about blue.
-#[derive(Debug, Clone)]
-pub struct BlueState {
-    /// The slot's `confirmed_flush_lsn`; `None` when the slot does not exist yet.
-    pub slot_confirmed: Option<Lsn>,
-    /// Tables in the publication.
-    pub tables: Vec<QualifiedName>,
-    /// Mappings of the replicated tables (not skipped), from blue's catalog.
-    pub maps: Vec<std::sync::Arc<crate::transform::TableMap>>,
-}
-
-fn blue_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {
-    move |e| SourceError::Blue {
-        context,
-        failure: crate::failure::DbFailure::from_pg(&e),
-    }
-}
-
-/// Checks blue's settings, the user's privilege, the publication, the mapping of every
-/// published table (see `check`) and the slot (see [`slot_state`]). Creates nothing.
-pub async fn check(
-    blue: &Client,
-    green: &Client,
-    slot: &str,
-    publication: &str,
-    rules: &RuleSet,
-    green_progress: Option<Lsn>,
-) -> Result<BlueState, SourceError> {
-    let tables = check_blue(blue, publication).await?;
-    let report = crate::check::check(blue, green, &tables, publication, rules)
-        .await
-        .map_err(blue_err("checking the mappings"))?;
-    if !report.ok() {
-        return Err(SourceError::Setup(report.problems_text()));
-    }
-    for m in &report.mappings {
-        for w in &m.warnings {
-            tracing::warn!(table = %m.source, warning = %w, "a green column may reject blue's values");
-        }
-    }
-    let maps = report
-        .mappings
-        .iter()
-        .filter_map(|m| m.map.clone())
-        .collect();
-    let slot_confirmed = slot_state(blue, slot, green_progress).await?;
-    Ok(BlueState {
-        slot_confirmed,
-        tables,
-        maps,
-    })
-}
-
-/// Blue's settings, the user's REPLICATION attribute and the publication; returns the tables
-/// in the publication. Writes nothing.
-pub async fn check_blue(
-    blue: &Client,
-    publication: &str,
-) -> Result<Vec<QualifiedName>, SourceError> {
-    let wal_level: String = blue
-        .query_one("SELECT current_setting('wal_level')", &[])
-        .await
-        .map_err(blue_err("reading wal_level"))?
-        .get(0);
-    if wal_level != "logical" {
-        return Err(SourceError::Setup(format!(
-            "blue's wal_level is '{wal_level}', logical replication needs 'logical': run ALTER SYSTEM SET wal_level = logical; on blue and restart it"
-        )));
-    }
-    let row = blue
-        .query_one(
-            "SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(blue_err("reading the user's attributes"))?;
-    let (user, can_replicate): (String, bool) = (row.get(0), row.get(1));
-    if !can_replicate {
-        return Err(SourceError::Setup(format!(
-            "blue user {user} lacks the REPLICATION attribute: run ALTER ROLE \"{user}\" REPLICATION; on blue (or connect as a user that has it)"
-        )));
-    }
-    let exists = blue
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(blue_err("looking up the publication"))?
-        .is_some();
-    if !exists {
-        return Err(SourceError::Setup(format!(
-            "publication {publication} does not exist on blue: create it with\n  CREATE PUBLICATION \"{publication}\" FOR TABLE <schema.table>, ...;\nor, to replicate every table,\n  CREATE PUBLICATION \"{publication}\" FOR ALL TABLES;"
-        )));
-    }
-    let tables: Vec<QualifiedName> = blue
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1, 2",
-            &[&publication],
-        )
-        .await
-        .map_err(blue_err("listing the publication's tables"))?
-        .into_iter()
-        .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-        .collect();
-    Ok(tables)
-}
 
 /// The slot's confirmed position; `None` when it does not exist. A missing slot that green has
 /// progress for is refused: changes between that progress and a new slot's start would be lost
 /// without a trace (a failover to a standby without the slot, a dropped slot).
-async fn slot_state(
+pub async fn slot_state(
     blue: &Client,
     slot: &str,
     green_progress: Option<Lsn>,

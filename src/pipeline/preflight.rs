@@ -1,0 +1,57 @@
+//! The checks `run` makes before it streams: blue's settings and publication, every mapping
+//! against both schemas (see `check`), and the slot against green's progress.
+//!
+//! Invariant: creates nothing; every failure tells the operator what is wrong and what to run.
+
+use tokio_postgres::Client;
+
+use crate::lsn::Lsn;
+use crate::source::{SourceError, blue_err, catalog, slot};
+use crate::transform::QualifiedName;
+use crate::transform::rules::RuleSet;
+
+/// What the preflight learned about blue.
+#[derive(Debug, Clone)]
+pub struct BlueState {
+    /// The slot's `confirmed_flush_lsn`; `None` when the slot does not exist yet.
+    pub slot_confirmed: Option<Lsn>,
+    /// Tables in the publication.
+    pub tables: Vec<QualifiedName>,
+    /// Mappings of the replicated tables (not skipped), from blue's catalog.
+    pub maps: Vec<std::sync::Arc<crate::transform::TableMap>>,
+}
+
+/// Checks blue's settings, the user's privilege, the publication, the mapping of every
+/// published table (see `check`) and the slot (see `source::slot::slot_state`). Creates nothing.
+pub async fn check(
+    blue: &Client,
+    green: &Client,
+    slot: &str,
+    publication: &str,
+    rules: &RuleSet,
+    green_progress: Option<Lsn>,
+) -> Result<BlueState, SourceError> {
+    let tables = catalog::check_blue(blue, publication).await?;
+    let report = crate::check::check(blue, green, &tables, publication, rules)
+        .await
+        .map_err(blue_err("checking the mappings"))?;
+    if !report.ok() {
+        return Err(SourceError::Setup(report.problems_text()));
+    }
+    for m in &report.mappings {
+        for w in &m.warnings {
+            tracing::warn!(table = %m.source, warning = %w, "a green column may reject blue's values");
+        }
+    }
+    let maps = report
+        .mappings
+        .iter()
+        .filter_map(|m| m.map.clone())
+        .collect();
+    let slot_confirmed = slot::slot_state(blue, slot, green_progress).await?;
+    Ok(BlueState {
+        slot_confirmed,
+        tables,
+        maps,
+    })
+}
