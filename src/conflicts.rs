@@ -14,34 +14,6 @@ use crate::config::Config;
 use crate::failure::DbFailure;
 use crate::transform::{QualifiedName, catalog, quote_ident};
 
-/// Creates the conflict table when missing (idempotent).
-pub const CREATE_SQL: &str = "
-CREATE TABLE IF NOT EXISTS shadowsync.conflicts (
-    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    detected_at  timestamptz NOT NULL DEFAULT now(),
-    slot         text NOT NULL,
-    source_table text NOT NULL,
-    target_table text NOT NULL,
-    key          jsonb NOT NULL,
-    kind         text NOT NULL,
-    resolution   text NOT NULL,
-    incoming     jsonb,
-    existing     jsonb,
-    commit_lsn   pg_lsn NOT NULL,
-    commit_time  timestamptz NOT NULL,
-    resolved_at  timestamptz
-);
-CREATE INDEX IF NOT EXISTS conflicts_detected_at ON shadowsync.conflicts (detected_at);
-COMMENT ON TABLE shadowsync.conflicts IS
-    'shadowsync: changes from blue that disagreed with green''s row (kind), what was done (resolution: apply = blue''s version written, keep = green''s row kept, skip = nothing could be written), both versions, and the blue commit; resolved_at is set by shadowsync conflicts --replay';
-";
-
-/// Creates the `shadowsync` schema and the conflict table when missing.
-pub async fn ensure_table(client: &Client) -> Result<(), tokio_postgres::Error> {
-    crate::progress::ensure_schema(client).await?;
-    client.batch_execute(CREATE_SQL).await
-}
-
 /// One conflict met by a write, for metrics and logs (the values stay in green).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
@@ -71,6 +43,8 @@ pub enum ConflictsError {
     Since(String),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 fn green_err(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ConflictsError {
@@ -366,9 +340,7 @@ pub async fn command(
         .await
         .map_err(|e| ConflictsError::Connect(DbFailure::from_pg(&e)))?;
     let conn = tokio::spawn(connection);
-    ensure_table(&client)
-        .await
-        .map_err(green_err("creating the shadowsync schema"))?;
+    crate::store::migrate(&client).await?;
     let mut out = String::new();
     if !ids.is_empty() {
         for r in replay(&mut client, ids).await? {

@@ -11,7 +11,8 @@
 //! - foundations: `lsn`, `failure` (errors by SQLSTATE), `shutdown`, `decode`, `config`;
 //! - what a mapping is: `transform` (rules, expressions, conflict policy), then `statement` (the
 //!   SQL text and parameters of the apply, no I/O) and `validate` (green's verdict on a rule);
-//! - shadowsync's tables on green: `progress`, `conflicts`;
+//! - shadowsync's tables on green: `store` (the schema and its numbered migrations), then
+//!   `progress` and `conflicts`;
 //! - the stages: `source`, `apply`, `snapshot`, with `metrics`;
 //! - `check` (every mapping against both schemas), `drain`, `admin`, `pipeline`;
 //! - commands and tools: `demo`, `cluster` (throwaway PostgreSQL servers for tests and `demo`).
@@ -35,5 +36,6 @@ pub mod shutdown;
 pub mod snapshot;
 pub mod source;
 pub mod statement;
+pub mod store;
 pub mod transform;
 pub mod validate;

@@ -1,4 +1,5 @@
-//! Exactly-once bookkeeping in green: the `shadowsync` schema and one progress row per slot.
+//! Exactly-once bookkeeping in green: one progress row per slot in `shadowsync.progress`
+//! (created by `store`).
 //!
 //! Invariant: the progress row is written in the same green transaction as the data it covers,
 //! so after any crash green's progress names exactly the last blue commit whose changes are in
@@ -8,22 +9,6 @@
 use tokio_postgres::Client;
 
 use crate::lsn::Lsn;
-
-/// Schema holding shadowsync's own tables in green.
-pub const SCHEMA: &str = "shadowsync";
-
-/// Creates the schema and progress table when missing (idempotent, safe with concurrent runs).
-pub const CREATE_SQL: &str = "
-CREATE SCHEMA IF NOT EXISTS shadowsync;
-CREATE TABLE IF NOT EXISTS shadowsync.progress (
-    slot        text PRIMARY KEY,
-    end_lsn     pg_lsn NOT NULL,
-    commit_time timestamptz,
-    applied_at  timestamptz NOT NULL DEFAULT now()
-);
-COMMENT ON TABLE shadowsync.progress IS
-    'shadowsync: end LSN and commit time of the last blue transaction applied, per slot; written in the same transaction as the data';
-";
 
 /// Upsert of the progress row; parameters: slot, end LSN, commit time (µs since 2000-01-01).
 pub const WRITE_SQL: &str = "
@@ -37,11 +22,6 @@ ON CONFLICT (slot) DO UPDATE
 pub struct Progress {
     /// End LSN of the last applied commit.
     pub end_lsn: Lsn,
-}
-
-/// Creates the schema when missing.
-pub async fn ensure_schema(client: &Client) -> Result<(), tokio_postgres::Error> {
-    client.batch_execute(CREATE_SQL).await
 }
 
 /// Reads the progress row of `slot`, if any.

@@ -56,6 +56,8 @@ pub enum ApplyError {
     },
     #[error(transparent)]
     Map(#[from] MapError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("a change at blue LSN {lsn} for a table that cannot be mapped: {error}")]
     Unmapped { lsn: Lsn, error: MapError },
     #[error(transparent)]
@@ -123,6 +125,7 @@ impl ApplyError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ApplyError::Statement { failure, .. } => failure.is_retryable(),
+            ApplyError::Store(e) => e.is_retryable(),
             ApplyError::Connect { failure, .. }
             | ApplyError::Green { failure, .. }
             | ApplyError::Blue { failure, .. } => failure.is_retryable(),
@@ -354,9 +357,7 @@ impl Applier {
                 slot: slot.to_string(),
             });
         }
-        crate::conflicts::ensure_table(&client)
-            .await
-            .map_err(green_err("creating the shadowsync schema"))?;
+        crate::store::migrate(&client).await?;
         let progress_statement = client
             .prepare(crate::progress::WRITE_SQL)
             .await

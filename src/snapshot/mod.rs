@@ -46,36 +46,12 @@ use crate::metrics::Shared;
 use crate::source::{self, SourceError};
 use crate::transform::TableMap;
 
-/// Copy bookkeeping in green (created when missing).
-pub const CREATE_SQL: &str = "
-CREATE TABLE IF NOT EXISTS shadowsync.copy_state (
-    slot         text NOT NULL,
-    source_table text NOT NULL,
-    target_table text NOT NULL,
-    state        text NOT NULL CHECK (state IN ('copying', 'done')),
-    snapshot_lsn pg_lsn NOT NULL,
-    ranges       integer NOT NULL,
-    rows         bigint NOT NULL DEFAULT 0,
-    started_at   timestamptz NOT NULL DEFAULT now(),
-    finished_at  timestamptz,
-    PRIMARY KEY (slot, source_table)
-);
-CREATE TABLE IF NOT EXISTS shadowsync.copy_ranges (
-    slot         text NOT NULL,
-    source_table text NOT NULL,
-    range_no     integer NOT NULL,
-    rows         bigint NOT NULL,
-    copied_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (slot, source_table, range_no)
-);
-COMMENT ON TABLE shadowsync.copy_state IS
-    'shadowsync: initial copy per table; snapshot_lsn is the consistent point of the snapshot its rows come from (changes committed before it are skipped)';
-";
-
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("blue, {context}: {failure}")]
     Blue { context: String, failure: DbFailure },
     #[error("green, {context}: {failure}")]
@@ -129,6 +105,7 @@ impl SnapshotError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SnapshotError::Source(e) => e.is_retryable(),
+            SnapshotError::Store(e) => e.is_retryable(),
             SnapshotError::Blue { failure, .. } | SnapshotError::Green { failure, .. } => {
                 failure.is_retryable()
             }
@@ -290,13 +267,10 @@ pub async fn prepare(
     })
 }
 
-/// Creates the bookkeeping tables; for a new slot, forgets any copy state left from an
-/// earlier slot of that name (it is meaningless now).
+/// Makes sure the bookkeeping tables exist; for a new slot, forgets any copy state left from
+/// an earlier slot of that name (it is meaningless now).
 async fn init_bookkeeping(green: &Client, slot: &str, new_slot: bool) -> Result<(), SnapshotError> {
-    green
-        .batch_execute(CREATE_SQL)
-        .await
-        .map_err(green_err("creating the copy bookkeeping tables"))?;
+    crate::store::migrate(green).await?;
     if new_slot {
         for sql in [
             "DELETE FROM shadowsync.copy_ranges WHERE slot = $1",
