@@ -467,36 +467,12 @@ impl Batch {
         if !map.keyed_lookups.is_empty() {
             self.note_lookups(map, &new);
         }
-        let (old_key_tuple, old_full) = match old {
-            Some(OldTuple::Full(t)) => {
-                check_arity(map, &t, lsn)?;
-                (Some(t.clone()), Some(t))
-            }
-            Some(OldTuple::Key(t)) => {
-                check_arity(map, &t, lsn)?;
-                (Some(t), None)
-            }
-            None => (None, None),
-        };
+        let (old_key_tuple, old_full) = old_images(map, old, lsn)?;
         let txn = self.txn;
         let ops = self.table(map);
         ops.counts[OP_UPDATE] += 1;
         if !map.is_keyed() {
-            // Keyless: delete one row equal to the old image, append the new one.
-            let Some(old_full) = old_full else {
-                return Err(BatchError::NoOldRow {
-                    table: map.label.clone(),
-                    lsn,
-                });
-            };
-            fill_unchanged(&mut new, &old_full);
-            ops.push_delete(OldRow {
-                tuple: old_full,
-                update: true,
-                commit_lsn: txn.0,
-                commit_time: txn.1,
-            });
-            ops.push_insert(new);
+            update_keyless(ops, map, old_full, new, lsn, txn)?;
             return Ok(None);
         }
         // The old image (with FULL identity) completes unchanged-TOAST columns for free.
@@ -504,87 +480,158 @@ impl Batch {
             fill_unchanged(&mut new, full);
         }
         let new_key = key_of(map, &new, lsn)?;
-        let old_key = match &old_key_tuple {
-            Some(t) => Some(key_of(map, t, lsn)?),
+        let old = match old_key_tuple {
+            Some(t) => Some((key_of(map, &t, lsn)?, t)),
             None => None,
         };
-        let moved = old_key.as_ref().is_some_and(|k| *k != new_key);
-        if moved {
-            let old_key = old_key.expect("moved implies an old key");
-            let prev = ops.ops.remove(&old_key);
-            // Green held the old key before the batch unless the batch inserted it.
-            let old_existed = prev.as_ref().is_none_or(|p| p.existed);
-            if has_unchanged(&new) {
-                match prev.as_ref().map(|p| &p.op) {
-                    Some(KeyedOp::Upsert(p)) | Some(KeyedOp::Update(p)) => {
-                        fill_unchanged(&mut new, p)
-                    }
-                    _ => {}
-                }
+        match old {
+            Some(old) if old.0 != new_key => {
+                Ok(update_moved(ops, map, old, new_key, new, lsn, txn))
             }
-            if has_unchanged(&new) && !map.completes_partial_rows() {
-                // Green holds the only copy of the missing values: restore what was pending
-                // for the old key (the caller flushes it first) and let green move the row.
-                if let Some(p) = prev {
-                    ops.ops.insert(old_key, p);
-                }
-                return Ok(Some(RowMove {
-                    map: map.clone(),
-                    old_key: old_key_tuple.expect("moved implies an old key"),
-                    new,
-                    lsn,
-                }));
+            _ => {
+                update_in_place(&mut ops.ops, new_key, new, lsn, txn);
+                Ok(None)
             }
-            // Delete the old key, write the new one: whole, or (when the rule needs the real
-            // values: filter, mixed columns) as a partial image completed from blue.
-            let old_tuple = old_key_tuple.expect("moved implies an old key");
-            put_first(
-                &mut ops.ops,
-                old_key,
-                KeyedOp::Delete(old_tuple),
-                lsn,
-                txn,
-                old_existed,
-            );
-            let op = if has_unchanged(&new) {
-                KeyedOp::Update(new)
-            } else {
-                KeyedOp::Upsert(new)
-            };
-            put(&mut ops.ops, new_key, op, lsn, txn, false);
-            return Ok(None);
         }
-        let pending = match ops.ops.entry(new_key) {
-            Entry::Vacant(v) => v.insert(Pending {
-                op: KeyedOp::Update(Tuple::default()),
-                lsn,
-                commit_lsn: txn.0,
-                commit_time: txn.1,
-                existed: true,
-            }),
-            Entry::Occupied(o) => o.into_mut(),
-        };
-        pending.lsn = lsn;
-        (pending.commit_lsn, pending.commit_time) = txn;
-        let op = &mut pending.op;
-        let merged = match std::mem::replace(op, KeyedOp::Update(Tuple::default())) {
-            KeyedOp::Upsert(prev) => {
-                fill_unchanged(&mut new, &prev);
-                new
-            }
-            KeyedOp::Update(prev) if !prev.0.is_empty() => {
-                fill_unchanged(&mut new, &prev);
-                new
-            }
-            _ => new,
-        };
-        *op = if has_unchanged(&merged) {
-            KeyedOp::Update(merged)
-        } else {
-            KeyedOp::Upsert(merged)
-        };
-        Ok(None)
     }
+}
+
+/// An update's old image, checked: (the tuple its old key is read from, the full old row when
+/// blue sent one).
+fn old_images(
+    map: &TableMap,
+    old: Option<OldTuple>,
+    lsn: Lsn,
+) -> Result<(Option<Tuple>, Option<Tuple>), BatchError> {
+    match old {
+        Some(OldTuple::Full(t)) => {
+            check_arity(map, &t, lsn)?;
+            Ok((Some(t.clone()), Some(t)))
+        }
+        Some(OldTuple::Key(t)) => {
+            check_arity(map, &t, lsn)?;
+            Ok((Some(t), None))
+        }
+        None => Ok((None, None)),
+    }
+}
+
+/// Keyless: delete one row equal to the old image, append the new one.
+fn update_keyless(
+    ops: &mut TableOps,
+    map: &TableMap,
+    old_full: Option<Tuple>,
+    mut new: Tuple,
+    lsn: Lsn,
+    txn: (Lsn, i64),
+) -> Result<(), BatchError> {
+    let Some(old_full) = old_full else {
+        return Err(BatchError::NoOldRow {
+            table: map.label.clone(),
+            lsn,
+        });
+    };
+    fill_unchanged(&mut new, &old_full);
+    ops.push_delete(OldRow {
+        tuple: old_full,
+        update: true,
+        commit_lsn: txn.0,
+        commit_time: txn.1,
+    });
+    ops.push_insert(new);
+    Ok(())
+}
+
+/// An update that changed the row's key from `old` (the old key and the tuple it was read
+/// from) to `new_key`; `Some` when green must move the row itself.
+fn update_moved(
+    ops: &mut TableOps,
+    map: &Arc<TableMap>,
+    (old_key, old_tuple): (Key, Tuple),
+    new_key: Key,
+    mut new: Tuple,
+    lsn: Lsn,
+    txn: (Lsn, i64),
+) -> Option<RowMove> {
+    let prev = ops.ops.remove(&old_key);
+    // Green held the old key before the batch unless the batch inserted it.
+    let old_existed = prev.as_ref().is_none_or(|p| p.existed);
+    if has_unchanged(&new) {
+        match prev.as_ref().map(|p| &p.op) {
+            Some(KeyedOp::Upsert(p)) | Some(KeyedOp::Update(p)) => fill_unchanged(&mut new, p),
+            _ => {}
+        }
+    }
+    if has_unchanged(&new) && !map.completes_partial_rows() {
+        // Green holds the only copy of the missing values: restore what was pending
+        // for the old key (the caller flushes it first) and let green move the row.
+        if let Some(p) = prev {
+            ops.ops.insert(old_key, p);
+        }
+        return Some(RowMove {
+            map: map.clone(),
+            old_key: old_tuple,
+            new,
+            lsn,
+        });
+    }
+    // Delete the old key, write the new one: whole, or (when the rule needs the real
+    // values: filter, mixed columns) as a partial image completed from blue.
+    put_first(
+        &mut ops.ops,
+        old_key,
+        KeyedOp::Delete(old_tuple),
+        lsn,
+        txn,
+        old_existed,
+    );
+    let op = if has_unchanged(&new) {
+        KeyedOp::Update(new)
+    } else {
+        KeyedOp::Upsert(new)
+    };
+    put(&mut ops.ops, new_key, op, lsn, txn, false);
+    None
+}
+
+/// An update that kept the row's key: merged into the key's pending op, filling unchanged
+/// TOAST from an earlier image; a key not pending yet existed on green (blue updated it).
+fn update_in_place(
+    ops: &mut HashMap<Key, Pending>,
+    key: Key,
+    mut new: Tuple,
+    lsn: Lsn,
+    txn: (Lsn, i64),
+) {
+    let pending = match ops.entry(key) {
+        Entry::Vacant(v) => v.insert(Pending {
+            op: KeyedOp::Update(Tuple::default()),
+            lsn,
+            commit_lsn: txn.0,
+            commit_time: txn.1,
+            existed: true,
+        }),
+        Entry::Occupied(o) => o.into_mut(),
+    };
+    pending.lsn = lsn;
+    (pending.commit_lsn, pending.commit_time) = txn;
+    let op = &mut pending.op;
+    let merged = match std::mem::replace(op, KeyedOp::Update(Tuple::default())) {
+        KeyedOp::Upsert(prev) => {
+            fill_unchanged(&mut new, &prev);
+            new
+        }
+        KeyedOp::Update(prev) if !prev.0.is_empty() => {
+            fill_unchanged(&mut new, &prev);
+            new
+        }
+        _ => new,
+    };
+    *op = if has_unchanged(&merged) {
+        KeyedOp::Update(merged)
+    } else {
+        KeyedOp::Upsert(merged)
+    };
 }
 
 /// Sets a key's pending op; a key already pending keeps its `existed` (from its first change).
