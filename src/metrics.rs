@@ -55,6 +55,12 @@ pub struct ErrorLabels {
     pub retryable: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SwitchLabels {
+    pub table: String,
+    pub switch: String,
+}
+
 /// Pipeline states, exported as `shadowsync_pipeline_state{state=...} 1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -117,6 +123,7 @@ pub struct Shared {
     blue_wal_lsn_gauge: Gauge,
     state_gauge: Family<StateLabels, Gauge>,
     errors: Family<ErrorLabels, Counter>,
+    switches: Family<SwitchLabels, Counter>,
     /// Blue's current WAL position (polled).
     blue_wal_lsn: AtomicU64,
     /// LSN confirmed to blue (flush position in the last standby status update).
@@ -223,6 +230,12 @@ impl Shared {
             "Errors by stage and whether they were retried",
             errors.clone(),
         );
+        let switches = Family::<SwitchLabels, Counter>::default();
+        registry.register(
+            "apply_switches",
+            "Planned changes of how a table is written (blue_order: a stretch replayed change by change for a secondary unique constraint; upserts_only: a writer on green inserted keys), each ending a session on purpose; not errors",
+            switches.clone(),
+        );
         let shared = Shared {
             registry,
             lag_bytes,
@@ -239,6 +252,7 @@ impl Shared {
             blue_wal_lsn_gauge,
             state_gauge,
             errors,
+            switches,
             blue_wal_lsn: AtomicU64::new(0),
             confirmed_lsn: AtomicU64::new(0),
             blue_connected: AtomicBool::new(false),
@@ -279,6 +293,16 @@ impl Shared {
             .get_or_create(&ErrorLabels {
                 stage: stage.to_string(),
                 retryable: retryable.to_string(),
+            })
+            .inc();
+    }
+
+    /// A session ended on purpose to write `table` differently (see `apply::Switch`).
+    pub fn switched(&self, table: &str, switch: &str) {
+        self.switches
+            .get_or_create(&SwitchLabels {
+                table: table.to_string(),
+                switch: switch.to_string(),
             })
             .inc();
     }

@@ -220,10 +220,15 @@ async fn green_writes_meet_lww_apply_and_commit_time() {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }
     // New keys are written with a plain INSERT; meeting green's rows 10 (items) and 10 (plain)
-    // failed it once per table, the batch was retried with upserts, and those tables stay on
-    // upserts: a third green-side key costs no further retry.
-    let retries = "shadowsync_errors_total{stage=\"apply\",retryable=\"true\"} 2";
-    assert!(metrics.contains(retries), "missing {retries} in\n{metrics}");
+    // failed it once per table, the batch was written again with upserts, and those tables stay
+    // on upserts: a third green-side key costs no further switch. A switch is not an error.
+    for switch in [
+        "shadowsync_apply_switches_total{table=\"public.items\",switch=\"upserts_only\"} 1",
+        "shadowsync_apply_switches_total{table=\"public.plain\",switch=\"upserts_only\"} 1",
+    ] {
+        assert!(metrics.contains(switch), "missing {switch} in\n{metrics}");
+    }
+    assert!(!metrics.contains("shadowsync_errors_total{"), "{metrics}");
     green
         .batch_execute("INSERT INTO items VALUES (20, 'green', '2026-01-01')")
         .await
@@ -237,7 +242,8 @@ async fn green_writes_meet_lww_apply_and_commit_time() {
         vec!["(20,blue)"]
     );
     let metrics = handle.shared.encode();
-    assert!(metrics.contains(retries), "missing {retries} in\n{metrics}");
+    let once = "shadowsync_apply_switches_total{table=\"public.items\",switch=\"upserts_only\"} 1";
+    assert!(metrics.contains(once), "missing {once} in\n{metrics}");
     assert!(
         metrics.contains("shadowsync_conflicts_total{table=\"public.items\",kind=\"insert_exists\",resolution=\"apply\"} 2"),
         "{metrics}"

@@ -296,12 +296,12 @@ async fn unique_swaps_are_replayed_in_blue_order() {
     handle.wait().await.unwrap();
     assert!(report.drained);
     assert_same(&pair, &["users"]).await;
+    let metrics = shared.encode();
     assert!(
-        shared
-            .encode()
-            .contains("shadowsync_errors_total{stage=\"apply\",retryable=\"true\"} 1"),
-        "one replay: {}",
-        shared.encode()
+        metrics.contains(
+            "shadowsync_apply_switches_total{table=\"public.users\",switch=\"blue_order\"} 1"
+        ) && !metrics.contains("shadowsync_errors_total{"),
+        "one replay, and no error: {metrics}"
     );
 }
 

@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 
 use super::batch::TableOps;
-use super::{Applier, ApplyError, hint_for};
+use super::error::hint_for;
+use super::{Applier, ApplyError};
 use crate::failure::DbFailure;
 use crate::lsn::Lsn;
 

@@ -271,6 +271,18 @@ struct Supervisor {
 enum Outcome {
     Shutdown,
     Drained,
+    /// The session ended on purpose to write green differently (see `apply::Switch`).
+    Switched(crate::apply::Switch),
+}
+
+/// What the supervisor does after a session.
+enum Next {
+    /// Start the next session now.
+    Resume,
+    /// Start the next session after the backoff.
+    Retry,
+    /// The run is over.
+    Done(Result<Report, PipelineError>),
 }
 
 impl Supervisor {
@@ -282,7 +294,6 @@ impl Supervisor {
     ) -> Result<Report, PipelineError> {
         let mut backoff = Duration::from_millis(self.config.retry.initial_backoff_ms);
         let max_backoff = Duration::from_millis(self.config.retry.max_backoff_ms);
-        let startup_timeout = Duration::from_millis(self.config.retry.startup_timeout_ms);
         let mut drain_requested = opts.drain;
         loop {
             let (stop_tx, stop_rx) = shutdown::channel();
@@ -309,7 +320,10 @@ impl Supervisor {
                     tokio::select! {
                         biased;
                         // 1. The session ending (cleanly after a stop, or with an error).
-                        result = &mut session => break result.map(|()| stopping.take().unwrap_or(Outcome::Shutdown)),
+                        result = &mut session => break result.map(|switch| match switch {
+                            Some(switch) => Outcome::Switched(switch),
+                            None => stopping.take().unwrap_or(Outcome::Shutdown),
+                        }),
                         // 2. Shutdown: stop intake, commit what is complete, confirm.
                         () = shutdown.recv(), if stopping.is_none() => {
                             self.shared.set_state(State::Stopped);
@@ -345,63 +359,97 @@ impl Supervisor {
             if let Some(lsn) = session_start {
                 self.start_lsn.get_or_insert(lsn);
             }
-            match outcome {
-                Ok(Outcome::Drained) => {
-                    let confirmed = self.confirm_drained().await;
-                    let mut report = self.report(true);
-                    report.confirmed_by_blue = confirmed;
-                    self.shared.set_state(State::Stopped);
-                    info!(final_lsn = %report.final_lsn, "drained");
-                    for w in self.waiters.drain(..) {
-                        let _ = w.send(Ok(report.clone()));
-                    }
-                    return Ok(report);
+            let next = match outcome {
+                Ok(Outcome::Drained) => Next::Done(Ok(self.drained().await)),
+                Ok(Outcome::Shutdown) => Next::Done(Ok(self.stopped())),
+                Ok(Outcome::Switched(switch)) => self.switched(switch, &shutdown),
+                Err(e) => self.failed(e, &shutdown, streamed),
+            };
+            match next {
+                Next::Done(result) => return result,
+                Next::Resume => {
+                    backoff = Duration::from_millis(self.config.retry.initial_backoff_ms);
                 }
-                Ok(Outcome::Shutdown) => {
-                    self.shared.set_state(State::Stopped);
-                    let report = self.report(false);
-                    for w in self.waiters.drain(..) {
-                        let _ = w.send(Err("shut down before the drain finished".into()));
-                    }
-                    info!(final_lsn = %report.final_lsn, "stopped");
-                    return Ok(report);
-                }
-                Err(e) => {
-                    if let PipelineError::Apply(e) = &e {
-                        self.recovery.learn(e);
-                    }
-                    let retry = e.is_retryable()
-                        && (self.start_lsn.is_some()
-                            || self.started.elapsed() < startup_timeout
-                            || e.is_contention());
-                    self.shared.error(e.stage(), retry);
-                    self.shared.streaming.store(false, Ordering::Relaxed);
-                    if !retry || shutdown.is_shutdown() {
-                        error!(error = %e, "stopping");
-                        self.shared.set_state(State::Failed);
-                        for w in self.waiters.drain(..) {
-                            let _ = w.send(Err(e.to_string()));
-                        }
-                        return Err(e);
-                    }
+                Next::Retry => {
                     if streamed {
                         backoff = Duration::from_millis(self.config.retry.initial_backoff_ms);
                     }
-                    warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "session lost; resuming from green's progress");
-                    self.shared.set_state(State::Reconnecting);
+                    info!(
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "resuming from green's progress after the backoff"
+                    );
                     let stop = tokio::select! {
                         _ = tokio::time::sleep(backoff) => false,
                         // A dropped handle counts as a shutdown request.
                         () = shutdown.recv() => true,
                     };
                     if stop {
-                        self.shared.set_state(State::Stopped);
-                        return Ok(self.report(false));
+                        return Ok(self.stopped());
                     }
                     backoff = (backoff * 2).min(max_backoff);
                 }
             }
         }
+    }
+
+    /// The drain finished: the report, to every waiter too.
+    async fn drained(&mut self) -> Report {
+        let confirmed = self.confirm_drained().await;
+        let mut report = self.report(true);
+        report.confirmed_by_blue = confirmed;
+        self.shared.set_state(State::Stopped);
+        info!(final_lsn = %report.final_lsn, "drained");
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Ok(report.clone()));
+        }
+        report
+    }
+
+    /// Shut down before any drain finished.
+    fn stopped(&mut self) -> Report {
+        self.shared.set_state(State::Stopped);
+        let report = self.report(false);
+        for w in self.waiters.drain(..) {
+            let _ = w.send(Err("shut down before the drain finished".into()));
+        }
+        info!(final_lsn = %report.final_lsn, "stopped");
+        report
+    }
+
+    /// A planned switch: not an error; the next session starts at once with it, unless the
+    /// run is shutting down.
+    fn switched(&mut self, switch: crate::apply::Switch, shutdown: &Shutdown) -> Next {
+        self.shared.streaming.store(false, Ordering::Relaxed);
+        self.shared.switched(switch.table(), switch.kind());
+        info!(table = %switch.table(), switch = switch.kind(), reason = %switch, "changing how green is written; resuming from green's progress");
+        self.recovery.learn(&switch);
+        if shutdown.is_shutdown() {
+            return Next::Done(Ok(self.stopped()));
+        }
+        self.shared.set_state(State::Reconnecting);
+        Next::Resume
+    }
+
+    /// A failed session: retried (after the backoff) when the error allows it, else the end.
+    fn failed(&mut self, e: PipelineError, shutdown: &Shutdown, streamed: bool) -> Next {
+        let startup_timeout = Duration::from_millis(self.config.retry.startup_timeout_ms);
+        let retry = e.is_retryable()
+            && (self.start_lsn.is_some()
+                || self.started.elapsed() < startup_timeout
+                || e.is_contention());
+        self.shared.error(e.stage(), retry);
+        self.shared.streaming.store(false, Ordering::Relaxed);
+        if !retry || shutdown.is_shutdown() {
+            error!(error = %e, "stopping");
+            self.shared.set_state(State::Failed);
+            for w in self.waiters.drain(..) {
+                let _ = w.send(Err(e.to_string()));
+            }
+            return Next::Done(Err(e));
+        }
+        warn!(error = %e, streamed, "session lost; resuming from green's progress");
+        self.shared.set_state(State::Reconnecting);
+        Next::Retry
     }
 
     /// Waits until blue's slot records the drained position (the standby status update has

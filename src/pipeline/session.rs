@@ -15,7 +15,7 @@ use tracing::{Instrument, info, info_span, warn};
 use super::PipelineError;
 use super::preflight;
 use crate::apply::stage::{ApplyStage, Limits};
-use crate::apply::{Applier, ApplyError};
+use crate::apply::{Applier, ApplyError, Switch};
 use crate::config::Config;
 use crate::lsn::Lsn;
 use crate::metrics::{Shared, State};
@@ -25,7 +25,8 @@ use crate::source::{self, SourceError, SourceStage};
 /// How often blue's WAL position is polled for the lag metric.
 const WAL_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Runs a session until `stop` turns true (clean end) or an error. `on_start` receives the LSN
+/// Runs a session until `stop` fires (clean end, `None`), a planned switch ends it
+/// (`Some`: the next session writes differently), or an error. `on_start` receives the LSN
 /// streaming resumed from.
 pub async fn run(
     config: &Config,
@@ -34,7 +35,7 @@ pub async fn run(
     recovery: &crate::apply::Recovery,
     snapshot_truncate: bool,
     on_start: impl FnOnce(Lsn),
-) -> Result<(), PipelineError> {
+) -> Result<Option<Switch>, PipelineError> {
     let green_dsn = config.green_dsn()?;
     let rules = Arc::new(config.rules()?);
     let blue_dsn = config.blue_dsn()?;
@@ -79,7 +80,7 @@ pub async fn run(
         // from a new snapshot (see `snapshot`).
         () = stop_copy.recv() => {
             info!("stopping during the initial copy; the next run finishes it from a new snapshot");
-            return Ok(());
+            return Ok(None);
         }
         prepared = crate::snapshot::prepare(
             config,
@@ -157,9 +158,12 @@ pub async fn run(
     shared.streaming.store(false, Ordering::Relaxed);
     shared.forget_unapplied();
     // The apply error is the root cause when both failed (the source stops because apply did).
-    apply_result?;
+    match apply_result {
+        Err(ApplyError::Switch(switch)) => return Ok(Some(switch)),
+        other => other?,
+    }
     source_result?;
-    Ok(())
+    Ok(None)
 }
 
 /// Without `session_replication_role = replica`, set-based statements could trip foreign keys

@@ -226,7 +226,7 @@ impl ApplyStage {
         final_lsn: Lsn,
     ) -> Result<Written, ApplyError> {
         match result {
-            // A new key met a row on green: a conflict, not bad input (see `NewKeyExists`).
+            // A new key met a row on green: a conflict, not bad input (see `Switch::UpsertsOnly`).
             Err(ApplyError::Statement {
                 what: crate::apply::NEW_KEYS,
                 table,
@@ -239,7 +239,7 @@ impl ApplyStage {
                         && t.map.is_new_key_violation(failure.constraint.as_deref())
                 }) =>
             {
-                Err(ApplyError::NewKeyExists { table, failure })
+                Err(crate::apply::Switch::UpsertsOnly { table, failure }.into())
             }
             Err(e) if crate::apply::poison::is_data_error(&e) => {
                 let ApplyError::Statement { table, failure, .. } = &e else {
@@ -250,11 +250,12 @@ impl ApplyStage {
                 if final_lsn > self.serial_until && failure.is_unique_violation() {
                     // Every transaction in this write commits at or before the one received
                     // last.
-                    return Err(ApplyError::Reorder {
+                    return Err(crate::apply::Switch::Reorder {
                         table: table.clone(),
                         until: final_lsn,
                         failure: failure.clone(),
-                    });
+                    }
+                    .into());
                 }
                 // The table may have ops in several segments of the batch: try each. A row that
                 // fails alone for another reason (it needed earlier context) is not the culprit.
