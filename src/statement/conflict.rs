@@ -22,7 +22,7 @@
 
 use postgres_types::Type;
 
-use super::{Cast, column_list, computable, excluded_sets, key_match, select_list};
+use super::{Cast, PartialUpdate, column_list, computable, excluded_sets, key_match, select_list};
 use crate::transform::{Lww, TableMap, quote_ident};
 
 /// Metadata columns of the incoming rows (never target column names: they start with `~`).
@@ -276,86 +276,96 @@ pub fn param_types(n: usize) -> Vec<Type> {
 /// insert), and under lww `insert_older` / `update_older` (green's row kept).
 pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
     let targets = computable(map, cols);
-    let names: Vec<String> = targets
-        .iter()
-        .map(|&i| quote_ident(&map.columns[i].name))
-        .collect();
-    let mut insert_cols = names.clone();
-    let mut write_meta: Vec<usize> = Vec::new();
-    let mut sets = excluded_sets(map, &targets);
-    let mut guard = String::new();
-    match map.conflicts.lww() {
-        Some(Lww::Column(i)) if targets.contains(i) => {
-            let n = quote_ident(&map.columns[*i].name);
-            guard = if upsert_takes_commit_bound(map) {
-                // EXCLUDED carries no per-row metadata: the statement's latest commit time
-                // stands in for each row's (see `upsert_takes_commit_bound`).
-                format!(
-                    " WHERE (t.{n} > GREATEST(EXCLUDED.{n}, ${}::timestamptz)) IS NOT TRUE",
-                    cols.len() + 7
-                )
-            } else {
-                format!(" WHERE (t.{n} > EXCLUDED.{n}) IS NOT TRUE")
-            };
-        }
-        Some(Lww::CommitTime(c)) => {
-            let n = quote_ident(c);
-            insert_cols.push(n.clone());
-            write_meta.push(COMMIT_TIME);
-            sets.push(format!("{n} = EXCLUDED.{n}"));
-            guard = format!(" WHERE (t.{n} > EXCLUDED.{n}) IS NOT TRUE");
-        }
-        _ => {}
-    }
-    if sets.is_empty() {
-        // Every column is a key: a no-op update, so that an existing row is still returned.
-        let k = &key_names(map)[0];
-        sets.push(format!("{k} = EXCLUDED.{k}"));
-    }
+    let write = UpsertWrite::new(map, cols, &targets);
     let written = select_list(map, &targets, Cast::Write);
     // The rows written, the batch's keys with what each expected (read again, keys only), and
     // the full incoming rows only when some key disagreed.
-    let rows = incoming(map, cols, &written, &write_meta);
+    let rows = incoming(map, cols, &written, &write.meta);
     // Keys as stored (the exact type, modifier included), to match what `w` returns.
     let keys = incoming_keys(map, cols, Cast::Match);
-    // Uncorrelated, so green evaluates it once: a conflict-free batch never reads these.
-    let s = incoming_if(
-        map,
-        cols,
-        &written,
-        &[COMMIT_LSN, COMMIT_TIME],
-        Some("EXISTS (SELECT FROM c)"),
-    );
-    // Rows whose values equal green's are not a conflict, whatever their history.
-    let same = format!(
-        "ROW({})::text = ROW({})::text",
-        targets
-            .iter()
-            .map(|&i| format!(
-                "CAST(s.{} AS {})",
-                quote_ident(&map.columns[i].name),
-                map.columns[i].sql_type
-            ))
-            .collect::<Vec<_>>()
-            .join(", "),
-        targets
-            .iter()
-            .map(|&i| format!("e.{}", quote_ident(&map.columns[i].name)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    // With a filter, an update finding no row is a row moving in, not a conflict.
-    let moved_in = if map.filter.is_some() {
-        // coalesce: a kept row has no `~inserted` and must stay recorded.
-        format!(" AND NOT coalesce(c.{INSERTED} AND c.\"~existed\", false)")
-    } else {
-        String::new()
-    };
     let key_list = key_names(map)
         .iter()
         .map(|k| format!("k.{k}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let (returned, inserted, before) = inserted_test(map);
+    format!(
+        "WITH w AS (INSERT INTO {tbl} AS t ({ins}) OVERRIDING SYSTEM VALUE {rows} \
+               ON CONFLICT ({keys}) DO UPDATE SET {sets}{guard} \
+               RETURNING {ret}{returned}), \
+         c AS MATERIALIZED (SELECT * FROM (SELECT {key_list}, k.\"~existed\", {inserted} AS {INSERTED} \
+                                             FROM ({k}) AS k LEFT JOIN w ON {kw}{before}) AS c0 \
+               WHERE c0.{INSERTED} IS NULL OR c0.{INSERTED} = c0.\"~existed\") {record}",
+        tbl = map.target.quoted(),
+        ins = write.insert_cols.join(", "),
+        keys = key_names(map).join(", "),
+        sets = write.sets.join(", "),
+        guard = write.guard,
+        ret = returning_key(map),
+        k = keys,
+        kw = key_match(map, "k", "w"),
+        record = upsert_record(map, cols, &targets, &written),
+    )
+}
+
+/// How [`upsert`] writes under the table's last-writer-wins policy.
+struct UpsertWrite {
+    /// The INSERT's columns (quoted).
+    insert_cols: Vec<String>,
+    /// Metadata columns the written rows carry (see `META`).
+    meta: Vec<usize>,
+    /// `ON CONFLICT ... DO UPDATE SET` assignments.
+    sets: Vec<String>,
+    /// The update's `WHERE`, keeping green's newer row (empty without lww).
+    guard: String,
+}
+
+impl UpsertWrite {
+    fn new(map: &TableMap, cols: &[usize], targets: &[usize]) -> Self {
+        let mut write = UpsertWrite {
+            insert_cols: targets
+                .iter()
+                .map(|&i| quote_ident(&map.columns[i].name))
+                .collect(),
+            meta: Vec::new(),
+            sets: excluded_sets(map, targets),
+            guard: String::new(),
+        };
+        match map.conflicts.lww() {
+            Some(Lww::Column(i)) if targets.contains(i) => {
+                let n = quote_ident(&map.columns[*i].name);
+                write.guard = if upsert_takes_commit_bound(map) {
+                    // EXCLUDED carries no per-row metadata: the statement's latest commit time
+                    // stands in for each row's (see `upsert_takes_commit_bound`).
+                    format!(
+                        " WHERE (t.{n} > GREATEST(EXCLUDED.{n}, ${}::timestamptz)) IS NOT TRUE",
+                        cols.len() + 7
+                    )
+                } else {
+                    format!(" WHERE (t.{n} > EXCLUDED.{n}) IS NOT TRUE")
+                };
+            }
+            Some(Lww::CommitTime(c)) => {
+                let n = quote_ident(c);
+                write.insert_cols.push(n.clone());
+                write.meta.push(COMMIT_TIME);
+                write.sets.push(format!("{n} = EXCLUDED.{n}"));
+                write.guard = format!(" WHERE (t.{n} > EXCLUDED.{n}) IS NOT TRUE");
+            }
+            _ => {}
+        }
+        if write.sets.is_empty() {
+            // Every column is a key: a no-op update, so that an existing row is still returned.
+            let k = &key_names(map)[0];
+            write.sets.push(format!("{k} = EXCLUDED.{k}"));
+        }
+        write
+    }
+}
+
+/// How [`upsert`]'s `c` tells a row written as an insert: (what `w` returns for it, the test
+/// over `w`, the join the test needs).
+fn inserted_test(map: &TableMap) -> (String, String, String) {
     // Whether the upsert inserted the row (rather than updating one): `xmax = 0` of the row
     // returned. A partitioned table returns no system columns from an INSERT (PostgreSQL:
     // "cannot retrieve a system column in this context"), so there the question goes to
@@ -366,7 +376,7 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
     // writer committing between the statement's snapshot and ON CONFLICT's read of the latest
     // row can make the two disagree, and its row then goes unrecorded, as any race of a
     // concurrent writer with a statement that has already taken its snapshot.
-    let (returned, inserted, before) = if map.partitioned {
+    if map.partitioned {
         (
             String::new(),
             format!(
@@ -385,62 +395,81 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
             format!("w.{INSERTED}"),
             String::new(),
         )
+    }
+}
+
+/// The record of [`upsert`]'s conflicting rows `c`, each joined with its full incoming row
+/// (`written`, the select list of `targets`) and green's row before the statement.
+fn upsert_record(map: &TableMap, cols: &[usize], targets: &[usize], written: &str) -> String {
+    // Uncorrelated, so green evaluates it once: a conflict-free batch never reads these.
+    let s = incoming_if(
+        map,
+        cols,
+        written,
+        &[COMMIT_LSN, COMMIT_TIME],
+        Some("EXISTS (SELECT FROM c)"),
+    );
+    let same = same_as_green(map, targets);
+    // With a filter, an update finding no row is a row moving in, not a conflict.
+    let moved_in = if map.filter.is_some() {
+        // coalesce: a kept row has no `~inserted` and must stay recorded.
+        format!(" AND NOT coalesce(c.{INSERTED} AND c.\"~existed\", false)")
+    } else {
+        String::new()
     };
-    format!(
-        "WITH w AS (INSERT INTO {tbl} AS t ({ins}) OVERRIDING SYSTEM VALUE {rows} \
-               ON CONFLICT ({keys}) DO UPDATE SET {sets}{guard} \
-               RETURNING {ret}{returned}), \
-         c AS MATERIALIZED (SELECT * FROM (SELECT {key_list}, k.\"~existed\", {inserted} AS {INSERTED} \
-                                             FROM ({k}) AS k LEFT JOIN w ON {kw}{before}) AS c0 \
-               WHERE c0.{INSERTED} IS NULL OR c0.{INSERTED} = c0.\"~existed\") {record}",
-        tbl = map.target.quoted(),
-        ins = insert_cols.join(", "),
-        keys = key_names(map).join(", "),
-        sets = sets.join(", "),
-        ret = returning_key(map),
-        k = keys,
-        kw = key_match(map, "k", "w"),
-        record = record(
-            map,
-            cols.len() + 4,
-            (
-                &format!(
-                    "CASE WHEN c.{INSERTED} IS NULL THEN CASE WHEN c.\"~existed\" THEN 'update_older' ELSE 'insert_older' END \
-                     WHEN c.\"~existed\" THEN 'update_missing' ELSE 'insert_exists' END"
-                ),
-                &format!("CASE WHEN c.{INSERTED} IS NULL THEN 'keep' ELSE 'apply' END"),
-                INCOMING_ROW,
-            ),
+    record(
+        map,
+        cols.len() + 4,
+        (
             &format!(
-                "c JOIN ({s}) AS s ON {} LEFT JOIN {} AS e ON {}",
-                key_match_stored(map, "c", "s"),
-                map.target.quoted(),
-                key_match_stored(map, "e", "s")
+                "CASE WHEN c.{INSERTED} IS NULL THEN CASE WHEN c.\"~existed\" THEN 'update_older' ELSE 'insert_older' END \
+                 WHEN c.\"~existed\" THEN 'update_missing' ELSE 'insert_exists' END"
             ),
-            &format!(
-                "WHERE NOT (c.{INSERTED} IS NOT NULL AND NOT c.\"~existed\" AND {same}){moved_in}"
-            ),
+            &format!("CASE WHEN c.{INSERTED} IS NULL THEN 'keep' ELSE 'apply' END"),
+            INCOMING_ROW,
         ),
+        &format!(
+            "c JOIN ({s}) AS s ON {} LEFT JOIN {} AS e ON {}",
+            key_match_stored(map, "c", "s"),
+            map.target.quoted(),
+            key_match_stored(map, "e", "s")
+        ),
+        &format!(
+            "WHERE NOT (c.{INSERTED} IS NOT NULL AND NOT c.\"~existed\" AND {same}){moved_in}"
+        ),
+    )
+}
+
+/// Rows whose values equal green's are not a conflict, whatever their history: the incoming
+/// row `s` (cast as stored) against green's `e`, over `targets`.
+fn same_as_green(map: &TableMap, targets: &[usize]) -> String {
+    format!(
+        "ROW({})::text = ROW({})::text",
+        targets
+            .iter()
+            .map(|&i| format!(
+                "CAST(s.{} AS {})",
+                quote_ident(&map.columns[i].name),
+                map.columns[i].sql_type
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        targets
+            .iter()
+            .map(|&i| format!("e.{}", quote_ident(&map.columns[i].name)))
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }
 
 /// Update from partial images (unchanged TOAST) with detection: `update_missing` (skipped:
 /// the full row is unknown) and under lww `update_older`. `None` when no column would change.
 pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
-    let sets: Vec<usize> = computable(map, cols)
-        .into_iter()
-        .filter(|i| !map.key.contains(i))
-        .collect();
-    if sets.is_empty() {
-        return None;
-    }
-    let mut assignments: Vec<String> = sets
-        .iter()
-        .map(|&i| {
-            let n = quote_ident(&map.columns[i].name);
-            format!("{n} = s.{n}")
-        })
-        .collect();
+    let PartialUpdate {
+        sets,
+        mut assignments,
+        select,
+    } = PartialUpdate::new(map, cols)?;
     let mut guard = String::new();
     match map.conflicts.lww() {
         Some(Lww::Column(i)) if sets.contains(i) => {
@@ -458,12 +487,7 @@ pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
         }
         _ => {}
     }
-    let targets = [
-        select_list(map, &map.key, Cast::Match),
-        select_list(map, &sets, Cast::Write),
-    ]
-    .join(", ");
-    let s = incoming(map, cols, &targets, &[EXISTED, COMMIT_LSN, COMMIT_TIME]);
+    let s = incoming(map, cols, &select, &[EXISTED, COMMIT_LSN, COMMIT_TIME]);
     let missing_ok = if map.filter.is_some() {
         format!("WHERE NOT {}", absent(map, "e"))
     } else {

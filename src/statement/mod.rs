@@ -194,31 +194,56 @@ pub fn upsert(map: &TableMap, cols: &[usize]) -> String {
 /// Update existing rows from partial images: only target columns computable from the present
 /// source columns are set; `None` when no column would change.
 pub fn update(map: &TableMap, cols: &[usize]) -> Option<String> {
-    let sets: Vec<usize> = computable(map, cols)
-        .into_iter()
-        .filter(|i| !map.key.contains(i))
-        .collect();
-    if sets.is_empty() {
-        return None;
-    }
+    let u = PartialUpdate::new(map, cols)?;
     Some(format!(
         "UPDATE {} AS t SET {} FROM (SELECT {} FROM {}) AS s WHERE {}",
         map.target.quoted(),
-        sets.iter()
+        u.assignments.join(", "),
+        u.select,
+        src_relation(map, cols, 1),
+        key_match(map, "t", "s")
+    ))
+}
+
+/// What an update from partial images sets, and from which rows `s`: shared by [`update`] and
+/// its conflict-detecting form, which reads the rows differently and may set one more column.
+pub(crate) struct PartialUpdate {
+    /// The non-key target columns computable from the present source columns.
+    pub sets: Vec<usize>,
+    /// `col = s.col` for each of `sets`.
+    pub assignments: Vec<String>,
+    /// Select list of the rows `s`: the key as stored, then `sets` as written.
+    pub select: String,
+}
+
+impl PartialUpdate {
+    /// `None` when no column would change.
+    pub fn new(map: &TableMap, cols: &[usize]) -> Option<PartialUpdate> {
+        let sets: Vec<usize> = computable(map, cols)
+            .into_iter()
+            .filter(|i| !map.key.contains(i))
+            .collect();
+        if sets.is_empty() {
+            return None;
+        }
+        let assignments = sets
+            .iter()
             .map(|&i| {
                 let n = quote_ident(&map.columns[i].name);
                 format!("{n} = s.{n}")
             })
-            .collect::<Vec<_>>()
-            .join(", "),
-        [
+            .collect();
+        let select = [
             select_list(map, &map.key, Cast::Match),
-            select_list(map, &sets, Cast::Write)
+            select_list(map, &sets, Cast::Write),
         ]
-        .join(", "),
-        src_relation(map, cols, 1),
-        key_match(map, "t", "s")
-    ))
+        .join(", ");
+        Some(PartialUpdate {
+            sets,
+            assignments,
+            select,
+        })
+    }
 }
 
 /// With a rule filter: delete the rows of full images that do not match it (a row that stops
