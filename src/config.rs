@@ -99,6 +99,10 @@ pub struct Config {
     /// Directory the config file is in: rule file paths are relative to it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The pgpass file's text, read once when the config is parsed: connections made later,
+    /// inside the pipeline's tasks, never block on the file system.
+    #[serde(skip)]
+    pgpass: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -326,6 +330,7 @@ impl Config {
             message: e.to_string(),
         })?;
         config.base_dir = PathBuf::from(".");
+        config.pgpass = read_pgpass();
         config.validate()?;
         Ok(config)
     }
@@ -401,12 +406,14 @@ impl Config {
 
     /// Blue's connection settings, password resolved.
     pub fn blue_dsn(&self) -> Result<Dsn, ConfigError> {
-        Dsn::parse(&self.blue.dsn, "blue.dsn")?.with_password("SHADOWSYNC_BLUE_PASSWORD")
+        Dsn::parse(&self.blue.dsn, "blue.dsn")?
+            .with_password("SHADOWSYNC_BLUE_PASSWORD", self.pgpass.as_deref())
     }
 
     /// Green's connection settings, password resolved.
     pub fn green_dsn(&self) -> Result<Dsn, ConfigError> {
-        Dsn::parse(&self.green.dsn, "green.dsn")?.with_password("SHADOWSYNC_GREEN_PASSWORD")
+        Dsn::parse(&self.green.dsn, "green.dsn")?
+            .with_password("SHADOWSYNC_GREEN_PASSWORD", self.pgpass.as_deref())
     }
 }
 
@@ -481,11 +488,11 @@ impl Dsn {
         })
     }
 
-    fn with_password(mut self, env: &str) -> Result<Dsn, ConfigError> {
+    fn with_password(mut self, env: &str, pgpass: Option<&str>) -> Result<Dsn, ConfigError> {
         if self.password.is_none() {
             self.password = std::env::var(env)
                 .ok()
-                .or_else(|| pgpass_lookup(&self.host, self.port, &self.dbname, &self.user));
+                .or_else(|| pgpass_match(pgpass?, &self.host, self.port, &self.dbname, &self.user));
         }
         Ok(self)
     }
@@ -530,14 +537,13 @@ impl Dsn {
     }
 }
 
-/// Looks up a password in `$PGPASSFILE` or `~/.pgpass` (libpq's format: host:port:db:user:pw,
-/// `*` wildcards, `\` escapes).
-fn pgpass_lookup(host: &str, port: u16, dbname: &str, user: &str) -> Option<String> {
+/// The text of `$PGPASSFILE` or `~/.pgpass` (libpq's format: host:port:db:user:pw, `*`
+/// wildcards, `\` escapes); `None` when there is none.
+fn read_pgpass() -> Option<String> {
     let path = std::env::var_os("PGPASSFILE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
-    let text = std::fs::read_to_string(path).ok()?;
-    pgpass_match(&text, host, port, dbname, user)
+    std::fs::read_to_string(path).ok()
 }
 
 /// The password of the first pgpass line matching, as libpq picks it.

@@ -181,9 +181,9 @@ pub struct Replayed {
 pub async fn replay(client: &mut Client, ids: &[i64]) -> Result<Vec<Replayed>, ConflictsError> {
     // As the apply session: green-side triggers (e.g. one stamping a commit-time column) do not
     // fire for blue's version. Not allowed for this user: triggers fire, which is also sound.
-    let _ = client
-        .batch_execute("SET session_replication_role = replica")
-        .await;
+    crate::session_role::set_replica(client)
+        .await
+        .map_err(green_err("setting session_replication_role"))?;
     let tx = client
         .transaction()
         .await

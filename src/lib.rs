@@ -8,7 +8,8 @@
 //! under one supervisor; `metrics` and `admin` observe and steer it.
 //!
 //! Layers, each using only those above it (`tests/layering.rs` keeps the module graph acyclic):
-//! - foundations: `lsn`, `failure` (errors by SQLSTATE), `shutdown`, `decode`, `config`;
+//! - foundations: `lsn`, `failure` (errors by SQLSTATE), `shutdown`, `decode`, `config`,
+//!   `session_role`;
 //! - what a mapping is: `transform` (rules, expressions, conflict policy), then `statement` (the
 //!   SQL text and parameters of the apply, no I/O) and `validate` (green's verdict on a rule);
 //! - shadowsync's tables on green: `store` (the schema and its numbered migrations), then
@@ -32,6 +33,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;
+pub mod session_role;
 pub mod shutdown;
 pub mod snapshot;
 pub mod source;

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_postgres::{Client, Statement};
-use tracing::{debug, info};
+use tracing::debug;
 
 use super::batch::{self, KeyedOp, KeylessRun, RowMove, TableOps};
 use crate::config::Dsn;
@@ -22,7 +22,7 @@ use crate::lsn::Lsn;
 use crate::statement::{self as sql, TextArray, WordArray, conflict, keyless};
 use crate::transform::TableMap;
 
-use super::error::{ApplyError, NEW_KEYS, green_err, retryable_pg, statement_error};
+use super::error::{ApplyError, NEW_KEYS, green_err, statement_error};
 
 /// Rows written by one `write`, per target table and operation.
 pub type WriteCounts = Vec<(String, [u64; 3])>;
@@ -149,22 +149,9 @@ impl Applier {
             .batch_execute("SET plan_cache_mode = force_generic_plan")
             .await
             .map_err(green_err("setting plan_cache_mode"))?;
-        let replica_role = match client
-            .batch_execute("SET session_replication_role = replica")
+        let replica_role = crate::session_role::set_replica(&client)
             .await
-        {
-            Ok(()) => true,
-            Err(e) if e.code().is_some() && !retryable_pg(&e) => {
-                info!(error = %e, "green: session_replication_role stays origin (foreign keys and triggers on green stay active)");
-                false
-            }
-            Err(source) => {
-                return Err(ApplyError::Green {
-                    context: "setting session_replication_role",
-                    failure: DbFailure::from_pg(&source),
-                });
-            }
-        };
+            .map_err(green_err("setting session_replication_role"))?;
         // One apply session per slot on green, for as long as this connection lives: a killed
         // predecessor's transaction may still be open (blocked on a lock), and must end (commit
         // or not) before this session reads the progress row and writes after it.
