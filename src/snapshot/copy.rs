@@ -93,9 +93,9 @@ async fn green_connect_owned(
     });
     // Not every user may set the role; triggers and foreign keys then stay active, which the
     // copy's table order (lookups first) tolerates.
-    let _ = client
-        .batch_execute("SET session_replication_role = replica")
-        .await;
+    crate::session_role::set_replica(&client)
+        .await
+        .map_err(green_err("setting session_replication_role for the copy"))?;
     client
         .batch_execute("SET synchronous_commit = off")
         .await
