@@ -28,6 +28,7 @@ pub mod decode;
 pub mod demo;
 pub mod drain;
 pub mod failure;
+pub mod fence;
 pub mod logging;
 pub mod lsn;
 pub mod metrics;

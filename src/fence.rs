@@ -1,0 +1,223 @@
+//! The cutover's fence on blue: every published table refuses writes, reads go on.
+//!
+//! Mechanism: one statement-level trigger per table (`BEFORE INSERT OR UPDATE OR DELETE OR
+//! TRUNCATE ... FOR EACH STATEMENT`) calling a function that raises `read_only_sql_transaction`
+//! (SQLSTATE 25006) with a message saying the table is being migrated, enabled `ALWAYS` so that a
+//! session cannot skip it with `SET session_replication_role = replica`. Why a trigger:
+//! - it stops sessions already connected and statements yet to come, unlike revoking privileges
+//!   (checked when a statement starts, and owners and superusers keep theirs) or
+//!   `default_transaction_read_only` (a session can `SET` it back);
+//! - `CREATE TRIGGER` takes a SHARE ROW EXCLUSIVE lock, which waits for every transaction that
+//!   wrote the table to end: those commit before the fence (and are in the stream before its
+//!   LSN) or fail; no write can slip in between the fence and its LSN;
+//! - it blocks no reader, and it is a catalog change undone by one `DROP`.
+//!
+//! Invariants: the fence is raised in one blue transaction with a `lock_timeout` (a long-running
+//! writer makes the fence fail, not the application wait); it is recorded in blue's catalog
+//! (the function's schema `shadowsync_fence`), so `remove` finds and drops it from any process,
+//! including after the one that raised it was killed.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::failure::DbFailure;
+use crate::lsn::Lsn;
+use crate::transform::QualifiedName;
+
+/// Schema on blue holding the fence's function (and nothing else).
+pub const SCHEMA: &str = "shadowsync_fence";
+/// Name of the fence trigger on each table.
+pub const TRIGGER: &str = "shadowsync_fence";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FenceError {
+    #[error("blue, {context}: {failure}")]
+    Blue {
+        context: &'static str,
+        failure: DbFailure,
+    },
+    #[error("blue user {user} cannot fence the published tables: {missing}. Nothing was fenced")]
+    Privileges { user: String, missing: String },
+    #[error(
+        "the fence could not lock {tables} within {timeout_ms} ms (a long transaction writes them): {failure}. Nothing was fenced and blue's writers go on; run the cutover again once it ends, or raise --fence-timeout"
+    )]
+    LockTimeout {
+        tables: String,
+        timeout_ms: u64,
+        failure: DbFailure,
+    },
+}
+
+fn blue_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> FenceError {
+    move |e| FenceError::Blue {
+        context,
+        failure: DbFailure::from_pg(&e),
+    }
+}
+
+/// What a raised fence is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Fence {
+    /// Blue's WAL insert position after the fence committed: every write to the fenced
+    /// tables committed before it; none can commit after it.
+    pub lsn: Lsn,
+    /// Time to acquire the tables' locks and commit, in seconds.
+    pub acquire_seconds: f64,
+    pub tables: Vec<String>,
+}
+
+/// What the blue user lacks to raise the fence, in words naming each GRANT or ownership; empty
+/// when nothing is missing. Writes nothing.
+pub async fn missing_privileges(
+    blue: &Client,
+    tables: &[QualifiedName],
+) -> Result<Vec<String>, FenceError> {
+    let names: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+    let rows = blue
+        .query(
+            "SELECT t.name,
+                    pg_has_role(current_user, c.relowner, 'USAGE'),
+                    c.relowner::regrole::text
+               FROM unnest($1::text[]) AS t(name)
+               JOIN pg_class c ON c.oid = t.name::regclass
+              ORDER BY 1",
+            &[&names],
+        )
+        .await
+        .map_err(blue_err("reading the published tables' owners"))?;
+    let mut missing: Vec<String> = rows
+        .iter()
+        .filter(|r| !r.get::<_, bool>(1))
+        .map(|r| {
+            let (table, owner): (String, String) = (r.get(0), r.get(2));
+            format!("owner rights on {table} (ALTER TABLE ... ENABLE ALWAYS TRIGGER needs them: GRANT {owner} TO current user, or connect as {owner})")
+        })
+        .collect();
+    let schema_ok: bool = blue
+        .query_one(
+            "SELECT to_regnamespace($1) IS NOT NULL
+                    OR has_database_privilege(current_database(), 'CREATE')",
+            &[&SCHEMA],
+        )
+        .await
+        .map_err(blue_err("reading the user's database privileges"))?
+        .get(0);
+    if !schema_ok {
+        missing.push(format!(
+            "CREATE on the database, for the fence's schema {SCHEMA} (GRANT CREATE ON DATABASE <db> TO <user>; or create the schema beforehand: CREATE SCHEMA {SCHEMA} AUTHORIZATION <user>)"
+        ));
+    }
+    Ok(missing)
+}
+
+/// The SQL that raises the fence on `tables` (one transaction's worth, after `BEGIN`).
+fn raise_sql(tables: &[QualifiedName]) -> String {
+    let mut sql = format!(
+        "CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+         CREATE OR REPLACE FUNCTION {SCHEMA}.refuse() RETURNS trigger LANGUAGE plpgsql AS $f$
+         BEGIN
+           RAISE EXCEPTION 'table %.% is being migrated by shadowsync: writes are fenced on blue for the cutover; write to the new database, or ask the operator to run shadowsync cutover --abort', TG_TABLE_SCHEMA, TG_TABLE_NAME
+             USING ERRCODE = 'read_only_sql_transaction';
+         END $f$;
+         COMMENT ON SCHEMA {SCHEMA} IS 'shadowsync: the cutover fence; removed by shadowsync cutover --abort, or by hand with DROP SCHEMA {SCHEMA} CASCADE';\n"
+    );
+    for t in tables {
+        let table = t.quoted();
+        sql.push_str(&format!(
+            "CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
+               FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse();
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER {TRIGGER};\n"
+        ));
+    }
+    sql
+}
+
+/// Raises the fence on `tables` in one transaction, waiting at most `lock_timeout` for the
+/// locks; then reads the fence's LSN. On failure nothing is fenced.
+pub async fn raise(
+    blue: &Client,
+    tables: &[QualifiedName],
+    lock_timeout: Duration,
+) -> Result<Fence, FenceError> {
+    let started = std::time::Instant::now();
+    let timeout_ms = lock_timeout.as_millis() as u64;
+    let begin = format!(
+        "BEGIN READ WRITE; SET LOCAL lock_timeout = {timeout_ms}; SET LOCAL synchronous_commit = local"
+    );
+    blue.batch_execute(&begin)
+        .await
+        .map_err(blue_err("starting the fence"))?;
+    if let Err(e) = blue.batch_execute(&raise_sql(tables)).await {
+        let _ = blue.batch_execute("ROLLBACK").await;
+        let failure = DbFailure::from_pg(&e);
+        if failure.is(&crate::failure::SqlState::LOCK_NOT_AVAILABLE) {
+            return Err(FenceError::LockTimeout {
+                tables: tables
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                timeout_ms,
+                failure,
+            });
+        }
+        return Err(FenceError::Blue {
+            context: "raising the fence",
+            failure,
+        });
+    }
+    blue.batch_execute("COMMIT")
+        .await
+        .map_err(blue_err("committing the fence"))?;
+    let acquire_seconds = started.elapsed().as_secs_f64();
+    let lsn: Lsn = blue
+        .query_one("SELECT pg_current_wal_insert_lsn()", &[])
+        .await
+        .map_err(blue_err("reading the fence's LSN"))?
+        .get(0);
+    tracing::info!(fence_lsn = %lsn, tables = tables.len(), acquire_seconds, "blue fenced: writes to the published tables are refused");
+    Ok(Fence {
+        lsn,
+        acquire_seconds,
+        tables: tables.iter().map(|t| t.to_string()).collect(),
+    })
+}
+
+/// Tables of blue that carry the fence now.
+pub async fn fenced_tables(blue: &Client) -> Result<Vec<String>, FenceError> {
+    Ok(blue
+        .query(
+            "SELECT t.tgrelid::regclass::text FROM pg_trigger t
+              WHERE t.tgname = $1 AND NOT t.tgisinternal ORDER BY 1",
+            &[&TRIGGER],
+        )
+        .await
+        .map_err(blue_err("looking for the fence"))?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// Removes the fence wherever it is (blue's writes resume); returns the tables it was on.
+/// Idempotent: without a fence it changes nothing.
+pub async fn remove(blue: &Client) -> Result<Vec<String>, FenceError> {
+    let tables = fenced_tables(blue).await?;
+    let mut sql = String::from("BEGIN;\n");
+    for t in &tables {
+        // `t` is regclass output: already quoted as needed.
+        sql.push_str(&format!("DROP TRIGGER IF EXISTS {TRIGGER} ON {t};\n"));
+    }
+    sql.push_str(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE;\nCOMMIT;"));
+    if let Err(e) = blue.batch_execute(&sql).await {
+        let _ = blue.batch_execute("ROLLBACK").await;
+        return Err(blue_err("removing the fence")(e));
+    }
+    if !tables.is_empty() {
+        tracing::info!(
+            tables = tables.len(),
+            "fence removed from blue: writes resume"
+        );
+    }
+    Ok(tables)
+}
