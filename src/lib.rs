@@ -34,6 +34,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;
+pub mod reset;
 pub mod session_role;
 pub mod shutdown;
 pub mod snapshot;

@@ -45,3 +45,45 @@ pub fn pg_time(micros: i64) -> std::time::SystemTime {
         epoch - std::time::Duration::from_micros(micros.unsigned_abs())
     }
 }
+
+/// A slot's cutover, as green records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CutOver {
+    /// Blue's fence: everything blue committed before it is in green.
+    pub fence_lsn: Lsn,
+    /// When, as green's clock printed it.
+    pub at: String,
+}
+
+/// The cutover of `slot`, if it was cut over.
+pub async fn cut_over(
+    client: &Client,
+    slot: &str,
+) -> Result<Option<CutOver>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT fence_lsn, cut_over_at::text FROM shadowsync.cutover WHERE slot = $1",
+            &[&slot],
+        )
+        .await?
+        .map(|r| CutOver {
+            fence_lsn: r.get(0),
+            at: r.get(1),
+        }))
+}
+
+/// Records the cutover of `slot` (in the caller's transaction, with the sequences it sets).
+pub async fn mark_cut_over(
+    client: &impl tokio_postgres::GenericClient,
+    slot: &str,
+    fence_lsn: Lsn,
+    report: &serde_json::Value,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO shadowsync.cutover (slot, fence_lsn, report) VALUES ($1, $2, $3::text::jsonb)",
+            &[&slot, &fence_lsn, &report.to_string()],
+        )
+        .await
+        .map(|_| ())
+}

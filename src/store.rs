@@ -29,11 +29,18 @@ pub struct Migration {
 
 /// Every migration, oldest first; versions are consecutive from 1. Never edit a released one:
 /// add the next.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "progress, conflicts and initial-copy state",
-    sql: V1,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "progress, conflicts and initial-copy state",
+        sql: V1,
+    },
+    Migration {
+        version: 2,
+        name: "cutover state per slot",
+        sql: V2,
+    },
+];
 
 /// The schema of the releases before versioning, verbatim (hence `IF NOT EXISTS`).
 const V1: &str = "
@@ -85,6 +92,18 @@ CREATE TABLE IF NOT EXISTS shadowsync.copy_ranges (
 );
 COMMENT ON TABLE shadowsync.copy_state IS
     'shadowsync: initial copy per table; snapshot_lsn is the consistent point of the snapshot its rows come from (changes committed before it are skipped)';
+";
+
+/// A slot cut over: from then on green belongs to the application and `run` refuses to write.
+const V2: &str = "
+CREATE TABLE shadowsync.cutover (
+    slot        text PRIMARY KEY,
+    fence_lsn   pg_lsn NOT NULL,
+    cut_over_at timestamptz NOT NULL DEFAULT now(),
+    report      jsonb
+);
+COMMENT ON TABLE shadowsync.cutover IS
+    'shadowsync: slots cut over to green (blue fenced at fence_lsn, everything before it applied, sequences set); shadowsync run refuses to write for them; shadowsync reset clears the row';
 ";
 
 /// The version table itself, outside the numbered history (it records it).

@@ -59,12 +59,13 @@ async fn a_green_from_before_versioning_upgrades_in_place_and_resumes() {
     handle.shutdown();
     handle.wait().await.unwrap();
 
-    // What the release before versioning left on green: the same tables, no version table.
+    // What the release before versioning left on green: version 1's tables, no version table
+    // (and none of the later versions' tables).
     let green = pair.green().await;
     let before = layout(&green).await;
     let progress = progress_lsn(&green, "test_slot").await.unwrap();
     green
-        .batch_execute("DROP TABLE shadowsync.schema_version")
+        .batch_execute("DROP TABLE shadowsync.schema_version, shadowsync.cutover")
         .await
         .unwrap();
     insert_items(&pair, 100..200).await;

@@ -86,6 +86,14 @@ pub enum ApplyError {
         "another shadowsync session for slot {slot} is connected to green (or a killed one's transaction is still open there); waiting for it to end"
     )]
     SessionBusy { slot: String },
+    #[error(
+        "slot {slot} was cut over to green at blue LSN {fence_lsn} ({at}): green belongs to the application now, and shadowsync writes nothing to it for this slot. To start over after a rehearsal or a failed cutover, run shadowsync reset --config F (add --truncate to empty the target tables); to go back to blue, follow the README's rollback runbook"
+    )]
+    CutOver {
+        slot: String,
+        fence_lsn: Lsn,
+        at: String,
+    },
 }
 
 impl ApplyError {
@@ -106,6 +114,7 @@ impl ApplyError {
             | ApplyError::ToastGone { .. }
             | ApplyError::Poison { .. }
             | ApplyError::WriteTask(_)
+            | ApplyError::CutOver { .. }
             | ApplyError::NeedsReplicaRole { .. } => false,
         }
     }

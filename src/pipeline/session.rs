@@ -41,6 +41,21 @@ pub async fn run(
     let blue_dsn = config.blue_dsn()?;
     let mut applier = Applier::connect(&green_dsn, &config.blue.slot).await?;
     applier.upsert_only = recovery.upsert_only.clone();
+    // Before anything else: after a cutover, green's rows are the application's.
+    let cut_over = crate::progress::cut_over(applier.client(), &config.blue.slot)
+        .await
+        .map_err(|source| ApplyError::Green {
+            context: "reading the cutover state",
+            failure: crate::failure::DbFailure::from_pg(&source),
+        })?;
+    if let Some(c) = cut_over {
+        return Err(ApplyError::CutOver {
+            slot: config.blue.slot.clone(),
+            fence_lsn: c.fence_lsn,
+            at: c.at,
+        }
+        .into());
+    }
     shared.green_connected.store(true, Ordering::Relaxed);
 
     let (blue, blue_conn) =
