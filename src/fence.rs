@@ -76,9 +76,9 @@ pub async fn missing_privileges(
     let names: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
     let rows = blue
         .query(
-            "SELECT t.name,
+            "SELECT c.oid::regclass::text,
                     pg_has_role(current_user, c.relowner, 'USAGE'),
-                    c.relowner::regrole::text
+                    c.relowner::regrole::text, current_user::text, current_database()::text
                FROM unnest($1::text[]) AS t(name)
                JOIN pg_class c ON c.oid = t.name::regclass
               ORDER BY 1",
@@ -90,8 +90,8 @@ pub async fn missing_privileges(
         .iter()
         .filter(|r| !r.get::<_, bool>(1))
         .map(|r| {
-            let (table, owner): (String, String) = (r.get(0), r.get(2));
-            format!("owner rights on {table} (ALTER TABLE ... ENABLE ALWAYS TRIGGER needs them: GRANT {owner} TO current user, or connect as {owner})")
+            let (table, owner, user): (String, String, String) = (r.get(0), r.get(2), r.get(3));
+            format!("owner rights on {table}, which the fence's ALTER TABLE ... ENABLE ALWAYS TRIGGER needs (GRANT {owner} TO {user}; or connect as {owner})")
         })
         .collect();
     let schema_ok: bool = blue
@@ -104,8 +104,13 @@ pub async fn missing_privileges(
         .map_err(blue_err("reading the user's database privileges"))?
         .get(0);
     if !schema_ok {
+        let user_db = blue
+            .query_one("SELECT current_user::text, current_database()::text", &[])
+            .await
+            .map_err(blue_err("reading the user's name"))?;
+        let (user, db): (String, String) = (user_db.get(0), user_db.get(1));
         missing.push(format!(
-            "CREATE on the database, for the fence's schema {SCHEMA} (GRANT CREATE ON DATABASE <db> TO <user>; or create the schema beforehand: CREATE SCHEMA {SCHEMA} AUTHORIZATION <user>)"
+            "CREATE on the database, for the fence's schema {SCHEMA} (GRANT CREATE ON DATABASE \"{db}\" TO \"{user}\"; or create the schema beforehand: CREATE SCHEMA {SCHEMA} AUTHORIZATION \"{user}\")"
         ));
     }
     Ok(missing)
