@@ -14,15 +14,17 @@ use std::sync::Arc;
 use tokio_postgres::{Client, Statement};
 use tracing::debug;
 
-use super::batch::{self, KeyedOp, KeylessRun, RowMove, TableOps};
+use super::batch::{RowMove, TableOps};
 use crate::config::Dsn;
 use crate::decode::{Datum, Tuple};
 use crate::failure::DbFailure;
 use crate::lsn::Lsn;
-use crate::statement::{self as sql, TextArray, WordArray, conflict, keyless};
+use crate::statement::{self as sql, TextArray};
 use crate::transform::TableMap;
 
-use super::error::{ApplyError, NEW_KEYS, green_err, statement_error};
+use super::error::{ApplyError, green_err, statement_error};
+
+mod plan;
 
 /// Rows written by one `write`, per target table and operation.
 pub type WriteCounts = Vec<(String, [u64; 3])>;
@@ -111,25 +113,93 @@ async fn copy_in(
     Ok(Vec::new())
 }
 
-/// The rows of `pending` (full images) in COPY's text format.
-fn copy_data(pending: &[&batch::Pending], sources: &[usize]) -> bytes::Bytes {
-    let size: usize = pending
-        .iter()
-        .map(|p| p.op.tuple().payload_bytes() + sources.len() + 8)
-        .sum();
-    let mut buf = bytes::BytesMut::with_capacity(size);
-    for p in pending {
-        sql::copy_row(&mut buf, p.op.tuple(), sources);
-    }
-    buf.freeze()
-}
-
 /// Where a pipelined request came from, to name it in errors.
 #[derive(Clone)]
 struct Origin {
     what: &'static str,
     table: String,
     lsn: Lsn,
+}
+
+/// One planned statement: the statement, its input, and where it came from.
+type Plan<'t> = (Statement, Input<'t>, Origin);
+
+/// The pipelined requests of one write, each with where it came from.
+#[derive(Default)]
+struct Requests<'a> {
+    origins: Vec<Origin>,
+    pending: Vec<Pending<'a>>,
+}
+
+impl<'a> Requests<'a> {
+    fn push(&mut self, origin: Origin, request: Pending<'a>) {
+        self.origins.push(origin);
+        self.pending.push(request);
+    }
+}
+
+/// Each plan's parameters as `query` takes them (none for a COPY: its rows go as data).
+fn param_refs<'a>(
+    plans: &'a [Plan<'_>],
+) -> Vec<Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>> {
+    plans
+        .iter()
+        .map(|(_, input, _)| match input {
+            Input::Params(params) => params
+                .iter()
+                .map(|a| a.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect(),
+            Input::Copy(_) => Vec::new(),
+        })
+        .collect()
+}
+
+/// The requests of one write, in pipeline order: BEGIN (with `begin`), the planned statements
+/// with their `params`, then with `progress` (its statement and slot, end LSN, commit time)
+/// the progress row and COMMIT. Created here, run when polled.
+fn requests<'a>(
+    client: &'a Client,
+    begin: bool,
+    plans: &'a [Plan<'_>],
+    params: &'a [Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>],
+    progress: Option<(&'a Statement, &'a (String, Lsn, i64))>,
+    lsn: Lsn,
+) -> Requests<'a> {
+    let mut requests = Requests::default();
+    let origin = |what, table: &str| Origin {
+        what,
+        table: table.into(),
+        lsn,
+    };
+    if begin {
+        requests.push(
+            origin("BEGIN", ""),
+            Box::pin(async move { client.batch_execute("BEGIN").await.map(|_| Vec::new()) }),
+        );
+    }
+    for ((stmt, input, origin), p) in plans.iter().zip(params) {
+        let request: Pending<'a> = match input {
+            Input::Params(_) => Box::pin(client.query(stmt, p)),
+            Input::Copy(data) => Box::pin(copy_in(client, stmt, data.clone())),
+        };
+        requests.push(origin.clone(), request);
+    }
+    if let Some((stmt, (slot, end, time))) = progress {
+        requests.push(
+            origin("the progress row", "shadowsync.progress"),
+            Box::pin(async move {
+                client
+                    .execute(stmt, &[slot, end, time])
+                    .await
+                    .map(|_| Vec::new())
+            }),
+        );
+        requests.push(
+            origin("COMMIT", ""),
+            Box::pin(async move { client.batch_execute("COMMIT").await.map(|_| Vec::new()) }),
+        );
+    }
+    requests
 }
 
 impl Applier {
@@ -254,110 +324,26 @@ impl Applier {
         lsn: Lsn,
     ) -> Result<Written, ApplyError> {
         // Statements first (preparing is a round trip, but only the first time per shape).
-        let mut plans: Vec<(Statement, Input<'_>, Origin)> = Vec::new();
-        for ops in tables {
-            self.plan_table(ops, lsn, &mut plans)
-                .await
-                .map_err(|source| {
-                    statement_error("preparing a statement", &ops.map.label, lsn, source)
-                })?;
-        }
-        let params: Vec<Vec<&(dyn tokio_postgres::types::ToSql + Sync)>> = plans
-            .iter()
-            .map(|(_, input, _)| match input {
-                Input::Params(params) => params
-                    .iter()
-                    .map(|a| a.as_ref() as &(dyn tokio_postgres::types::ToSql + Sync))
-                    .collect(),
-                Input::Copy(_) => Vec::new(),
-            })
-            .collect();
+        let plans = self.plan(tables, lsn).await?;
+        let params = param_refs(&plans);
         let progress_params: Option<(String, Lsn, i64)> =
             commit.map(|(end, time)| (self.slot.clone(), end, time));
-
-        let mut origins: Vec<Origin> = Vec::new();
-        let mut pending: Vec<Pending<'_>> = Vec::new();
-        let client = &self.client;
-        if !self.in_txn {
-            origins.push(Origin {
-                what: "BEGIN",
-                table: String::new(),
-                lsn,
-            });
-            pending.push(Box::pin(async move {
-                client.batch_execute("BEGIN").await.map(|_| Vec::new())
-            }));
-        }
-        for ((stmt, input, origin), p) in plans.iter().zip(params.iter()) {
-            origins.push(origin.clone());
-            match input {
-                Input::Params(_) => pending.push(Box::pin(client.query(stmt, p))),
-                Input::Copy(data) => pending.push(Box::pin(copy_in(client, stmt, data.clone()))),
-            }
-        }
-        if let Some((slot, end, time)) = &progress_params {
-            let stmt = &self.progress_statement;
-            origins.push(Origin {
-                what: "the progress row",
-                table: "shadowsync.progress".into(),
-                lsn,
-            });
-            pending.push(Box::pin(async move {
-                client
-                    .execute(stmt, &[slot, end, time])
-                    .await
-                    .map(|_| Vec::new())
-            }));
-            origins.push(Origin {
-                what: "COMMIT",
-                table: String::new(),
-                lsn,
-            });
-            pending.push(Box::pin(async move {
-                client.batch_execute("COMMIT").await.map(|_| Vec::new())
-            }));
-        }
+        let progress = progress_params
+            .as_ref()
+            .map(|p| (&self.progress_statement, p));
+        let Requests { origins, pending } =
+            requests(&self.client, !self.in_txn, &plans, &params, progress, lsn);
         self.in_txn = true;
         // join_all (not try_join_all) so that every response is read and the first error in
         // pipeline order is the one reported: later ones only say the transaction is aborted.
         let results = futures_util::future::join_all(pending).await;
-        let mut written = Written::default();
-        for (result, origin) in results.into_iter().zip(origins) {
-            let rows = match result {
-                Ok(rows) => rows,
-                Err(source) => {
-                    if self.keep_failed_transaction {
-                        // Bisecting under a savepoint: the caller rolls back to it.
-                        return Err(statement_error(
-                            origin.what,
-                            &origin.table,
-                            origin.lsn,
-                            source,
-                        ));
-                    }
-                    self.in_txn = false;
-                    // A pipelined COMMIT has already ended the aborted transaction.
-                    if commit.is_none() {
-                        let _ = self.client.batch_execute("ROLLBACK").await;
-                    }
-                    return Err(statement_error(
-                        origin.what,
-                        &origin.table,
-                        origin.lsn,
-                        source,
-                    ));
-                }
-            };
-            // Only the conflict-detecting statements return rows: one per recorded conflict.
-            for r in rows {
-                written.conflicts.push(crate::conflicts::Seen {
-                    table: origin.table.clone(),
-                    kind: r.get(0),
-                    resolution: r.get(1),
-                    key: r.get(2),
-                });
-            }
-        }
+        let conflicts = self
+            .read_results(results, origins, commit.is_some())
+            .await?;
+        let mut written = Written {
+            rows: Vec::new(),
+            conflicts,
+        };
         for ops in tables {
             self.note_written(&ops.map.label, ops.counts.iter().sum());
             written.rows.push((ops.map.label.clone(), ops.counts));
@@ -366,6 +352,71 @@ impl Applier {
             self.in_txn = false;
         }
         Ok(written)
+    }
+
+    /// The statements writing `tables`, in pipeline order (see [`Self::plan_table`]).
+    async fn plan<'t>(
+        &mut self,
+        tables: &'t [TableOps],
+        lsn: Lsn,
+    ) -> Result<Vec<Plan<'t>>, ApplyError> {
+        let mut plans: Vec<Plan<'t>> = Vec::new();
+        for ops in tables {
+            self.plan_table(ops, lsn, &mut plans)
+                .await
+                .map_err(|source| {
+                    statement_error("preparing a statement", &ops.map.label, lsn, source)
+                })?;
+        }
+        Ok(plans)
+    }
+
+    /// Reads the pipelined responses in pipeline order: the conflicts the detecting statements
+    /// recorded, or the first error (see [`Self::failed`]). `committing`: the requests ended
+    /// with COMMIT.
+    async fn read_results(
+        &mut self,
+        results: Vec<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>,
+        origins: Vec<Origin>,
+        committing: bool,
+    ) -> Result<Vec<crate::conflicts::Seen>, ApplyError> {
+        let mut conflicts = Vec::new();
+        for (result, origin) in results.into_iter().zip(origins) {
+            let rows = match result {
+                Ok(rows) => rows,
+                Err(source) => return Err(self.failed(origin, source, committing).await),
+            };
+            // Only the conflict-detecting statements return rows: one per recorded conflict.
+            for r in rows {
+                conflicts.push(crate::conflicts::Seen {
+                    table: origin.table.clone(),
+                    kind: r.get(0),
+                    resolution: r.get(1),
+                    key: r.get(2),
+                });
+            }
+        }
+        Ok(conflicts)
+    }
+
+    /// The error of the failed request `origin`, once the aborted transaction is ended (rolled
+    /// back unless `committing`), or left to the caller while bisecting.
+    async fn failed(
+        &mut self,
+        origin: Origin,
+        source: tokio_postgres::Error,
+        committing: bool,
+    ) -> ApplyError {
+        if self.keep_failed_transaction {
+            // Bisecting under a savepoint: the caller rolls back to it.
+            return statement_error(origin.what, &origin.table, origin.lsn, source);
+        }
+        self.in_txn = false;
+        // A pipelined COMMIT has already ended the aborted transaction.
+        if !committing {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        statement_error(origin.what, &origin.table, origin.lsn, source)
     }
 
     /// Commits the open transaction (or an empty one) with the progress row.
@@ -383,149 +434,6 @@ impl Applier {
                 .batch_execute("ROLLBACK")
                 .await
                 .map_err(green_err("rolling back"))?;
-        }
-        Ok(())
-    }
-
-    async fn plan_table<'t>(
-        &mut self,
-        ops: &'t TableOps,
-        lsn: Lsn,
-        plans: &mut Vec<(Statement, Input<'t>, Origin)>,
-    ) -> Result<(), tokio_postgres::Error> {
-        let map = &ops.map;
-        let origin = |what| Origin {
-            what,
-            table: map.label.clone(),
-            lsn,
-        };
-        let all: Vec<usize> = (0..map.source_columns.len()).collect();
-        if map.is_keyed() {
-            let detect = map.conflicts.detects();
-            let labels = (self.slot.clone(), map.source.to_string(), map.label.clone());
-            let params = |rows: &[&'t batch::Pending], cols: &[usize], bound: bool| {
-                keyed_params(rows, cols, detect.then_some(&labels), bound)
-            };
-            let insert_new = self.insert_new_keys
-                && map.insert_new_keys.is_some()
-                && !self.upsert_only.contains(&map.label);
-            let mut deletes = Vec::new();
-            let mut upserts = Vec::new();
-            let mut new_keys = Vec::new();
-            let mut partial: HashMap<Vec<bool>, Vec<&batch::Pending>> = HashMap::new();
-            for p in ops.ops.values() {
-                match &p.op {
-                    KeyedOp::Delete(_) => deletes.push(p),
-                    // Blue had no row for this key before the batch: neither has green, unless
-                    // a writer on green inserted it (then the insert fails, and the batch is
-                    // retried with upserts: `ApplyError::NewKeyExists`).
-                    KeyedOp::Upsert(_) if insert_new && !p.existed => new_keys.push(p),
-                    // Without a replica identity on blue (for a moment), a key green holds is
-                    // no conflict to resolve but a row blue has twice: the plain insert fails,
-                    // and the row is named as a poison row.
-                    KeyedOp::Upsert(_) if map.awaits_identity => new_keys.push(p),
-                    KeyedOp::Upsert(_) => upserts.push(p),
-                    KeyedOp::Update(t) => {
-                        partial.entry(batch::unchanged_mask(t)).or_default().push(p)
-                    }
-                }
-            }
-            if !deletes.is_empty() {
-                let text = if detect {
-                    conflict::delete(map)
-                } else {
-                    sql::delete(map)
-                };
-                let s = self.prepared(&map.label, &text).await?;
-                plans.push((
-                    s,
-                    params(&deletes, &map.row_key, false).into(),
-                    origin("a delete"),
-                ));
-            }
-            if !upserts.is_empty() {
-                if let Some(text) = sql::delete_unmatched(map, &all) {
-                    let s = self.prepared(&map.label, &text).await?;
-                    plans.push((
-                        s,
-                        keyed_params(&upserts, &all, None, false).into(),
-                        origin("a delete of rows the filter excludes"),
-                    ));
-                }
-                let text = if detect {
-                    conflict::upsert(map, &all)
-                } else {
-                    sql::upsert(map, &all)
-                };
-                let s = self.prepared(&map.label, &text).await?;
-                let bound = detect && conflict::upsert_takes_commit_bound(map);
-                plans.push((
-                    s,
-                    params(&upserts, &all, bound).into(),
-                    origin("an insert or update"),
-                ));
-            }
-            for (mask, rows) in partial {
-                let cols: Vec<usize> = all.iter().copied().filter(|&c| !mask[c]).collect();
-                let text = if detect {
-                    conflict::update(map, &cols)
-                } else {
-                    sql::update(map, &cols)
-                };
-                if let Some(text) = text {
-                    let s = self.prepared(&map.label, &text).await?;
-                    plans.push((s, params(&rows, &cols, false).into(), origin("an update")));
-                }
-            }
-            // Last: rows blue inserted usually reuse unique values that the batch's updates and
-            // deletes free.
-            if !new_keys.is_empty() {
-                // COPY only as the first statement of the write (after BEGIN at most): a COPY
-                // that fails before the server enters copy mode (an earlier statement aborted
-                // the transaction) leaves tokio-postgres one reply out of step with its requests
-                // (rust-postgres #789). As the first statement it can only fail that way on a
-                // privilege, which stops the session and drops the connection.
-                let copy = map.copy_new_keys.as_ref().filter(|_| plans.is_empty());
-                let (s, input) = match (conflict::insert_new(map, &all), copy) {
-                    (Some(text), _) => {
-                        let types = conflict::param_types(all.len());
-                        let s = self.prepared_typed(&map.label, &text, &types).await?;
-                        (s, params(&new_keys, &all, false).into())
-                    }
-                    (None, Some(sources)) => {
-                        let s = self.prepared(&map.label, &sql::copy_new(map)).await?;
-                        (s, Input::Copy(copy_data(&new_keys, sources)))
-                    }
-                    (None, None) => {
-                        let s = self
-                            .prepared(&map.label, &sql::insert_new(map, &all))
-                            .await?;
-                        (s, keyed_params(&new_keys, &all, None, false).into())
-                    }
-                };
-                plans.push((s, input, origin(NEW_KEYS)));
-            }
-        } else {
-            for run in &ops.runs {
-                match run {
-                    KeylessRun::Insert(rows) => {
-                        let s = self.prepared(&map.label, &sql::upsert(map, &all)).await?;
-                        let rows: Vec<&Tuple> = rows.iter().collect();
-                        plans.push((s, boxed(arrays(&rows, &all)).into(), origin("an insert")));
-                    }
-                    KeylessRun::Delete(rows) => {
-                        let detect = map.conflicts.detects();
-                        let text = keyless::delete_matching(map, &all, detect);
-                        let s = self.prepared(&map.label, &text).await?;
-                        let tuples: Vec<&Tuple> = rows.iter().map(|r| &r.tuple).collect();
-                        let mut params = boxed(arrays(&tuples, &all));
-                        if detect {
-                            params.extend(keyless_meta(rows, &self.slot, map));
-                        }
-                        plans.push((s, params.into(), origin("a delete (full-row match)")));
-                    }
-                }
-            }
         }
         Ok(())
     }
@@ -591,53 +499,6 @@ fn boxed(arrays: Vec<TextArray<'_>>) -> Params<'_> {
         .into_iter()
         .map(|a| Box::new(a) as Box<dyn tokio_postgres::types::ToSql + Sync + Send>)
         .collect()
-}
-
-/// Parameters of a keyed statement: the listed columns' arrays, then, for the
-/// conflict-detecting forms (`labels` = slot, source, target), the per-row metadata and labels
-/// (see `conflict`), and with `bound` the latest commit time among the rows.
-fn keyed_params<'t>(
-    rows: &[&'t batch::Pending],
-    cols: &[usize],
-    labels: Option<&(String, String, String)>,
-    bound: bool,
-) -> Params<'t> {
-    let tuples: Vec<&Tuple> = rows.iter().map(|p| p.op.tuple()).collect();
-    let mut params = boxed(arrays(&tuples, cols));
-    if let Some((slot, source, target)) = labels {
-        params.push(Box::new(
-            rows.iter().map(|p| p.existed).collect::<Vec<bool>>(),
-        ));
-        params.push(Box::new(WordArray(
-            rows.iter().map(|p| p.commit_lsn.as_u64() as i64).collect(),
-        )));
-        params.push(Box::new(WordArray(
-            rows.iter().map(|p| p.commit_time).collect(),
-        )));
-        params.push(Box::new(slot.clone()));
-        params.push(Box::new(source.clone()));
-        params.push(Box::new(target.clone()));
-        if bound {
-            let latest = rows.iter().map(|p| p.commit_time).max().unwrap_or(0);
-            params.push(Box::new(crate::progress::pg_time(latest)));
-        }
-    }
-    params
-}
-
-/// The detection parameters of a keyless delete (see `keyless::delete_matching`): per image
-/// whether it is an update's, its commit LSN and time; then slot, source and target labels.
-fn keyless_meta<'t>(rows: &[batch::OldRow], slot: &str, map: &TableMap) -> Params<'t> {
-    vec![
-        Box::new(rows.iter().map(|r| r.update).collect::<Vec<bool>>()),
-        Box::new(WordArray(
-            rows.iter().map(|r| r.commit_lsn.as_u64() as i64).collect(),
-        )),
-        Box::new(WordArray(rows.iter().map(|r| r.commit_time).collect())),
-        Box::new(slot.to_string()),
-        Box::new(map.source.to_string()),
-        Box::new(map.label.clone()),
-    ]
 }
 
 /// One text array per listed source column, one element per row; for no column, one array of
