@@ -16,6 +16,7 @@
 //!   `progress` and `conflicts`;
 //! - the stages: `source`, `apply`, `snapshot`, with `metrics`;
 //! - `check` (every mapping against both schemas), `drain`, `admin`, `pipeline`;
+//! - `sequence` (green's sequences set from blue's at cutover, through `check`'s mappings);
 //! - commands and tools: `demo`, `cluster` (throwaway PostgreSQL servers for tests and `demo`).
 
 pub mod admin;
@@ -35,6 +36,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod reset;
+pub mod sequence;
 pub mod session_role;
 pub mod shutdown;
 pub mod snapshot;

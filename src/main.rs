@@ -67,6 +67,21 @@ enum Command {
         #[arg(long, num_args = 1..)]
         replay: Vec<i64>,
     },
+    /// Set green's sequences from blue's (cutover): those behind every copied column, and
+    /// those [[sequence]] entries name. Without --apply, only shows what it would set.
+    Sequences {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Set them, in one green transaction (a sequence is never moved backwards).
+        #[arg(long)]
+        apply: bool,
+        /// Steps of blue's increment past blue's last value.
+        #[arg(long, default_value_t = 0)]
+        headroom: u64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Throwaway blue and green clusters, a workload, live progress, drain and a report.
     Demo {
         /// Seconds of workload before draining.
@@ -164,6 +179,21 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 "{}",
                 shadowsync::conflicts::command(&cfg, &opts, &replay).await?
             );
+        }
+        Command::Sequences {
+            config,
+            apply,
+            headroom,
+            json,
+        } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            let opts = shadowsync::sequence::Options { apply, headroom };
+            let report = shadowsync::sequence::command(&cfg, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.json())?);
+            } else {
+                print!("{}", report.table());
+            }
         }
         Command::Demo { seconds } => {
             shadowsync::demo::run(Duration::from_secs(seconds)).await?;

@@ -1,9 +1,10 @@
-//! Rule files: the operator's `[[table]]` mappings, read from TOML with the file and line of
-//! every rule and expression kept for error messages.
+//! Rule files: the operator's `[[table]]` mappings and `[[sequence]]` pairings, read from TOML
+//! with the file and line of every rule and expression kept for error messages.
 //!
 //! Invariants: a rule names a schema-qualified source table, at most one rule per source table
-//! across all files; unknown keys are rejected; nothing here touches a database (checking rules
-//! against live schemas is `transform::build` and `check`).
+//! across all files; a `[[sequence]]` entry names a schema-qualified blue and green sequence, at
+//! most one entry per blue sequence; unknown keys are rejected; nothing here touches a database
+//! (checking rules against live schemas is `transform::build`, `check` and `sequence`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,10 +50,21 @@ pub struct Rule {
     pub lww_column: Option<Located<String>>,
 }
 
+/// One `[[sequence]]` entry: a blue sequence that no column owns (the application calls
+/// `nextval` itself), and the green sequence that carries it on at cutover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SequenceRule {
+    pub origin: Origin,
+    pub blue: QualifiedName,
+    pub green: QualifiedName,
+}
+
 /// All rules, by source table, and the conflict settings they apply with.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleSet {
     pub rules: Vec<Rule>,
+    /// `[[sequence]]` entries, in file order.
+    pub sequences: Vec<SequenceRule>,
     /// `[conflicts]` of the config (defaults when rules are loaded alone).
     pub conflicts: super::lww::ConflictsConfig,
 }
@@ -60,6 +72,11 @@ pub struct RuleSet {
 impl RuleSet {
     pub fn get(&self, source: &QualifiedName) -> Option<&Rule> {
         self.rules.iter().find(|r| &r.source == source)
+    }
+
+    /// The `[[sequence]]` entry for blue sequence `blue`.
+    pub fn sequence(&self, blue: &QualifiedName) -> Option<&SequenceRule> {
+        self.sequences.iter().find(|s| &s.blue == blue)
     }
 }
 
@@ -81,6 +98,17 @@ pub enum RuleError {
 struct FileText {
     #[serde(default)]
     table: Vec<toml::Spanned<RuleText>>,
+    #[serde(default)]
+    sequence: Vec<toml::Spanned<SequenceText>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SequenceText {
+    /// Blue sequence, schema-qualified (`public.invoice_no`).
+    blue: toml::Spanned<String>,
+    /// Green sequence, schema-qualified (`billing.invoice_no`).
+    green: toml::Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -118,7 +146,20 @@ pub fn load(base: &Path, patterns: &[String]) -> Result<RuleSet, RuleError> {
                 path: file.clone(),
                 source,
             })?;
-            for rule in parse(&file, &text)? {
+            let (rules, sequences) = parse_file(&file, &text)?;
+            for entry in sequences {
+                if let Some(first) = set.sequence(&entry.blue) {
+                    return Err(RuleError::Invalid {
+                        origin: entry.origin.clone(),
+                        message: format!(
+                            "a second [[sequence]] entry for blue sequence {} (the first is at {})",
+                            entry.blue, first.origin
+                        ),
+                    });
+                }
+                set.sequences.push(entry);
+            }
+            for rule in rules {
                 if let Some(first) = set.get(&rule.source) {
                     return Err(RuleError::Invalid {
                         origin: rule.origin.clone(),
@@ -135,8 +176,13 @@ pub fn load(base: &Path, patterns: &[String]) -> Result<RuleSet, RuleError> {
     Ok(set)
 }
 
-/// Parses one rule file's text.
+/// Parses one rule file's text: its `[[table]]` rules.
 pub fn parse(file: &Path, text: &str) -> Result<Vec<Rule>, RuleError> {
+    parse_file(file, text).map(|(rules, _)| rules)
+}
+
+/// Parses one rule file's text: its `[[table]]` rules and `[[sequence]]` entries.
+pub fn parse_file(file: &Path, text: &str) -> Result<(Vec<Rule>, Vec<SequenceRule>), RuleError> {
     let at = |offset: usize| Origin {
         file: file.to_path_buf(),
         line: line_of(text, offset),
@@ -197,7 +243,37 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<Rule>, RuleError> {
             lww_column: r.lww_column.as_ref().map(located),
         });
     }
-    Ok(rules)
+    let mut sequences = Vec::with_capacity(parsed.sequence.len());
+    for spanned in parsed.sequence {
+        let origin = at(spanned.span().start);
+        let e = spanned.into_inner();
+        let name = |s: &toml::Spanned<String>, field: &str| {
+            qualified(s.get_ref()).ok_or_else(|| RuleError::Invalid {
+                origin: at(s.span().start),
+                message: format!(
+                    "[[sequence]] {field} = {:?}: write a schema-qualified sequence name such as \"public.{}\"",
+                    s.get_ref(),
+                    s.get_ref()
+                ),
+            })
+        };
+        let (blue, green) = (name(&e.blue, "blue")?, name(&e.green, "green")?);
+        if let Some(first) = sequences.iter().find(|s: &&SequenceRule| s.blue == blue) {
+            return Err(RuleError::Invalid {
+                origin,
+                message: format!(
+                    "a second [[sequence]] entry for blue sequence {blue} (the first is at {})",
+                    first.origin
+                ),
+            });
+        }
+        sequences.push(SequenceRule {
+            origin,
+            blue,
+            green,
+        });
+    }
+    Ok((rules, sequences))
 }
 
 /// `schema.table` (each part may be double-quoted) into its unquoted parts.
@@ -335,6 +411,55 @@ skip = true
         .unwrap_err()
         .to_string();
         assert!(err.contains("skip = true"), "{err}");
+    }
+
+    #[test]
+    fn sequence_entries_keep_their_lines() {
+        let text = "[[table]]\nsource = \"public.x\"\n\n[[sequence]]\nblue = \"public.invoice_no\"\ngreen = \"billing.invoice_no\"\n";
+        let (rules, sequences) = parse_file(Path::new("s.toml"), text).unwrap();
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            sequences,
+            vec![SequenceRule {
+                origin: Origin {
+                    file: PathBuf::from("s.toml"),
+                    line: 4
+                },
+                blue: QualifiedName::new("public", "invoice_no"),
+                green: QualifiedName::new("billing", "invoice_no"),
+            }]
+        );
+        let err = parse_file(
+            Path::new("s.toml"),
+            "[[sequence]]\nblue = \"public.a\"\ngreen = \"public.a\"\nskip = true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("s.toml:4") && err.contains("skip"), "{err}");
+        let err = parse_file(
+            Path::new("s.toml"),
+            "[[sequence]]\nblue = \"invoice_no\"\ngreen = \"public.invoice_no\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("s.toml:2:") && err.contains("schema-qualified"),
+            "{err}"
+        );
+        let err = parse_file(
+            Path::new("s.toml"),
+            "[[sequence]]\nblue = \"public.a\"\ngreen = \"public.a\"\n[[sequence]]\nblue = \"public.a\"\ngreen = \"public.b\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("s.toml:4:") && err.contains("first is at s.toml:1"),
+            "{err}"
+        );
+        let err = parse_file(Path::new("s.toml"), "[[sequence]]\nblue = \"public.a\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("s.toml:1") && err.contains("green"), "{err}");
     }
 
     #[test]
