@@ -25,6 +25,7 @@ pub mod check;
 pub mod cluster;
 pub mod config;
 pub mod conflicts;
+pub mod cutover;
 pub mod decode;
 pub mod demo;
 pub mod drain;

@@ -1,0 +1,561 @@
+//! `shadowsync cutover`: hands the application a green it can write to. Pre-checks, fence on
+//! blue, drain to the fence, green's sequences and the cutover mark in one green transaction,
+//! then the report. Works on the running sidecar of the same config (through its admin
+//! endpoint) or, when none answers, streams in this process.
+//!
+//! Invariants:
+//! - Nothing is fenced unless every pre-check passed; `--dry-run` runs only the pre-checks.
+//! - Any failure after the fence and before green's commit removes the fence (blue's writes
+//!   resume) and leaves green as it was (the mark and the sequences commit together or not at
+//!   all); the error says which step failed.
+//! - The sequences are read from blue after the fence, so no blue id can be handed out after
+//!   the value green continues from.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::config::Config;
+use crate::failure::DbFailure;
+use crate::fence::{self, Fence};
+use crate::lsn::Lsn;
+use crate::transform::TableMap;
+
+/// Options of `shadowsync cutover`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Longest wait for each of: streaming to start, lag to fall under `max_lag`, the drain.
+    pub timeout: Duration,
+    /// Largest replication lag at which the fence is raised (keeps the write outage short).
+    pub max_lag: Duration,
+    /// Only the pre-checks; nothing is fenced or written.
+    pub dry_run: bool,
+    /// Cut over although `shadowsync.conflicts` holds unresolved conflicts.
+    pub accept_conflicts: bool,
+    /// Steps of each blue sequence's increment added to green's (0: continue where blue was).
+    pub headroom: u64,
+    /// Longest wait for the fence's table locks.
+    pub fence_lock_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timeout: Duration::from_secs(30),
+            max_lag: Duration::from_secs(1),
+            dry_run: false,
+            accept_conflicts: false,
+            headroom: 0,
+            fence_lock_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CutoverError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot connect to {side} ({dsn}): {failure}")]
+    Connect {
+        side: &'static str,
+        dsn: String,
+        failure: DbFailure,
+    },
+    #[error("{side}, {context}: {failure}")]
+    Db {
+        side: &'static str,
+        context: &'static str,
+        failure: DbFailure,
+    },
+    #[error("the mappings do not pass `shadowsync check`; nothing was fenced:\n{0}")]
+    Mappings(String),
+    #[error(
+        "slot {slot} was already cut over at blue LSN {fence_lsn} ({at}); nothing was done. To rehearse again, run shadowsync reset --config F"
+    )]
+    AlreadyCutOver {
+        slot: String,
+        fence_lsn: Lsn,
+        at: String,
+    },
+    #[error(
+        "shadowsync.conflicts holds {count} unresolved conflicts of slot {slot}: review them (shadowsync conflicts --config F), replay or accept them, then run cutover again (or with --accept-conflicts); nothing was fenced"
+    )]
+    Conflicts { slot: String, count: i64 },
+    #[error(transparent)]
+    Fence(#[from] fence::FenceError),
+    #[error(
+        "the sidecar was not streaming within {0:?} (initial copy not done, or blue or green unreachable: see its log and /status); nothing was fenced"
+    )]
+    NotStreaming(Duration),
+    #[error(
+        "replication lag stayed at {lag_seconds:.1} s, over --max-lag {max_lag:?}, for {waited:?}: fencing now would block blue's writers for at least that long; wait for the sidecar to catch up (or raise --max-lag); nothing was fenced"
+    )]
+    Lag {
+        lag_seconds: f64,
+        max_lag: Duration,
+        waited: Duration,
+    },
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Sequence(#[from] crate::sequence::SequenceError),
+    #[error(
+        "cutover aborted while {step}: {error}. The fence was removed from blue (writes resume) and green was left as it was; fix the cause and run cutover again"
+    )]
+    Aborted {
+        step: &'static str,
+        error: Box<CutoverError>,
+    },
+    #[error(
+        "cutover aborted while {step}: {error}; removing the fence failed too ({removal}): run shadowsync cutover --config F --abort"
+    )]
+    FenceLeft {
+        step: &'static str,
+        error: Box<CutoverError>,
+        removal: fence::FenceError,
+    },
+}
+
+fn db_err(
+    side: &'static str,
+    context: &'static str,
+) -> impl FnOnce(tokio_postgres::Error) -> CutoverError {
+    move |e| CutoverError::Db {
+        side,
+        context,
+        failure: DbFailure::from_pg(&e),
+    }
+}
+
+/// One green sequence set (or left) at the cutover.
+#[derive(Debug, Clone, Serialize)]
+pub struct SequenceSet {
+    pub blue: String,
+    pub green: Option<String>,
+    pub blue_value: Option<i64>,
+    /// `set to N`, or why it was left.
+    pub action: String,
+}
+
+/// Rows of one mapping on both sides after the drain (a filter or rule makes them differ).
+#[derive(Debug, Clone, Serialize)]
+pub struct Rows {
+    pub source: String,
+    pub target: String,
+    pub blue: i64,
+    pub green: i64,
+}
+
+/// What `cutover` prints (JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub slot: String,
+    pub dry_run: bool,
+    /// True once green is ready for the application.
+    pub cut_over: bool,
+    /// Pre-checks, in words.
+    pub checks: Vec<String>,
+    pub fence_lsn: Option<Lsn>,
+    pub fence_acquire_seconds: Option<f64>,
+    pub drain_seconds: Option<f64>,
+    /// From the fence's commit to the report: how long blue refused writes.
+    pub writes_blocked_seconds: Option<f64>,
+    pub sequences: Vec<SequenceSet>,
+    pub rows: Vec<Rows>,
+    pub next_steps: Vec<String>,
+}
+
+/// Where the stream runs: the sidecar answering on `metrics.listen`, or this process.
+enum Streamer {
+    Sidecar(SocketAddr),
+    InProcess(crate::pipeline::Handle),
+}
+
+impl Streamer {
+    /// The running sidecar if one answers, else a pipeline started here.
+    async fn find(config: &Config) -> Result<Streamer, CutoverError> {
+        let addr = config.listen_addr()?;
+        match crate::admin::http_call(addr, "GET", "/status", Duration::from_secs(2)).await {
+            Ok(_) => Ok(Streamer::Sidecar(addr)),
+            Err(crate::admin::AdminError::Connect { .. }) => {
+                let opts = crate::pipeline::RunOptions::default();
+                Ok(Streamer::InProcess(
+                    crate::pipeline::start(config.clone(), opts).await?,
+                ))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// (ready, lag in seconds).
+    async fn status(&self) -> Result<(bool, f64), CutoverError> {
+        match self {
+            Streamer::InProcess(h) => Ok((h.shared.ready(), h.shared.lag_seconds())),
+            Streamer::Sidecar(addr) => {
+                let (_, body) =
+                    crate::admin::http_call(*addr, "GET", "/status", Duration::from_secs(5))
+                        .await?;
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                Ok((
+                    v["ready"].as_bool().unwrap_or(false),
+                    v["lag_seconds"].as_f64().unwrap_or(f64::INFINITY),
+                ))
+            }
+        }
+    }
+
+    /// Drains (to blue's WAL position now, past the fence) and ends the stream.
+    async fn drain(self, timeout: Duration) -> Result<(), CutoverError> {
+        match self {
+            Streamer::Sidecar(addr) => {
+                crate::admin::request_drain(addr, timeout).await?;
+                Ok(())
+            }
+            Streamer::InProcess(h) => {
+                let drained = tokio::time::timeout(timeout, h.drain()).await;
+                h.shutdown();
+                let ended = h.wait().await;
+                match drained {
+                    Err(_) => Err(crate::admin::AdminError::Timeout(timeout).into()),
+                    Ok(Err(message)) => {
+                        Err(CutoverError::Admin(crate::admin::AdminError::Refused {
+                            status: "drain".into(),
+                            body: message,
+                        }))
+                    }
+                    Ok(Ok(_)) => ended.map(|_| ()).map_err(Into::into),
+                }
+            }
+        }
+    }
+
+    /// Ends a stream started here (after a refused pre-check).
+    async fn stop(self) {
+        if let Streamer::InProcess(h) = self {
+            h.shutdown();
+            let _ = h.wait().await;
+        }
+    }
+}
+
+async fn connect(
+    dsn: &crate::config::Dsn,
+    side: &'static str,
+) -> Result<(Client, tokio::task::JoinHandle<()>), CutoverError> {
+    dsn.connect("shadowsync-cutover")
+        .await
+        .map_err(|e| CutoverError::Connect {
+            side,
+            dsn: dsn.to_string(),
+            failure: DbFailure::from_pg(&e),
+        })
+}
+
+/// `shadowsync cutover --abort`: removes a fence left by a killed cutover; returns the tables.
+pub async fn abort(config: &Config) -> Result<Vec<String>, CutoverError> {
+    let (blue, conn) = connect(&config.blue_dsn()?, "blue").await?;
+    let removed = fence::remove(&blue).await;
+    conn.abort();
+    Ok(removed?)
+}
+
+/// `shadowsync cutover`: see the module doc.
+pub async fn run(config: &Config, opts: &Options) -> Result<Report, CutoverError> {
+    let (blue, blue_conn) = connect(&config.blue_dsn()?, "blue").await?;
+    let (mut green, green_conn) = connect(&config.green_dsn()?, "green").await?;
+    let result = cut_over(config, opts, &blue, &mut green).await;
+    blue_conn.abort();
+    green_conn.abort();
+    result
+}
+
+async fn cut_over(
+    config: &Config,
+    opts: &Options,
+    blue: &Client,
+    green: &mut Client,
+) -> Result<Report, CutoverError> {
+    let mut report = Report {
+        slot: config.blue.slot.clone(),
+        dry_run: opts.dry_run,
+        cut_over: false,
+        checks: Vec::new(),
+        fence_lsn: None,
+        fence_acquire_seconds: None,
+        drain_seconds: None,
+        writes_blocked_seconds: None,
+        sequences: Vec::new(),
+        rows: Vec::new(),
+        next_steps: Vec::new(),
+    };
+    let (tables, maps) = mappings(config, blue, green).await?;
+    static_checks(config, opts, blue, green, &tables, &mut report).await?;
+    let streamer = Streamer::find(config).await?;
+    if let Err(e) = wait_streaming(&streamer, opts, &mut report).await {
+        streamer.stop().await;
+        return Err(e);
+    }
+    if opts.dry_run {
+        streamer.stop().await;
+        report
+            .next_steps
+            .push("run cutover without --dry-run".into());
+        return Ok(report);
+    }
+    let fence = match fence::raise(blue, &tables, opts.fence_lock_timeout).await {
+        Ok(f) => f,
+        Err(e) => {
+            streamer.stop().await;
+            return Err(e.into());
+        }
+    };
+    report.fence_lsn = Some(fence.lsn);
+    report.fence_acquire_seconds = Some(fence.acquire_seconds);
+    let fenced_at = Instant::now();
+    let step = fenced_steps(
+        config,
+        opts,
+        blue,
+        green,
+        &maps,
+        &fence,
+        streamer,
+        &mut report,
+    )
+    .await;
+    if let Err((step, error)) = step {
+        return Err(match fence::remove(blue).await {
+            Ok(_) => CutoverError::Aborted {
+                step,
+                error: Box::new(error),
+            },
+            Err(removal) => CutoverError::FenceLeft {
+                step,
+                error: Box::new(error),
+                removal,
+            },
+        });
+    }
+    report.writes_blocked_seconds = Some(fenced_at.elapsed().as_secs_f64());
+    report.cut_over = true;
+    report.next_steps = next_steps(config);
+    Ok(report)
+}
+
+/// The published tables and their mappings, as `check` sees them (refused unless all pass).
+async fn mappings(
+    config: &Config,
+    blue: &Client,
+    green: &Client,
+) -> Result<(Vec<crate::transform::QualifiedName>, Vec<Arc<TableMap>>), CutoverError> {
+    let rules = config.rules()?;
+    let publication = &config.blue.publication;
+    let tables = crate::source::catalog::check_blue(blue, publication).await?;
+    let checked = crate::check::check(blue, green, &tables, publication, &rules)
+        .await
+        .map_err(db_err("blue", "checking the mappings"))?;
+    if !checked.ok() {
+        return Err(CutoverError::Mappings(checked.problems_text()));
+    }
+    let maps = checked
+        .mappings
+        .iter()
+        .filter_map(|m| m.map.clone())
+        .collect();
+    Ok((tables, maps))
+}
+
+/// The pre-checks that need no stream: not cut over yet, conflicts, the fence's privileges.
+async fn static_checks(
+    config: &Config,
+    opts: &Options,
+    blue: &Client,
+    green: &Client,
+    tables: &[crate::transform::QualifiedName],
+    report: &mut Report,
+) -> Result<(), CutoverError> {
+    let slot = &config.blue.slot;
+    crate::store::migrate(green).await?;
+    if let Some(c) = crate::progress::cut_over(green, slot)
+        .await
+        .map_err(db_err("green", "reading the cutover state"))?
+    {
+        return Err(CutoverError::AlreadyCutOver {
+            slot: slot.clone(),
+            fence_lsn: c.fence_lsn,
+            at: c.at,
+        });
+    }
+    let count: i64 = green
+        .query_one(
+            "SELECT count(*) FROM shadowsync.conflicts WHERE slot = $1 AND resolved_at IS NULL",
+            &[slot],
+        )
+        .await
+        .map_err(db_err("green", "counting unresolved conflicts"))?
+        .get(0);
+    if count > 0 && !opts.accept_conflicts {
+        return Err(CutoverError::Conflicts {
+            slot: slot.clone(),
+            count,
+        });
+    }
+    report.checks.push(format!(
+        "{count} unresolved conflicts (see shadowsync conflicts)"
+    ));
+    let missing = fence::missing_privileges(blue, tables).await?;
+    if !missing.is_empty() {
+        let user: String = blue
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .map_err(db_err("blue", "reading the user"))?
+            .get(0);
+        return Err(fence::FenceError::Privileges {
+            user,
+            missing: missing.join("; "),
+        }
+        .into());
+    }
+    report.checks.push(format!(
+        "blue user may fence the {} published tables",
+        tables.len()
+    ));
+    Ok(())
+}
+
+/// Waits until the stream runs (initial copy done) and its lag is under `max_lag`.
+async fn wait_streaming(
+    streamer: &Streamer,
+    opts: &Options,
+    report: &mut Report,
+) -> Result<(), CutoverError> {
+    let started = Instant::now();
+    let mut lag = f64::INFINITY;
+    loop {
+        let (ready, now) = streamer.status().await?;
+        lag = if ready { now } else { lag };
+        if ready && lag <= opts.max_lag.as_secs_f64() {
+            report.checks.push(format!(
+                "streaming, initial copy done, lag {lag:.2} s (at most {:?})",
+                opts.max_lag
+            ));
+            return Ok(());
+        }
+        if started.elapsed() >= opts.timeout {
+            return Err(if ready {
+                CutoverError::Lag {
+                    lag_seconds: lag,
+                    max_lag: opts.max_lag,
+                    waited: opts.timeout,
+                }
+            } else {
+                CutoverError::NotStreaming(opts.timeout)
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Behind the fence: drain, then sequences and the mark in one green transaction, then the
+/// row counts. A failure names its step (the caller removes the fence).
+#[allow(clippy::too_many_arguments)]
+async fn fenced_steps(
+    config: &Config,
+    opts: &Options,
+    blue: &Client,
+    green: &mut Client,
+    maps: &[Arc<TableMap>],
+    fence: &Fence,
+    streamer: Streamer,
+    report: &mut Report,
+) -> Result<(), (&'static str, CutoverError)> {
+    let drain_started = Instant::now();
+    streamer
+        .drain(opts.timeout)
+        .await
+        .map_err(|e| ("draining to the fence", e))?;
+    report.drain_seconds = Some(drain_started.elapsed().as_secs_f64());
+    let step = "setting green's sequences and marking the cutover";
+    let rules = config.rules().map_err(|e| (step, e.into()))?;
+    let plans = crate::sequence::plan(blue, &*green, maps, &rules, opts.headroom)
+        .await
+        .map_err(|e| (step, e.into()))?;
+    let tx = green
+        .transaction()
+        .await
+        .map_err(|e| (step, db_err("green", "starting the cutover transaction")(e)))?;
+    let done = crate::sequence::apply(&tx, &plans)
+        .await
+        .map_err(|e| (step, e.into()))?;
+    report.sequences = plans
+        .iter()
+        .zip(&done)
+        .map(|(p, d)| SequenceSet {
+            blue: p.blue.to_string(),
+            green: p.green.as_ref().map(|g| g.name.to_string()),
+            blue_value: p.blue_value,
+            action: match d {
+                crate::sequence::Decision::Set { value } => format!("set to {value}"),
+                crate::sequence::Decision::Leave(why) => format!("left: {why}"),
+            },
+        })
+        .collect();
+    let json = serde_json::to_value(&*report).unwrap_or_default();
+    crate::progress::mark_cut_over(&tx, &config.blue.slot, fence.lsn, &json)
+        .await
+        .map_err(|e| (step, db_err("green", "marking the cutover")(e)))?;
+    tx.commit()
+        .await
+        .map_err(|e| (step, db_err("green", "committing the cutover")(e)))?;
+    report.rows = row_counts(blue, green, maps)
+        .await
+        .map_err(|e| ("counting rows", e))?;
+    Ok(())
+}
+
+/// Rows of each mapping on both sides.
+async fn row_counts(
+    blue: &Client,
+    green: &Client,
+    maps: &[Arc<TableMap>],
+) -> Result<Vec<Rows>, CutoverError> {
+    let mut rows = Vec::with_capacity(maps.len());
+    for m in maps {
+        rows.push(Rows {
+            source: m.source.to_string(),
+            target: m.target.to_string(),
+            blue: count(blue, &m.source.quoted(), "blue").await?,
+            green: count(green, &m.target.quoted(), "green").await?,
+        });
+    }
+    Ok(rows)
+}
+
+async fn count(client: &Client, table: &str, side: &'static str) -> Result<i64, CutoverError> {
+    client
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .map(|r| r.get(0))
+        .map_err(db_err(side, "counting rows"))
+}
+
+fn next_steps(config: &Config) -> Vec<String> {
+    let slot = &config.blue.slot;
+    vec![
+        "switch the application's traffic to green now: blue refuses writes to the published tables".into(),
+        format!(
+            "once a rollback to blue is off the table, on blue: SELECT pg_drop_replication_slot('{slot}'); DROP SCHEMA {} CASCADE; (the slot holds WAL on blue until dropped)",
+            fence::SCHEMA
+        ),
+        "to go back to blue before that: shadowsync cutover --config F --abort removes the fence".into(),
+    ]
+}
