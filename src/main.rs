@@ -82,6 +82,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hand green to the application: pre-checks, fence writes on blue, drain to the fence,
+    /// set green's sequences and mark the slot cut over; prints a JSON report, exit 0 only when
+    /// green is ready. Uses the running sidecar of this config, or streams in this process.
+    Cutover {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Longest wait for each of: streaming, lag under --max-lag, the drain (e.g. 30s).
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Largest replication lag at which the fence is raised.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        max_lag: Duration,
+        /// Longest wait for the fence's table locks on blue.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        fence_timeout: Duration,
+        /// Only the pre-checks (privileges included); nothing is fenced or written.
+        #[arg(long)]
+        dry_run: bool,
+        /// Cut over although shadowsync.conflicts holds unresolved conflicts.
+        #[arg(long)]
+        accept_conflicts: bool,
+        /// Steps of each blue sequence's increment added when setting green's.
+        #[arg(long, default_value_t = 0)]
+        headroom: u64,
+        /// Remove a fence left on blue by a killed cutover (blue's writes resume).
+        #[arg(long)]
+        abort: bool,
+    },
+    /// Start over after a failed or rehearsal run: clears shadowsync's bookkeeping for the slot
+    /// on green (progress, copy state, cutover mark); conflicts are kept.
+    Reset {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also drop the slot on blue (the next run starts with a fresh initial copy).
+        #[arg(long)]
+        drop_slot: bool,
+        /// Also empty the green tables the mappings write.
+        #[arg(long)]
+        truncate: bool,
+    },
     /// Throwaway blue and green clusters, a workload, live progress, drain and a report.
     Demo {
         /// Seconds of workload before draining.
@@ -193,6 +233,48 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report.json())?);
             } else {
                 print!("{}", report.table());
+            }
+        }
+        Command::Cutover {
+            config,
+            timeout,
+            max_lag,
+            fence_timeout,
+            dry_run,
+            accept_conflicts,
+            headroom,
+            abort,
+        } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            if abort {
+                let removed = shadowsync::cutover::abort(&cfg).await?;
+                let report = serde_json::json!({ "aborted": true, "fence_removed_from": removed });
+                println!("{}", serde_json::to_string_pretty(&report)?);
+                return Ok(());
+            }
+            let opts = shadowsync::cutover::Options {
+                timeout,
+                max_lag,
+                dry_run,
+                accept_conflicts,
+                headroom,
+                fence_lock_timeout: fence_timeout,
+            };
+            let report = shadowsync::cutover::run(&cfg, &opts).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Reset {
+            config,
+            drop_slot,
+            truncate,
+        } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            let opts = shadowsync::reset::ResetOptions {
+                drop_slot,
+                truncate,
+            };
+            for step in shadowsync::reset::reset(&cfg, opts).await? {
+                println!("{step}");
             }
         }
         Command::Demo { seconds } => {

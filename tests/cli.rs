@@ -137,6 +137,73 @@ async fn drain_command_drains_the_running_sidecar_which_then_exits_0() {
     assert_same(&pair, &TABLES).await;
 }
 
+/// `cutover` against the running sidecar of the same config (through its admin endpoint): the
+/// sidecar drains to past the fence and exits 0, blue refuses writes, green is marked cut over,
+/// `run` then refuses, `cutover --abort` lifts the fence and `reset` allows a fresh start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cutover_command_uses_the_running_sidecar_then_abort_and_reset() {
+    let (pair, dir, config) = setup("cutover");
+    let mut sidecar = Sidecar::run(&dir, "run", &config);
+    sidecar.wait_ready(READY).await;
+    write_transactions(&pair, 1, 100).await;
+    let config_arg = config.to_str().unwrap();
+    let (code, stdout, stderr) = run_bin(
+        &["cutover", "--config", config_arg, "--max-lag", "5s"],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(
+        code,
+        Some(0),
+        "cutover failed; stderr:\n{stderr}\nstdout:\n{stdout}"
+    );
+    let report = report(&stdout);
+    assert_eq!(report["cut_over"], true, "{report}");
+    assert!(report["fence_lsn"].is_string(), "{report}");
+    assert!(
+        report["writes_blocked_seconds"].as_f64().is_some(),
+        "{report}"
+    );
+    let status = sidecar.wait_exit(EXIT).await;
+    assert_eq!(status.code(), Some(0), "{}", sidecar.stderr_text());
+    assert_same(&pair, &TABLES).await;
+    let blue = pair.blue().await;
+    let e = blue
+        .batch_execute("DELETE FROM items")
+        .await
+        .expect_err("blue is fenced");
+    let message = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(message.contains("being migrated by shadowsync"), "{e:?}");
+
+    let (code, _, stderr) =
+        run_bin(&["run", "--config", config_arg], Duration::from_secs(60)).await;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("cut over"), "{stderr}");
+
+    let (code, stdout, stderr) = run_bin(
+        &["cutover", "--config", config_arg, "--abort"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("fence_removed_from"), "{stdout}");
+    blue.batch_execute("DELETE FROM notes")
+        .await
+        .expect("writes resume");
+
+    let (code, stdout, stderr) = run_bin(
+        &["reset", "--config", config_arg, "--drop-slot", "--truncate"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("cutover mark"), "{stdout}");
+    assert!(stdout.contains("dropped"), "{stdout}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drain_without_a_sidecar_says_it_cannot_reach_it() {
     let dir = TestDir::new("drain-nothing");
