@@ -143,81 +143,138 @@ async fn check_table(
         });
         return Ok(verdict);
     };
-    let (source, categories, blue_full_types) = blue_table(blue, green, table, publication).await?;
-    verdict
-        .problems
-        .extend(partition_identity(blue, table, &source).await?);
-    if !verdict.problems.is_empty() {
-        return Ok(verdict);
-    }
-    if rule.is_none() {
-        identity_types(
-            green,
-            table,
-            &source,
-            &categories,
-            &green_table,
-            &mut verdict.problems,
-        )
-        .await?;
-        if !verdict.problems.is_empty() {
-            return Ok(verdict);
-        }
-    }
-    let map = match transform::build(&source, rule, &green_table, &rules.conflicts) {
-        Ok(Some(map)) => map,
-        Ok(None) => return Ok(verdict),
-        Err(e) => {
-            verdict.problems.push(e.to_string());
-            return Ok(verdict);
-        }
+    let checked = TableCheck {
+        blue,
+        green,
+        table,
+        publication,
+        rules,
+        rule,
+        at: &at,
+        green_table: &green_table,
     };
-    if rule.is_some() {
-        prepare_statements(green, &map, rule, &mut verdict.problems).await?;
-    }
-    if !map.is_keyed() && map.replica_identity == ReplicaIdentity::Full {
-        // Identity tables too: the full-row match groups and compares every column's type.
-        // (Without detection: `check` creates nothing, and the record table may not exist.)
-        let all: Vec<usize> = (0..map.source_columns.len()).collect();
-        let text = crate::statement::keyless::delete_matching(&map, &all, false);
-        if let Some(e) = rejection(green, &text).await? {
-            verdict.problems.push(format!(
-                "green cannot match the full old rows of keyless table {} column by column: {}; add a primary key on green",
-                map.label,
-                db_message(&e)
-            ));
-        }
-    }
-    verdict.notes.push(format!(
-        "conflicts with rows changed on green: {}",
-        map.conflicts.describe(&map.columns)
-    ));
-    if let Some(transform::Lww::Column(i)) = map.conflicts.lww() {
-        let col = &map.columns[*i];
-        let name = transform::quote_ident(&col.name);
-        let text = format!(
-            "SELECT t.{name} > t.{name} FROM {} AS t LIMIT 0",
-            map.target.quoted()
-        );
-        if let Some(e) = rejection(green, &text).await? {
-            verdict.problems.push(format!(
-                "{at}last-writer-wins column {} of {} ({}) cannot be compared: {}; name an ordered column such as a timestamp (lww_column), or use [conflicts] resolution = \"apply\"",
-                col.name,
-                map.label,
-                col.sql_type,
-                db_message(&e)
-            ));
-        }
-    }
+    let Some((map, blue_full_types)) = checked.map(&mut verdict.problems).await? else {
+        return Ok(verdict);
+    };
+    checked.green_accepts(&map, &mut verdict.problems).await?;
+    verdict.notes = notes(table, &map, &green_table);
     verdict.map = Some(map.clone());
     verdict.warnings = narrower_columns(&map, &blue_full_types);
+    Ok(verdict)
+}
+
+/// What the checks of one table with a target on green share.
+struct TableCheck<'a> {
+    blue: &'a Client,
+    green: &'a Client,
+    table: &'a QualifiedName,
+    publication: &'a str,
+    rules: &'a RuleSet,
+    rule: Option<&'a transform::rules::Rule>,
+    /// The rule's origin and `: `, to begin its problems with (empty without a rule).
+    at: &'a str,
+    green_table: &'a catalog::GreenTable,
+}
+
+impl TableCheck<'_> {
+    /// The mapping, as blue's catalog describes the table now, with blue's spelling of each
+    /// column's type (see [`blue_table`]); `None` when it cannot be built, the reasons in
+    /// `problems`.
+    async fn map(
+        &self,
+        problems: &mut Vec<String>,
+    ) -> Result<Option<(std::sync::Arc<TableMap>, Vec<String>)>, tokio_postgres::Error> {
+        let (source, categories, blue_full_types) =
+            blue_table(self.blue, self.green, self.table, self.publication).await?;
+        problems.extend(partition_identity(self.blue, self.table, &source).await?);
+        if !problems.is_empty() {
+            return Ok(None);
+        }
+        if self.rule.is_none() {
+            identity_types(
+                self.green,
+                self.table,
+                &source,
+                &categories,
+                self.green_table,
+                problems,
+            )
+            .await?;
+            if !problems.is_empty() {
+                return Ok(None);
+            }
+        }
+        match transform::build(&source, self.rule, self.green_table, &self.rules.conflicts) {
+            Ok(Some(map)) => Ok(Some((map, blue_full_types))),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                problems.push(e.to_string());
+                Ok(None)
+            }
+        }
+    }
+
+    /// Green's verdict on what the apply stage will run: a rule's statements (see
+    /// [`prepare_statements`]), a keyless table's full-row match, a last-writer-wins column's
+    /// comparison.
+    async fn green_accepts(
+        &self,
+        map: &TableMap,
+        problems: &mut Vec<String>,
+    ) -> Result<(), tokio_postgres::Error> {
+        let green = self.green;
+        if self.rule.is_some() {
+            prepare_statements(green, map, self.rule, problems).await?;
+        }
+        if !map.is_keyed() && map.replica_identity == ReplicaIdentity::Full {
+            // Identity tables too: the full-row match groups and compares every column's type.
+            // (Without detection: `check` creates nothing, and the record table may not exist.)
+            let all: Vec<usize> = (0..map.source_columns.len()).collect();
+            let text = crate::statement::keyless::delete_matching(map, &all, false);
+            if let Some(e) = rejection(green, &text).await? {
+                problems.push(format!(
+                    "green cannot match the full old rows of keyless table {} column by column: {}; add a primary key on green",
+                    map.label,
+                    db_message(&e)
+                ));
+            }
+        }
+        if let Some(transform::Lww::Column(i)) = map.conflicts.lww() {
+            let col = &map.columns[*i];
+            let name = transform::quote_ident(&col.name);
+            let text = format!(
+                "SELECT t.{name} > t.{name} FROM {} AS t LIMIT 0",
+                map.target.quoted()
+            );
+            if let Some(e) = rejection(green, &text).await? {
+                let at = self.at;
+                problems.push(format!(
+                    "{at}last-writer-wins column {} of {} ({}) cannot be compared: {}; name an ordered column such as a timestamp (lww_column), or use [conflicts] resolution = \"apply\"",
+                    col.name,
+                    map.label,
+                    col.sql_type,
+                    db_message(&e)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What is worth knowing about a mapping: how conflicts are resolved, a key blue cannot use
+/// yet, a key that is not green's primary key, rows completed by reading blue.
+fn notes(table: &QualifiedName, map: &TableMap, green_table: &catalog::GreenTable) -> Vec<String> {
+    let mut notes = vec![format!(
+        "conflicts with rows changed on green: {}",
+        map.conflicts.describe(&map.columns)
+    )];
     let key_columns = map
         .key
         .iter()
         .map(|&k| map.columns[k].name.as_str())
         .collect::<Vec<_>>();
     if map.awaits_identity {
-        verdict.notes.push(format!(
+        notes.push(format!(
             "blue table {table} has no replica identity now (no primary key, or REPLICA IDENTITY NOTHING): blue refuses UPDATE and DELETE on it until it has one; inserts and truncates are replicated, matched on green's key ({})",
             key_columns.join(", ")
         ));
@@ -228,7 +285,7 @@ async fn check_table(
             .iter()
             .ne(key_columns.iter().copied())
     {
-        verdict.notes.push(format!(
+        notes.push(format!(
             "green table {} has no primary key: rows are matched on its unique index over ({})",
             map.label,
             key_columns.join(", ")
@@ -236,13 +293,13 @@ async fn check_table(
     }
     let mixed = map.columns.iter().any(|c| c.inputs.len() > 1);
     if (map.filter.is_some() || mixed) && map.replica_identity != ReplicaIdentity::Full {
-        verdict.notes.push(format!(
+        notes.push(format!(
             "updates on {table} that leave a TOASTed column unchanged are completed by reading the row from blue by key (the {}); ALTER TABLE {} REPLICA IDENTITY FULL on blue avoids that read",
             if map.filter.is_some() { "filter may move the row in" } else { "rule mixes columns" },
             table.quoted()
         ));
     }
-    Ok(verdict)
+    notes
 }
 
 /// A partitioned table published through its root is described with the root's replica
