@@ -8,7 +8,7 @@
 
 use std::fmt::Write as _;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use crate::config::Config;
 use crate::failure::DbFailure;
@@ -190,122 +190,8 @@ pub async fn replay(client: &mut Client, ids: &[i64]) -> Result<Vec<Replayed>, C
         .map_err(green_err("starting the replay transaction"))?;
     let mut done = Vec::with_capacity(ids.len());
     for &id in ids {
-        let row = tx
-            .query_opt(
-                "SELECT target_table, incoming IS NULL, resolved_at IS NOT NULL, key::text, coalesce(incoming::text, '{}')
-                   FROM shadowsync.conflicts WHERE id = $1 FOR UPDATE",
-                &[&id],
-            )
-            .await
-            .map_err(green_err("reading shadowsync.conflicts"))?
-            .ok_or(ConflictsError::NoSuchConflict { id })?;
-        let (target, is_delete, resolved): (String, bool, bool) =
-            (row.get(0), row.get(1), row.get(2));
-        if resolved {
-            done.push(Replayed {
-                id,
-                action: "already resolved",
-            });
-            continue;
-        }
-        let (key, incoming): (String, String) = (row.get(3), row.get(4));
-        let name = match target.split_once('.') {
-            Some((s, n)) => QualifiedName::new(s, n),
-            None => QualifiedName::new("public", target.clone()),
-        };
-        let table = catalog::green_table(tx.client(), &name)
-            .await
-            .map_err(green_err("reading the catalog"))?
-            .ok_or_else(|| ConflictsError::NoTarget {
-                id,
-                table: target.clone(),
-            })?;
-        // The record's key names the columns the row was matched on: the primary key, or the
-        // unique index the mapping used.
-        let recorded: Vec<String> = tx
-            .query("SELECT jsonb_object_keys($1::text::jsonb)", &[&key])
-            .await
-            .map_err(green_err("reading a conflict's key"))?
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect();
-        let Some(unique) = table.unique_keys.iter().find(|u| {
-            u.columns.len() == recorded.len() && u.columns.iter().all(|c| recorded.contains(c))
-        }) else {
-            // A keyless table's record (its key is the whole old row): blue's change, the
-            // only version there is, was applied when it was met.
-            if table.primary_key.is_empty() {
-                done.push(Replayed {
-                    id,
-                    action: "nothing to replay (keyless row; blue's change was applied)",
-                });
-                mark_resolved(&tx, id).await?;
-                continue;
-            }
-            return Err(ConflictsError::NoTarget {
-                id,
-                table: target.clone(),
-            });
-        };
-        let quoted = name.quoted();
-        let key_cols: Vec<String> = unique.columns.iter().map(|k| quote_ident(k)).collect();
-        let key_match = key_cols
-            .iter()
-            .map(|k| format!("t.{k} = r.{k}"))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        let context = format!("replaying conflict {id} on {target}");
-        if is_delete {
-            tx.execute(
-                &format!(
-                    "DELETE FROM {quoted} AS t USING jsonb_populate_record(NULL::{quoted}, $1::text::jsonb) AS r WHERE {key_match}"
-                ),
-                &[&key],
-            )
-            .await
-            .map_err(green_err(context))?;
-            done.push(Replayed {
-                id,
-                action: "delete",
-            });
-        } else {
-            // The columns the record carries (the mapping's written columns).
-            let present: Vec<String> = tx
-                .query("SELECT jsonb_object_keys($1::text::jsonb)", &[&incoming])
-                .await
-                .map_err(green_err(context.clone()))?
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .filter(|c| table.columns.iter().any(|g| &g.name == c))
-                .collect();
-            let cols: Vec<String> = present.iter().map(|c| quote_ident(c)).collect();
-            let sets: Vec<String> = cols
-                .iter()
-                .filter(|c| !key_cols.contains(c))
-                .map(|c| format!("{c} = EXCLUDED.{c}"))
-                .collect();
-            let on_conflict = if sets.is_empty() {
-                "DO NOTHING".to_string()
-            } else {
-                format!("DO UPDATE SET {}", sets.join(", "))
-            };
-            tx.execute(
-                &format!(
-                    "INSERT INTO {quoted} AS t ({cols}) OVERRIDING SYSTEM VALUE SELECT {rcols} FROM jsonb_populate_record(NULL::{quoted}, $1::text::jsonb) AS r ON CONFLICT ({keys}) {on_conflict}",
-                    cols = cols.join(", "),
-                    rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
-                    keys = key_cols.join(", "),
-                ),
-                &[&incoming],
-            )
-            .await
-            .map_err(green_err(context))?;
-            done.push(Replayed {
-                id,
-                action: "upsert",
-            });
-        }
-        mark_resolved(&tx, id).await?;
+        let action = replay_one(&tx, id).await?;
+        done.push(Replayed { id, action });
     }
     tx.commit()
         .await
@@ -313,10 +199,154 @@ pub async fn replay(client: &mut Client, ids: &[i64]) -> Result<Vec<Replayed>, C
     Ok(done)
 }
 
-async fn mark_resolved(
-    tx: &tokio_postgres::Transaction<'_>,
+/// Replays conflict `id` in `tx` and marks it resolved (unless it was already): what it did.
+async fn replay_one(tx: &Transaction<'_>, id: i64) -> Result<&'static str, ConflictsError> {
+    let row = tx
+        .query_opt(
+            "SELECT target_table, incoming IS NULL, resolved_at IS NOT NULL, key::text, coalesce(incoming::text, '{}')
+                   FROM shadowsync.conflicts WHERE id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .map_err(green_err("reading shadowsync.conflicts"))?
+        .ok_or(ConflictsError::NoSuchConflict { id })?;
+    let (target, is_delete, resolved): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    if resolved {
+        return Ok("already resolved");
+    }
+    let (key, incoming): (String, String) = (row.get(3), row.get(4));
+    let (name, table) = target_table(tx, id, &target).await?;
+    let recorded = recorded_columns(tx, &key).await?;
+    let Some(unique) = table.unique_keys.iter().find(|u| {
+        u.columns.len() == recorded.len() && u.columns.iter().all(|c| recorded.contains(c))
+    }) else {
+        // A keyless table's record (its key is the whole old row): blue's change, the
+        // only version there is, was applied when it was met.
+        if table.primary_key.is_empty() {
+            mark_resolved(tx, id).await?;
+            return Ok("nothing to replay (keyless row; blue's change was applied)");
+        }
+        return Err(ConflictsError::NoTarget {
+            id,
+            table: target.clone(),
+        });
+    };
+    let key_cols: Vec<String> = unique.columns.iter().map(|k| quote_ident(k)).collect();
+    let context = format!("replaying conflict {id} on {target}");
+    let action = if is_delete {
+        replay_delete(tx, &name, &key_cols, &key, context).await?
+    } else {
+        replay_upsert(tx, &name, &table, &key_cols, &incoming, context).await?
+    };
+    mark_resolved(tx, id).await?;
+    Ok(action)
+}
+
+/// The recorded target table (`schema.table`, `public` without a schema) as green has it now.
+async fn target_table(
+    tx: &Transaction<'_>,
     id: i64,
-) -> Result<(), ConflictsError> {
+    target: &str,
+) -> Result<(QualifiedName, catalog::GreenTable), ConflictsError> {
+    let name = match target.split_once('.') {
+        Some((s, n)) => QualifiedName::new(s, n),
+        None => QualifiedName::new("public", target),
+    };
+    let table = catalog::green_table(tx.client(), &name)
+        .await
+        .map_err(green_err("reading the catalog"))?
+        .ok_or_else(|| ConflictsError::NoTarget {
+            id,
+            table: target.to_string(),
+        })?;
+    Ok((name, table))
+}
+
+/// The columns of a record's key (jsonb text).
+async fn recorded_columns(tx: &Transaction<'_>, key: &str) -> Result<Vec<String>, ConflictsError> {
+    // The record's key names the columns the row was matched on: the primary key, or the
+    // unique index the mapping used.
+    let recorded: Vec<String> = tx
+        .query("SELECT jsonb_object_keys($1::text::jsonb)", &[&key])
+        .await
+        .map_err(green_err("reading a conflict's key"))?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    Ok(recorded)
+}
+
+/// Deletes green's row of the recorded `key` (blue deleted it): `"delete"`.
+async fn replay_delete(
+    tx: &Transaction<'_>,
+    name: &QualifiedName,
+    key_cols: &[String],
+    key: &str,
+    context: String,
+) -> Result<&'static str, ConflictsError> {
+    let quoted = name.quoted();
+    let key_match = key_cols
+        .iter()
+        .map(|k| format!("t.{k} = r.{k}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    tx.execute(
+        &format!(
+            "DELETE FROM {quoted} AS t USING jsonb_populate_record(NULL::{quoted}, $1::text::jsonb) AS r WHERE {key_match}"
+        ),
+        &[&key],
+    )
+    .await
+    .map_err(green_err(context))?;
+    Ok("delete")
+}
+
+/// Writes the recorded `incoming` row (blue's version) over green's, matched on `key_cols`:
+/// `"upsert"`.
+async fn replay_upsert(
+    tx: &Transaction<'_>,
+    name: &QualifiedName,
+    table: &catalog::GreenTable,
+    key_cols: &[String],
+    incoming: &str,
+    context: String,
+) -> Result<&'static str, ConflictsError> {
+    let quoted = name.quoted();
+    // The columns the record carries (the mapping's written columns).
+    let present: Vec<String> = tx
+        .query("SELECT jsonb_object_keys($1::text::jsonb)", &[&incoming])
+        .await
+        .map_err(green_err(context.clone()))?
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|c| table.columns.iter().any(|g| &g.name == c))
+        .collect();
+    let cols: Vec<String> = present.iter().map(|c| quote_ident(c)).collect();
+    let sets: Vec<String> = cols
+        .iter()
+        .filter(|c| !key_cols.contains(c))
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect();
+    let on_conflict = if sets.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!("DO UPDATE SET {}", sets.join(", "))
+    };
+    tx.execute(
+        &format!(
+            "INSERT INTO {quoted} AS t ({cols}) OVERRIDING SYSTEM VALUE SELECT {rcols} FROM jsonb_populate_record(NULL::{quoted}, $1::text::jsonb) AS r ON CONFLICT ({keys}) {on_conflict}",
+            cols = cols.join(", "),
+            rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
+            keys = key_cols.join(", "),
+        ),
+        &[&incoming],
+    )
+    .await
+    .map_err(green_err(context))?;
+    Ok("upsert")
+}
+
+async fn mark_resolved(tx: &Transaction<'_>, id: i64) -> Result<(), ConflictsError> {
     tx.execute(
         "UPDATE shadowsync.conflicts SET resolved_at = now() WHERE id = $1",
         &[&id],
