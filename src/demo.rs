@@ -42,13 +42,13 @@ pub enum DemoError {
     Database(#[from] tokio_postgres::Error),
     #[error("writing the demo's rule file: {0}")]
     Io(#[from] std::io::Error),
-    #[error("drain failed: {0}")]
-    Drain(String),
+    #[error("cutover failed: {0}")]
+    Cutover(String),
     #[error("green differs from blue: {0}")]
     Mismatch(String),
 }
 
-/// Runs the demo: `workload` of writes, then drain and compare.
+/// Runs the demo: `workload` of writes, then the cutover and a comparison.
 pub async fn run(workload: Duration) -> Result<(), DemoError> {
     eprintln!("starting throwaway blue and green clusters...");
     let (blue, green) = tokio::task::spawn_blocking(|| {
@@ -68,7 +68,9 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
         "writing {PRELOAD_ROWS} existing rows per table on blue (the years before the sync window)..."
     );
     blue.psql("novacron", &preload_sql(PRELOAD_ROWS))?;
-    let handle = pipeline::start(config, RunOptions::default()).await?;
+    let handle = pipeline::start(config.clone(), RunOptions::default()).await?;
+    // The cutover finds this sidecar through its admin endpoint, wherever it bound.
+    config.metrics.listen = handle.addr.to_string();
     eprintln!(
         "copying blue's existing rows from a snapshot, then streaming, through transforms/novacron.toml; blue keeps writing meanwhile; metrics at http://{}/metrics",
         handle.addr
@@ -117,8 +119,14 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
     for w in writers {
         w.await.expect("workload task")?;
     }
-    eprintln!("workload stopped; draining...");
-    let report = handle.drain().await.map_err(DemoError::Drain)?;
+    eprintln!("workload stopped; cutting over: fence blue, drain to the fence, sequences, mark...");
+    let opts = crate::cutover::Options {
+        max_lag: Duration::from_secs(5),
+        ..crate::cutover::Options::default()
+    };
+    let report = crate::cutover::run(&config, &opts)
+        .await
+        .map_err(|e| DemoError::Cutover(e.to_string()))?;
     handle.wait().await?;
     println!(
         "{}",
