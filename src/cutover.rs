@@ -221,18 +221,23 @@ impl Streamer {
                 Ok(())
             }
             Streamer::InProcess(h) => {
-                let drained = tokio::time::timeout(timeout, h.drain()).await;
+                let Ok(drained) = tokio::time::timeout(timeout, h.drain()).await else {
+                    // The stream may be stuck on green (a lock, an outage): the fence comes off
+                    // now, not once the stream manages to stop; it stops in the background.
+                    h.shutdown();
+                    tokio::spawn(async move {
+                        let _ = h.wait().await;
+                    });
+                    return Err(crate::admin::AdminError::Timeout(timeout).into());
+                };
                 h.shutdown();
                 let ended = h.wait().await;
                 match drained {
-                    Err(_) => Err(crate::admin::AdminError::Timeout(timeout).into()),
-                    Ok(Err(message)) => {
-                        Err(CutoverError::Admin(crate::admin::AdminError::Refused {
-                            status: "drain".into(),
-                            body: message,
-                        }))
-                    }
-                    Ok(Ok(_)) => ended.map(|_| ()).map_err(Into::into),
+                    Err(message) => Err(CutoverError::Admin(crate::admin::AdminError::Refused {
+                        status: "drain".into(),
+                        body: message,
+                    })),
+                    Ok(_) => ended.map(|_| ()).map_err(Into::into),
                 }
             }
         }

@@ -194,3 +194,69 @@ async fn abort_removes_a_fence_left_by_a_killed_cutover() {
         .await
         .expect("writes resume");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_drain_that_times_out_lifts_the_fence_and_leaves_green_as_it_was() {
+    init_logging();
+    let pair = Pair::start(SCHEMA);
+    pair.blue
+        .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE users, vms")
+        .unwrap();
+    let handle = start_streaming(pair.config()).await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    // Green's users table is locked by someone else: the change behind the fence cannot apply.
+    let mut green_locker = pair.green().await;
+    let lock = green_locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let blue = pair.blue().await;
+    blue.batch_execute("INSERT INTO users (email) VALUES ('behind@x')")
+        .await
+        .unwrap();
+    let e = cutover::run(
+        &pair.config(),
+        &Options {
+            timeout: Duration::from_secs(3),
+            max_lag: Duration::from_secs(60),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("while draining to the fence"), "{text}");
+    assert!(text.contains("The fence was removed"), "{text}");
+    lock.rollback().await.unwrap();
+    assert!(
+        shadowsync::fence::fenced_tables(&blue)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    blue.batch_execute("INSERT INTO users (email) VALUES ('after@x')")
+        .await
+        .expect("writes resume");
+    let green = pair.green().await;
+    assert_eq!(
+        shadowsync::progress::cut_over(&green, "test_slot")
+            .await
+            .unwrap(),
+        None,
+        "green is not marked cut over"
+    );
+    // And the next cutover succeeds.
+    let report = cutover::run(
+        &pair.config(),
+        &Options {
+            max_lag: Duration::from_secs(10),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.cut_over);
+    assert_same(&pair, &["users", "vms"]).await;
+    shadowsync::fence::remove(&blue).await.unwrap();
+}
