@@ -50,8 +50,6 @@ use crate::transform::TableMap;
 pub enum SnapshotError {
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
     #[error("blue, {context}: {failure}")]
     Blue { context: String, failure: DbFailure },
     #[error("green, {context}: {failure}")]
@@ -105,7 +103,6 @@ impl SnapshotError {
     pub fn is_retryable(&self) -> bool {
         match self {
             SnapshotError::Source(e) => e.is_retryable(),
-            SnapshotError::Store(e) => e.is_retryable(),
             SnapshotError::Blue { failure, .. } | SnapshotError::Green { failure, .. } => {
                 failure.is_retryable()
             }
@@ -267,10 +264,10 @@ pub async fn prepare(
     })
 }
 
-/// Makes sure the bookkeeping tables exist; for a new slot, forgets any copy state left from
-/// an earlier slot of that name (it is meaningless now).
+/// For a new slot, forgets any copy state left from an earlier slot of that name (it is
+/// meaningless now). The bookkeeping tables exist: `store::migrate` ran when the applier whose
+/// connection this is connected.
 async fn init_bookkeeping(green: &Client, slot: &str, new_slot: bool) -> Result<(), SnapshotError> {
-    crate::store::migrate(green).await?;
     if new_slot {
         for sql in [
             "DELETE FROM shadowsync.copy_ranges WHERE slot = $1",
