@@ -1,5 +1,6 @@
 //! HTTP listener: `/metrics` (Prometheus), `/healthz`, `/readyz`, `/status`, and the admin call
-//! `POST /drain` used by `shadowsync drain`; plus the small client that calls it.
+//! `POST /drain` used by `shadowsync drain` and `cutover` (`DELETE /drain` forgets a pending one);
+//! plus the small client that calls them.
 //!
 //! Invariant: nothing served here reveals row values; `/drain` only asks the supervisor, which
 //! alone decides when the drain is complete.
@@ -39,7 +40,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
-        .route("/drain", post(drain_handler))
+        .route("/drain", post(drain_handler).delete(cancel_handler))
         .with_state(AppState { shared, drain });
     let shutdown = async move {
         stop.recv().await;
@@ -94,7 +95,7 @@ async fn status(AxumState(s): AxumState<AppState>) -> Response {
 
 async fn drain_handler(AxumState(s): AxumState<AppState>) -> Response {
     let (reply, rx) = oneshot::channel();
-    if s.drain.send(DrainRequest { reply }).await.is_err() {
+    if s.drain.send(DrainRequest::Start { reply }).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response();
     }
     match rx.await {
@@ -108,6 +109,19 @@ async fn drain_handler(AxumState(s): AxumState<AppState>) -> Response {
     }
 }
 
+/// `DELETE /drain`: forgets a pending drain, so the sidecar keeps streaming.
+async fn cancel_handler(AxumState(s): AxumState<AppState>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    if s.drain.send(DrainRequest::Cancel { reply }).await.is_err() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response();
+    }
+    match rx.await {
+        Ok(Ok(n)) => axum::Json(serde_json::json!({ "cancelled": n })).into_response(),
+        Ok(Err(e)) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response(),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     #[error(
@@ -117,19 +131,38 @@ pub enum AdminError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error(
-        "the drain did not finish within {0:?}; the sidecar keeps draining: check /status and lag, then call drain again"
-    )]
+    #[error("the sidecar did not answer within {0:?}")]
     Timeout(Duration),
+    /// `shadowsync drain` adds what to do (the drain is still pending in the sidecar).
+    #[error("the drain did not finish within {0:?}")]
+    DrainTimeout(Duration),
     #[error("the sidecar answered {status}: {body}")]
     Refused { status: String, body: String },
 }
 
 /// Asks a running sidecar to drain; returns the JSON report it printed.
 pub async fn request_drain(addr: SocketAddr, timeout: Duration) -> Result<String, AdminError> {
-    let (status, body) = http_call(addr, "POST", "/drain", timeout).await?;
+    let (status, body) = http_call(addr, "POST", "/drain", timeout)
+        .await
+        .map_err(|e| match e {
+            AdminError::Timeout(t) => AdminError::DrainTimeout(t),
+            e => e,
+        })?;
     if status == 200 {
         Ok(body)
+    } else {
+        Err(AdminError::Refused {
+            status: status.to_string(),
+            body,
+        })
+    }
+}
+
+/// Asks a running sidecar to forget a pending drain (it keeps streaming).
+pub async fn cancel_drain(addr: SocketAddr, timeout: Duration) -> Result<(), AdminError> {
+    let (status, body) = http_call(addr, "DELETE", "/drain", timeout).await?;
+    if status == 200 {
+        Ok(())
     } else {
         Err(AdminError::Refused {
             status: status.to_string(),

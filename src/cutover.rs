@@ -100,6 +100,11 @@ pub enum CutoverError {
     },
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
+    #[error("{error}; {cancel}")]
+    SidecarDrain {
+        error: crate::admin::AdminError,
+        cancel: String,
+    },
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::PipelineError),
     #[error(transparent)]
@@ -217,8 +222,21 @@ impl Streamer {
     async fn drain(self, timeout: Duration) -> Result<(), CutoverError> {
         match self {
             Streamer::Sidecar(addr) => {
-                crate::admin::request_drain(addr, timeout).await?;
-                Ok(())
+                let Err(error) = crate::admin::request_drain(addr, timeout).await else {
+                    return Ok(());
+                };
+                // The fence is about to come off: a drain left pending would stop the sidecar
+                // later, at whatever point it then reaches.
+                let cancel = crate::admin::cancel_drain(addr, Duration::from_secs(5)).await;
+                Err(CutoverError::SidecarDrain {
+                    error,
+                    cancel: match cancel {
+                        Ok(()) => "the sidecar's drain was cancelled and it keeps streaming".into(),
+                        Err(e) => format!(
+                            "cancelling the sidecar's drain failed too ({e}): if it is still running it stops once drained; start it again then"
+                        ),
+                    },
+                })
             }
             Streamer::InProcess(h) => {
                 let Ok(drained) = tokio::time::timeout(timeout, h.drain()).await else {
@@ -228,7 +246,7 @@ impl Streamer {
                     tokio::spawn(async move {
                         let _ = h.wait().await;
                     });
-                    return Err(crate::admin::AdminError::Timeout(timeout).into());
+                    return Err(crate::admin::AdminError::DrainTimeout(timeout).into());
                 };
                 h.shutdown();
                 let ended = h.wait().await;

@@ -1,8 +1,9 @@
 //! `shadowsync demo`: the NovaCron migration on a laptop. Throwaway blue and green clusters with
 //! the example schemas and rules (`transforms/novacron*`, embedded in the binary), existing rows
 //! on blue copied from a snapshot, a write workload on blue from the start (during the copy and
-//! while streaming), a live progress line, a drain, the report, and a per-mapping row-count
-//! check of green against blue.
+//! while streaming), a live progress line, a cutover while blue's writers keep writing (they
+//! end on the fence's refusal), the report, the application's first inserts on green without
+//! ids, and a per-mapping row-count check of green against blue.
 //!
 //! Invariant: the demo's verdict compares every mapping's rows (blue, through the rule's
 //! filter, against green); it fails loudly rather than report success on a mismatch.
@@ -115,24 +116,32 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
     if tty {
         eprintln!();
     }
-    stop.fire();
-    for w in writers {
-        w.await.expect("workload task")?;
-    }
-    eprintln!("workload stopped; cutting over: fence blue, drain to the fence, sequences, mark...");
+    eprintln!(
+        "cutting over while blue's writers keep writing: fence blue, drain to the fence, sequences, mark..."
+    );
     let opts = crate::cutover::Options {
         max_lag: Duration::from_secs(5),
         ..crate::cutover::Options::default()
     };
-    let report = crate::cutover::run(&config, &opts)
-        .await
-        .map_err(|e| DemoError::Cutover(e.to_string()))?;
+    let cutover = crate::cutover::run(&config, &opts).await;
+    if cutover.is_err() {
+        stop.fire();
+    }
+    let ended = writers_ended(writers, &stop).await?;
+    let report = cutover.map_err(|e| DemoError::Cutover(e.to_string()))?;
     handle.wait().await?;
     println!(
         "{}",
         serde_json::to_string_pretty(&report).expect("report is JSON")
     );
-
+    for (worker, end) in ended.iter().enumerate() {
+        match end {
+            Ended::Fenced(message) => {
+                eprintln!("blue writer {worker}: its next write was refused: {message}")
+            }
+            Ended::Stopped => eprintln!("blue writer {worker}: stopped before the fence"),
+        }
+    }
     let (b, c1) = tokio_postgres::connect(&blue.dsn("novacron"), NoTls).await?;
     tokio::spawn(c1);
     let (g, c2) = tokio_postgres::connect(&green.dsn("novacron"), NoTls).await?;
@@ -177,29 +186,80 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
         return Err(DemoError::Mismatch(problems.join(", ")));
     }
     eprintln!("every mapping matches.");
+    application_writes(&green).await
+
+}
+
+/// Waits for the writers: each ends on the fence's refusal (asked to stop after a while, so a
+/// failed cutover cannot hang the demo).
+async fn writers_ended(
+    writers: Vec<tokio::task::JoinHandle<Result<Ended, DemoError>>>,
+    stop: &crate::shutdown::Trigger,
+) -> Result<Vec<Ended>, DemoError> {
+    let mut ended = Vec::with_capacity(writers.len());
+    for mut w in writers {
+        let result = match tokio::time::timeout(Duration::from_secs(10), &mut w).await {
+            Ok(r) => r,
+            Err(_) => {
+                stop.fire();
+                w.await
+            }
+        };
+        ended.push(result.expect("workload task")?);
+    }
+    Ok(ended)
+}
+
+/// The application's first writes on green, as it would make them: no ids given, so green's
+/// sequences (set by the cutover to continue blue's) hand them out.
+async fn application_writes(green: &Cluster) -> Result<(), DemoError> {
+    let (g, conn) = tokio_postgres::connect(&green.dsn("novacron"), NoTls).await?;
+    tokio::spawn(conn);
+    let row = g
+        .query_one(
+            "WITH u AS (
+               INSERT INTO users (email, name, tenant_id, created_at, updated_at)
+               VALUES ('first-on-green@acme.example', 'First on green',
+                       '00000000-0000-0000-0000-000000000002', now(), now())
+               RETURNING id, tenant_id),
+             n AS (
+               INSERT INTO compute_nodes (name, hostname, status, created_at, updated_at)
+               VALUES ('green-node-1', 'green-node-1', 'online', now(), now())
+               RETURNING id)
+             INSERT INTO vms (name, state, node_id, tenant_id, owner_id, created_at, updated_at)
+             SELECT 'first-vm-on-green', 'creating', n.id, u.tenant_id, u.id, now(), now() FROM u, n
+             RETURNING owner_id, node_id, id",
+            &[],
+        )
+        .await?;
+    let (user, node, vm): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    eprintln!(
+        "the application's first writes on green, without ids: user {user}, compute node {node}, vm {vm} (ids continue blue's sequences)"
+    );
     Ok(())
 }
 
 /// Rows per table that exist on blue before shadowsync starts (copied from a snapshot).
 const PRELOAD_ROWS: i64 = 50_000;
 
-/// Existing rows (ids from 2^50, apart from the workload's), set-based.
+/// Existing rows, set-based. Ids come from blue's sequences (fresh, so row `g` of each table
+/// has id `g` and the references line up).
 pub fn preload_sql(rows: i64) -> String {
     format!(
-        "INSERT INTO users (id, email, name)
-           SELECT (1::bigint << 50) + g, 'seed' || g || '@' || (ARRAY['acme.example','globex.example','example.org'])[g % 3 + 1], 'Seed ' || g
+        "INSERT INTO users (email, name)
+           SELECT 'seed' || g || '@' || (ARRAY['acme.example','globex.example','example.org'])[g % 3 + 1], 'Seed ' || g
              FROM generate_series(1, {rows}) g;
-         INSERT INTO hypervisors (id, hostname, status, type, capacity)
-           SELECT (1::bigint << 50) + g, 'seed-hv-' || g, (ARRAY['active','inactive','maintenance'])[g % 3 + 1], 'kvm',
+         INSERT INTO hypervisors (hostname, status, type, capacity)
+           SELECT 'seed-hv-' || g, (ARRAY['active','inactive','maintenance'])[g % 3 + 1], 'kvm',
                   jsonb_build_object('cpu_cores', 8 + g % 56, 'memory_mb', 65536)
              FROM generate_series(1, {rows}) g;
-         INSERT INTO virtual_machines (id, name, status, owner_id, hypervisor_id, resources, network_config)
-           SELECT (1::bigint << 50) + g, 'seed-vm-' || g, (ARRAY['creating','running','stopped','paused','migrating','deleted','crashed'])[g % 7 + 1],
-                  (1::bigint << 50) + g, (1::bigint << 50) + g, jsonb_build_object('cpu_cores', 2, 'memory_mb', 4096, 'disk_gb', 40),
+         INSERT INTO virtual_machines (name, status, owner_id, hypervisor_id, resources, network_config)
+           SELECT 'seed-vm-' || g, (ARRAY['creating','running','stopped','paused','migrating','deleted','crashed'])[g % 7 + 1],
+                  g, g, jsonb_build_object('cpu_cores', 2, 'memory_mb', 4096, 'disk_gb', 40),
                   jsonb_build_object('ip_address', '10.1.' || (g % 250) || '.' || (g % 200 + 1))
              FROM generate_series(1, {rows}) g;
-         INSERT INTO api_keys (id, user_id, key_hash)
-           SELECT (1::bigint << 50) + g, (1::bigint << 50) + g, md5(g::text) FROM generate_series(1, {rows}) g;"
+         INSERT INTO api_keys (user_id, key_hash)
+           SELECT g, md5(g::text) FROM generate_series(1, {rows}) g;"
     )
 }
 
@@ -229,73 +289,109 @@ const VM_STATUSES: [&str; 7] = [
     "crashed",
 ];
 
-/// One blue client writing NovaCron transactions until stopped: a user with a hypervisor, a VM
-/// and an API key in one transaction (the VM's tenant comes from that new user), status changes
-/// moving VMs in and out of the filter, audit entries (skipped), deletions.
+/// How a workload client ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// Told to stop.
+    Stopped,
+    /// Blue refused a write with the cutover's fence (SQLSTATE 25006): its message.
+    Fenced(String),
+}
+
+/// One blue client writing NovaCron transactions until stopped or fenced: a user with a
+/// hypervisor, a VM and an API key in one transaction (ids from blue's sequences; the VM's
+/// tenant comes from that new user), status changes moving VMs in and out of the filter, audit
+/// entries (skipped), deletions.
 pub async fn workload_client(
     dsn: &str,
     worker: u64,
     stop: crate::shutdown::Shutdown,
     written: Arc<AtomicU64>,
-) -> Result<(), DemoError> {
+) -> Result<Ended, DemoError> {
     let (mut client, conn) = tokio_postgres::connect(dsn, NoTls).await?;
     tokio::spawn(conn);
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (worker + 1));
-    let base = (worker as i64) << 40;
-    let mut next_id = 1i64;
+    let mut vms: Vec<i64> = Vec::new();
     while !stop.is_shutdown() {
-        let tx = client.transaction().await?;
-        let id = base + next_id;
-        next_id += 1;
-        let domain = DOMAINS[rng.below(DOMAINS.len() as u64) as usize];
-        tx.execute(
-            "INSERT INTO users (id, email, name) VALUES ($1, $2, $3)",
-            &[&id, &format!("user{id}@{domain}"), &format!("User {id}")],
+        match workload_txn(&mut client, worker, &mut rng, &mut vms).await {
+            Ok(()) => {
+                written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                let message = e.as_db_error().map(|d| d.message().to_string());
+                return Ok(Ended::Fenced(message.unwrap_or_default()));
+            }
+            // As an application would: a deadlock's victim tries again.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Ended::Stopped)
+}
+
+async fn workload_txn(
+    client: &mut tokio_postgres::Client,
+    worker: u64,
+    rng: &mut XorShift,
+    vms: &mut Vec<i64>,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let n = vms.len();
+    let domain = DOMAINS[rng.below(DOMAINS.len() as u64) as usize];
+    let user: i64 = tx
+        .query_one(
+            "INSERT INTO users (email, name) VALUES ($1, $2) RETURNING id",
+            &[&format!("user-{worker}-{n}@{domain}"), &format!("User {worker}-{n}")],
         )
-        .await?;
-        tx.execute(
-            "INSERT INTO hypervisors (id, hostname, status, type, capacity)
-             VALUES ($1, $2, $3, 'kvm', jsonb_build_object('cpu_cores', $4::int, 'memory_mb', 65536))",
+        .await?
+        .get(0);
+    let hypervisor: i64 = tx
+        .query_one(
+            "INSERT INTO hypervisors (hostname, status, type, capacity)
+             VALUES ($1, $2, 'kvm', jsonb_build_object('cpu_cores', $3::int, 'memory_mb', 65536))
+             RETURNING id",
             &[
-                &id,
-                &format!("hv-{id}"),
+                &format!("hv-{worker}-{n}"),
                 &["active", "inactive", "maintenance"][rng.below(3) as usize],
                 &((rng.below(64) + 8) as i32),
             ],
         )
-        .await?;
+        .await?
+        .get(0);
+    let vm: i64 = tx
+        .query_one(
+            "INSERT INTO virtual_machines (name, status, owner_id, hypervisor_id, resources, network_config)
+             VALUES ($1, 'creating', $2, $3, jsonb_build_object('cpu_cores', 2, 'memory_mb', 4096, 'disk_gb', 40),
+                     jsonb_build_object('ip_address', '10.0.' || ($2::bigint % 250) || '.' || ($2::bigint % 200 + 1)))
+             RETURNING id",
+            &[&format!("vm-{worker}-{n}"), &user, &hypervisor],
+        )
+        .await?
+        .get(0);
+    tx.execute(
+        "INSERT INTO api_keys (user_id, key_hash) VALUES ($1, $2)",
+        &[&user, &format!("{:016x}", rng.next())],
+    )
+    .await?;
+    if !vms.is_empty() {
+        let victim = vms[rng.below(vms.len() as u64) as usize];
+        let status = VM_STATUSES[rng.below(VM_STATUSES.len() as u64) as usize];
         tx.execute(
-            "INSERT INTO virtual_machines (id, name, status, owner_id, hypervisor_id, resources, network_config)
-             VALUES ($1, $2, 'creating', $1, $1, jsonb_build_object('cpu_cores', 2, 'memory_mb', 4096, 'disk_gb', 40),
-                     jsonb_build_object('ip_address', '10.0.' || ($1::bigint % 250) || '.' || ($1::bigint % 200 + 1)))",
-            &[&id, &format!("vm-{id}")],
+            "UPDATE virtual_machines SET status = $2, updated_at = now() WHERE id = $1",
+            &[&victim, &status],
         )
         .await?;
         tx.execute(
-            "INSERT INTO api_keys (id, user_id, key_hash) VALUES ($1, $1, $2)",
-            &[&id, &format!("{:016x}", rng.next())],
+            "INSERT INTO audit_log (action, details) VALUES ('vm.status', jsonb_build_object('vm', $1::bigint))",
+            &[&victim],
         )
         .await?;
-        if next_id > 2 {
-            let victim = base + 1 + rng.below(next_id as u64 - 1) as i64;
-            let status = VM_STATUSES[rng.below(VM_STATUSES.len() as u64) as usize];
-            tx.execute(
-                "UPDATE virtual_machines SET status = $2, updated_at = now() WHERE id = $1",
-                &[&victim, &status],
-            )
-            .await?;
-            tx.execute(
-                "INSERT INTO audit_log (action, details) VALUES ('vm.status', jsonb_build_object('vm', $1::bigint))",
-                &[&victim],
-            )
-            .await?;
-            if rng.below(20) == 0 {
-                tx.execute("DELETE FROM virtual_machines WHERE id = $1", &[&victim])
-                    .await?;
-            }
+        if rng.below(20) == 0 {
+            tx.execute("DELETE FROM virtual_machines WHERE id = $1", &[&victim])
+                .await?;
         }
-        tx.commit().await?;
-        written.fetch_add(1, Ordering::Relaxed);
     }
+    tx.commit().await?;
+    vms.push(vm);
     Ok(())
 }

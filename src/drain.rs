@@ -11,9 +11,17 @@ use tokio::sync::oneshot;
 
 use crate::lsn::Lsn;
 
-/// A drain request from the admin endpoint.
-pub struct DrainRequest {
-    pub reply: oneshot::Sender<Result<Report, String>>,
+/// A request from the admin endpoint (or a [`crate::pipeline::Handle`]) to the supervisor.
+pub enum DrainRequest {
+    /// Drain, then stop; the report (or why not) goes to `reply`.
+    Start {
+        reply: oneshot::Sender<Result<Report, String>>,
+    },
+    /// Forget a pending drain and keep streaming (a cutover that gave up on it lifted its
+    /// fence): every waiter is told; `reply` gets how many there were, or why it is too late.
+    Cancel {
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
 }
 
 /// What a run did; printed as JSON by `run --drain` and `drain`.
@@ -27,6 +35,12 @@ pub struct Report {
     /// Blue's WAL position when the drain began (everything before it is in green).
     pub drain_lsn: Option<Lsn>,
     pub drained: bool,
+    /// The end LSN of a blue transaction that changed a published table after `drain_lsn`
+    /// (writers were still running: what they wrote after it may not be in green). `None`
+    /// when blue wrote nothing there, or it could not be told (see `warnings`).
+    pub changed_after_drain: Option<Lsn>,
+    /// What the operator must know about this drain.
+    pub warnings: Vec<String>,
     /// Whether blue's slot was seen recording `final_lsn` (false: green has everything, but
     /// blue could not be asked; it will learn the position on the next start).
     pub confirmed_by_blue: bool,

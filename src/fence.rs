@@ -12,10 +12,13 @@
 //!   LSN) or fail; no write can slip in between the fence and its LSN;
 //! - it blocks no reader, and it is a catalog change undone by one `DROP`.
 //!
-//! Invariants: the fence is raised in one blue transaction with a `lock_timeout` (a long-running
-//! writer makes the fence fail, not the application wait); it is recorded in blue's catalog
-//! (the function's schema `shadowsync_fence`), so `remove` finds and drops it from any process,
-//! including after the one that raised it was killed.
+//! Invariants: the fence is raised one table per blue transaction, each under what is left of
+//! one `lock_timeout` (a long-running writer makes the fence fail, not the application wait),
+//! never holding one table's lock while waiting for another's (no deadlock with writers); its
+//! LSN is after the last table's commit, and no write to a fenced table commits after it. A
+//! fence that fails part way is removed. It is recorded in blue's catalog (the function's
+//! schema `shadowsync_fence`), so `remove` finds and drops it from any process, including
+//! after the one that raised it was killed.
 
 use std::time::Duration;
 
@@ -40,10 +43,10 @@ pub enum FenceError {
     #[error("blue user {user} cannot fence the published tables: {missing}. Nothing was fenced")]
     Privileges { user: String, missing: String },
     #[error(
-        "the fence could not lock {tables} within {timeout_ms} ms (a long transaction writes them): {failure}. Nothing was fenced and blue's writers go on; run the cutover again once it ends, or raise --fence-timeout"
+        "the fence could not lock {table} within what was left of --fence-timeout ({timeout_ms} ms; a long transaction writes it): {failure}. Nothing was fenced and blue's writers go on; run the cutover again once it ends, or raise --fence-timeout"
     )]
     LockTimeout {
-        tables: String,
+        table: String,
         timeout_ms: u64,
         failure: DbFailure,
     },
@@ -116,65 +119,57 @@ pub async fn missing_privileges(
     Ok(missing)
 }
 
-/// The SQL that raises the fence on `tables` (one transaction's worth, after `BEGIN`).
-fn raise_sql(tables: &[QualifiedName]) -> String {
-    let mut sql = format!(
+/// The fence's function and schema (no table lock).
+fn function_sql() -> String {
+    format!(
         "CREATE SCHEMA IF NOT EXISTS {SCHEMA};
          CREATE OR REPLACE FUNCTION {SCHEMA}.refuse() RETURNS trigger LANGUAGE plpgsql AS $f$
          BEGIN
            RAISE EXCEPTION 'table %.% is being migrated by shadowsync: writes are fenced on blue for the cutover; write to the new database, or ask the operator to run shadowsync cutover --abort', TG_TABLE_SCHEMA, TG_TABLE_NAME
              USING ERRCODE = 'read_only_sql_transaction';
          END $f$;
-         COMMENT ON SCHEMA {SCHEMA} IS 'shadowsync: the cutover fence; removed by shadowsync cutover --abort, or by hand with DROP SCHEMA {SCHEMA} CASCADE';\n"
-    );
-    for t in tables {
-        let table = t.quoted();
-        sql.push_str(&format!(
-            "CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
-               FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse();
-             ALTER TABLE {table} ENABLE ALWAYS TRIGGER {TRIGGER};\n"
-        ));
-    }
-    sql
+         COMMENT ON SCHEMA {SCHEMA} IS 'shadowsync: the cutover fence; removed by shadowsync cutover --abort, or by hand with DROP SCHEMA {SCHEMA} CASCADE';"
+    )
 }
 
-/// Raises the fence on `tables` in one transaction, waiting at most `lock_timeout` for the
-/// locks; then reads the fence's LSN. On failure nothing is fenced.
+/// The fence's trigger on one table.
+fn trigger_sql(table: &QualifiedName) -> String {
+    let table = table.quoted();
+    format!(
+        "CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
+           FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse();
+         ALTER TABLE {table} ENABLE ALWAYS TRIGGER {TRIGGER};"
+    )
+}
+
+/// Raises the fence on `tables`, waiting at most `lock_timeout` in all for their locks; then
+/// reads the fence's LSN. On failure nothing is fenced (what was raised is removed).
+///
+/// One transaction per table: the fence never holds one table's lock while it waits for
+/// another's, so it cannot deadlock with a writer that holds one and wants the other (taking
+/// them all in one transaction did, under the demo's writers, in any order). A writer that
+/// wrote a table before its trigger committed ends before it (the trigger's lock waits for
+/// it), or is refused when it then writes a table fenced earlier: so once the last table's
+/// trigger committed, nothing more can commit on any of them, and the fence's LSN is after it.
 pub async fn raise(
     blue: &Client,
     tables: &[QualifiedName],
     lock_timeout: Duration,
 ) -> Result<Fence, FenceError> {
     let started = std::time::Instant::now();
-    let timeout_ms = lock_timeout.as_millis() as u64;
-    let begin = format!(
-        "BEGIN READ WRITE; SET LOCAL lock_timeout = {timeout_ms}; SET LOCAL synchronous_commit = local"
-    );
-    blue.batch_execute(&begin)
+    blue.batch_execute(&format!("BEGIN; {}; COMMIT", function_sql()))
         .await
-        .map_err(blue_err("starting the fence"))?;
-    if let Err(e) = blue.batch_execute(&raise_sql(tables)).await {
-        let _ = blue.batch_execute("ROLLBACK").await;
-        let failure = DbFailure::from_pg(&e);
-        if failure.is(&crate::failure::SqlState::LOCK_NOT_AVAILABLE) {
-            return Err(FenceError::LockTimeout {
-                tables: tables
-                    .iter()
-                    .map(|t| t.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                timeout_ms,
-                failure,
-            });
+        .map_err(blue_err("creating the fence's function"))?;
+    for table in tables {
+        let left = lock_timeout.saturating_sub(started.elapsed());
+        if let Err(e) = fence_table(blue, table, left.max(Duration::from_millis(1))).await {
+            // Best effort: a failure here leaves the fence for `cutover --abort`, and says so.
+            if let Err(removal) = remove(blue).await {
+                tracing::error!(error = %removal, "removing a partly raised fence failed: run shadowsync cutover --abort");
+            }
+            return Err(e);
         }
-        return Err(FenceError::Blue {
-            context: "raising the fence",
-            failure,
-        });
     }
-    blue.batch_execute("COMMIT")
-        .await
-        .map_err(blue_err("committing the fence"))?;
     let acquire_seconds = started.elapsed().as_secs_f64();
     let lsn: Lsn = blue
         .query_one("SELECT pg_current_wal_insert_lsn()", &[])
@@ -187,6 +182,38 @@ pub async fn raise(
         acquire_seconds,
         tables: tables.iter().map(|t| t.to_string()).collect(),
     })
+}
+
+/// One table's trigger in its own transaction, under `lock_timeout`.
+async fn fence_table(
+    blue: &Client,
+    table: &QualifiedName,
+    lock_timeout: Duration,
+) -> Result<(), FenceError> {
+    let timeout_ms = lock_timeout.as_millis() as u64;
+    let sql = format!(
+        "BEGIN READ WRITE; SET LOCAL lock_timeout = {timeout_ms}; SET LOCAL synchronous_commit = local;
+         {}",
+        trigger_sql(table)
+    );
+    if let Err(e) = blue.batch_execute(&sql).await {
+        let _ = blue.batch_execute("ROLLBACK").await;
+        let failure = DbFailure::from_pg(&e);
+        if failure.is(&crate::failure::SqlState::LOCK_NOT_AVAILABLE) {
+            return Err(FenceError::LockTimeout {
+                table: table.to_string(),
+                timeout_ms,
+                failure,
+            });
+        }
+        return Err(FenceError::Blue {
+            context: "raising the fence",
+            failure,
+        });
+    }
+    blue.batch_execute("COMMIT")
+        .await
+        .map_err(blue_err("committing the fence"))
 }
 
 /// Tables of blue that carry the fence now.

@@ -128,6 +128,10 @@ pub struct Shared {
     blue_wal_lsn: AtomicU64,
     /// LSN confirmed to blue (flush position in the last standby status update).
     confirmed_lsn: AtomicU64,
+    /// End LSN of the latest blue transaction with changes received (drain markers excluded).
+    last_change_commit: AtomicU64,
+    /// This process created blue's slot (a failed first run says it left it behind).
+    slot_created: AtomicBool,
     pub blue_connected: AtomicBool,
     pub green_connected: AtomicBool,
     pub streaming: AtomicBool,
@@ -255,6 +259,8 @@ impl Shared {
             switches,
             blue_wal_lsn: AtomicU64::new(0),
             confirmed_lsn: AtomicU64::new(0),
+            last_change_commit: AtomicU64::new(0),
+            slot_created: AtomicBool::new(false),
             blue_connected: AtomicBool::new(false),
             green_connected: AtomicBool::new(false),
             streaming: AtomicBool::new(false),
@@ -394,6 +400,27 @@ impl Shared {
     pub fn set_confirmed(&self, lsn: Lsn) {
         self.confirmed_lsn
             .fetch_max(lsn.as_u64(), Ordering::Relaxed);
+    }
+
+    /// This process created blue's replication slot.
+    pub fn set_slot_created(&self) {
+        self.slot_created.store(true, Ordering::Relaxed);
+    }
+
+    pub fn slot_created(&self) -> bool {
+        self.slot_created.load(Ordering::Relaxed)
+    }
+
+    /// The apply stage received a blue transaction with changes, committed at `end_lsn`.
+    pub fn change_commit_received(&self, end_lsn: Lsn) {
+        self.last_change_commit
+            .fetch_max(end_lsn.as_u64(), Ordering::Relaxed);
+    }
+
+    /// End LSN of the latest blue transaction with changes received, if any.
+    pub fn last_change_commit(&self) -> Option<Lsn> {
+        Some(Lsn::from_u64(self.last_change_commit.load(Ordering::Relaxed)))
+            .filter(|l| *l > Lsn::ZERO)
     }
 
     /// Blue's WAL insert position was read as `lsn` (it only moves forward).

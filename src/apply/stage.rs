@@ -347,6 +347,9 @@ impl ApplyStage {
         // A drain's own flush marker is no blue transaction of the users'.
         if !std::mem::take(&mut self.drain_marker) {
             self.txns += 1;
+            // pgoutput sends no empty transaction (PostgreSQL 15): this one changed a
+            // published table (a drain's report says when that happened after its target).
+            self.shared.change_commit_received(c.end_lsn);
         }
     }
 

@@ -54,6 +54,14 @@ pub enum PipelineError {
     },
     #[error("the pipeline stopped before the drain finished")]
     Stopped,
+    /// A permanent failure of a run that created blue's slot.
+    #[error(
+        "{error}\nThe replication slot {slot} that this run created on blue is left in place, and holds WAL on blue until it is dropped: fix the cause and run again to resume from it, or start over with shadowsync reset --config F --drop-slot"
+    )]
+    SlotLeft {
+        slot: String,
+        error: Box<PipelineError>,
+    },
 }
 
 impl From<crate::snapshot::SnapshotError> for PipelineError {
@@ -69,6 +77,7 @@ impl PipelineError {
             PipelineError::Source(e) => e.is_retryable(),
             PipelineError::Apply(e) => e.is_retryable(),
             PipelineError::Snapshot(e) => e.is_retryable(),
+            PipelineError::SlotLeft { error, .. } => error.is_retryable(),
             PipelineError::Config(_)
             | PipelineError::Listen { .. }
             | PipelineError::Task { .. }
@@ -91,6 +100,7 @@ impl PipelineError {
             PipelineError::Source(_) => "source",
             PipelineError::Apply(_) => "apply",
             PipelineError::Snapshot(_) => "snapshot",
+            PipelineError::SlotLeft { error, .. } => error.stage(),
             _ => "pipeline",
         }
     }
@@ -111,18 +121,25 @@ type DrainTargetRead = std::pin::Pin<
 /// Blue's WAL insert position for a drain, made reachable (see `source::slot::drain_target`), on
 /// a connection of its own.
 async fn blue_wal_lsn(config: Config) -> Result<Lsn, PipelineError> {
-    let dsn = config.blue_dsn()?;
-    let (client, conn) =
-        dsn.connect("shadowsync-drain")
-            .await
-            .map_err(|source| SourceError::Connect {
-                dsn: dsn.to_string(),
-                failure: crate::failure::DbFailure::from_pg(&source),
-            })?;
+    let (client, conn) = drain_client(&config).await?;
     let lsn = slot::drain_target(&client).await;
     drop(client);
     let _ = conn.await;
     Ok(lsn?)
+}
+
+/// A connection to blue for the drain's own reads and its flush marker.
+async fn drain_client(
+    config: &Config,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), PipelineError> {
+    let dsn = config.blue_dsn()?;
+    Ok(dsn
+        .connect("shadowsync-drain")
+        .await
+        .map_err(|source| SourceError::Connect {
+            dsn: dsn.to_string(),
+            failure: crate::failure::DbFailure::from_pg(&source),
+        })?)
 }
 
 /// Fixes the drain's target once blue told it (a failure is tried again at the next tick).
@@ -172,7 +189,7 @@ impl Handle {
     pub async fn drain(&self) -> Result<Report, String> {
         let (reply, rx) = oneshot::channel();
         self.drain
-            .send(DrainRequest { reply })
+            .send(DrainRequest::Start { reply })
             .await
             .map_err(|_| "the pipeline has stopped".to_string())?;
         rx.await
@@ -256,13 +273,29 @@ pub async fn run(
     result
 }
 
+/// A drain was cancelled: streaming goes on; returns how many waiters were told.
+fn drain_cancelled(drain_lsn: &mut Option<Lsn>, waiters: &mut Vec<ReportWaiter>) -> usize {
+    *drain_lsn = None;
+    let n = waiters.len();
+    for w in waiters.drain(..) {
+        let _ = w.send(Err(
+            "the drain was cancelled (DELETE /drain); the sidecar keeps streaming".into(),
+        ));
+    }
+    info!(waiters = n, "drain cancelled; streaming goes on");
+    n
+}
+
+/// Where a drain's report goes.
+type ReportWaiter = oneshot::Sender<Result<Report, String>>;
+
 struct Supervisor {
     config: Config,
     shared: Arc<Shared>,
     started: Instant,
     start_lsn: Option<Lsn>,
     drain_lsn: Option<Lsn>,
-    waiters: Vec<oneshot::Sender<Result<Report, String>>>,
+    waiters: Vec<ReportWaiter>,
     /// What failed sessions taught about green (replay some changes one by one, write some
     /// tables with upserts only).
     recovery: crate::apply::Recovery,
@@ -330,11 +363,24 @@ impl Supervisor {
                             stopping = Some(Outcome::Shutdown);
                             stop_tx.fire();
                         }
-                        // 3. Drain requests: remember the waiter, fix the target once.
-                        Some(req) = drains.recv() => {
-                            self.waiters.push(req.reply);
-                            drain_requested = true;
-                        }
+                        // 3. Drain requests: remember the waiter (the target is fixed once), or
+                        //    forget the drain.
+                        Some(req) = drains.recv() => match req {
+                            DrainRequest::Start { reply } => {
+                                self.waiters.push(reply);
+                                drain_requested = true;
+                            }
+                            DrainRequest::Cancel { reply } => {
+                                let cancelled = if matches!(stopping, Some(Outcome::Drained)) {
+                                    Err("the drain already finished: the sidecar is stopping".to_string())
+                                } else {
+                                    drain_requested = false;
+                                    target_read = None;
+                                    Ok(drain_cancelled(&mut self.drain_lsn, &mut self.waiters))
+                                };
+                                let _ = reply.send(cancelled);
+                            }
+                        },
                         // 4. The drain's target arrived from blue.
                         read = async { target_read.as_mut().expect("armed").await }, if target_read.is_some() => {
                             target_read = None;
@@ -397,6 +443,7 @@ impl Supervisor {
         let confirmed = self.confirm_drained().await;
         let mut report = self.report(true);
         report.confirmed_by_blue = confirmed;
+        self.writes_after_drain(&mut report).await;
         self.shared.set_state(State::Stopped);
         info!(final_lsn = %report.final_lsn, "drained");
         for w in self.waiters.drain(..) {
@@ -442,6 +489,14 @@ impl Supervisor {
         if !retry || shutdown.is_shutdown() {
             error!(error = %e, "stopping");
             self.shared.set_state(State::Failed);
+            let e = if self.shared.slot_created() {
+                PipelineError::SlotLeft {
+                    slot: self.config.blue.slot.clone(),
+                    error: Box::new(e),
+                }
+            } else {
+                e
+            };
             for w in self.waiters.drain(..) {
                 let _ = w.send(Err(e.to_string()));
             }
@@ -458,10 +513,7 @@ impl Supervisor {
         let Some(target) = self.drain_lsn else {
             return false;
         };
-        let Ok(dsn) = self.config.blue_dsn() else {
-            return false;
-        };
-        let Ok((client, conn)) = dsn.connect("shadowsync-drain").await else {
+        let Ok((client, conn)) = drain_client(&self.config).await else {
             return false;
         };
         let mut confirmed = false;
@@ -482,6 +534,43 @@ impl Supervisor {
         confirmed
     }
 
+    /// Says in the report whether blue changed a published table after the drain's target:
+    /// seen in the stream, else peeked at in the slot (the stream has ended).
+    async fn writes_after_drain(&self, report: &mut Report) {
+        let Some(target) = self.drain_lsn else {
+            return;
+        };
+        let mut after = self.shared.last_change_commit().filter(|l| *l > target);
+        if after.is_none() {
+            match self.peek_after_confirmed().await {
+                Ok(lsn) => after = lsn,
+                Err(e) => report.warnings.push(format!(
+                    "cannot tell whether blue changed published tables after the drain ({e})"
+                )),
+            }
+        }
+        if let Some(lsn) = after {
+            warn!(drain_lsn = %target, changed_lsn = %lsn, "blue changed published tables after the drain's target: writers are still running");
+            report.changed_after_drain = Some(lsn);
+            report.warnings.push(format!(
+                "blue committed changes to published tables after the drain point {target} (at {lsn}): writers were still running, and what they wrote after the drain may not be in green. Use shadowsync cutover, which fences blue's writes before draining"
+            ));
+        }
+    }
+
+    async fn peek_after_confirmed(&self) -> Result<Option<Lsn>, PipelineError> {
+        let (client, conn) = drain_client(&self.config).await?;
+        let after = slot::first_change_after_confirmed(
+            &client,
+            &self.config.blue.slot,
+            &self.config.blue.publication,
+        )
+        .await;
+        drop(client);
+        let _ = conn.await;
+        Ok(after?)
+    }
+
     fn report(&self, drained: bool) -> Report {
         let applied = self.shared.applied();
         Report {
@@ -490,6 +579,8 @@ impl Supervisor {
             final_lsn: self.shared.confirmed_lsn(),
             drain_lsn: self.drain_lsn,
             drained,
+            changed_after_drain: None,
+            warnings: Vec::new(),
             confirmed_by_blue: false,
             duration_seconds: self.started.elapsed().as_secs_f64(),
             transactions: applied.transactions,

@@ -209,7 +209,11 @@ pub async fn prepare(
     if fresh.is_empty() && interrupted.is_empty() {
         let slot_confirmed = match slot_confirmed {
             Some(l) => l,
-            None => source::slot::create_slot(blue, slot).await?,
+            None => {
+                let lsn = source::slot::create_slot(blue, slot).await?;
+                shared.set_slot_created();
+                lsn
+            }
         };
         return Ok(Prepared {
             slot_confirmed,
@@ -252,6 +256,9 @@ pub async fn prepare(
     record_copying(green, slot, &plan.todo).await?;
     let (exporter, consistent, snapshot_name) =
         export(config, slot_confirmed, plan.todo.len()).await?;
+    if slot_confirmed.is_none() {
+        shared.set_slot_created();
+    }
     start_copy(config, &plan, consistent).await?;
     let copied = copy::run(config, &plan.todo, &snapshot_name, exporter, shared).await?;
     for (table, rows) in &copied {

@@ -134,3 +134,46 @@ pub async fn slot_confirmed(blue: &Client, slot: &str) -> Result<Lsn, SourceErro
     // a drain early (the stream then fails on the missing slot, and says so).
     Ok(confirmed.unwrap_or(Lsn::ZERO))
 }
+
+/// Longest a drain's report waits for blue to release the slot and decode what follows it.
+const PEEK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The end LSN of the first blue transaction that changed a published table after the slot's
+/// confirmed position (up to blue's flushed WAL), without consuming it; `None` when blue wrote
+/// nothing there. Needs the slot released (the stream ended): blue may take a moment to notice
+/// the end of its walsender, so an active slot is tried again until [`PEEK_TIMEOUT`].
+pub async fn first_change_after_confirmed(
+    blue: &Client,
+    slot: &str,
+    publication: &str,
+) -> Result<Option<Lsn>, SourceError> {
+    // Decoding reads WAL from the slot's restart point: bounded, so a report is never held
+    // long by a busy blue.
+    blue.batch_execute(&format!(
+        "SET statement_timeout = {}",
+        PEEK_TIMEOUT.as_millis()
+    ))
+    .await
+    .map_err(blue_err("limiting the slot's peek"))?;
+    let deadline = std::time::Instant::now() + PEEK_TIMEOUT;
+    loop {
+        // One transaction at most (the first producing output); pgoutput sends no empty one.
+        let peek = blue
+            .query_one(
+                "SELECT max(lsn) FROM pg_logical_slot_peek_binary_changes($1, NULL, 1,
+                        'proto_version', '1', 'publication_names', $2)",
+                &[&slot, &crate::transform::quote_ident(publication)],
+            )
+            .await;
+        match peek {
+            Ok(row) => return Ok(row.get(0)),
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(blue_err("peeking at the slot after the drain")(e)),
+        }
+    }
+}
