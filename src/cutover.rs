@@ -283,12 +283,35 @@ async fn connect(
         })
 }
 
-/// `shadowsync cutover --abort`: removes a fence left by a killed cutover; returns the tables.
-pub async fn abort(config: &Config) -> Result<Vec<String>, CutoverError> {
+/// What `cutover --abort` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Aborted {
+    pub aborted: bool,
+    /// Tables the fence was removed from (empty: there was none).
+    pub fence_removed_from: Vec<String>,
+    /// The sidecar at `metrics.listen`: whether a drain left pending by the killed cutover
+    /// was cancelled (else it would stop the sidecar once reached).
+    pub sidecar: String,
+}
+
+/// `shadowsync cutover --abort`: removes a fence left by a killed cutover, and cancels the
+/// drain it may have left pending in the sidecar.
+pub async fn abort(config: &Config) -> Result<Aborted, CutoverError> {
     let (blue, conn) = connect(&config.blue_dsn()?, "blue").await?;
     let removed = fence::remove(&blue).await;
     conn.abort();
-    Ok(removed?)
+    let removed = removed?;
+    let addr = config.listen_addr()?;
+    let sidecar = match crate::admin::cancel_drain(addr, Duration::from_secs(5)).await {
+        Ok(()) => format!("the sidecar at {addr} keeps streaming (any pending drain was cancelled)"),
+        Err(crate::admin::AdminError::Connect { .. }) => format!("no sidecar answers at {addr}"),
+        Err(e) => format!("the sidecar at {addr} did not cancel its drain ({e}): if it stops once drained, start it again"),
+    };
+    Ok(Aborted {
+        aborted: true,
+        fence_removed_from: removed,
+        sidecar,
+    })
 }
 
 /// `shadowsync cutover`: see the module doc.

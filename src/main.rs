@@ -252,8 +252,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         } => {
             let cfg = shadowsync::config::Config::load(&config)?;
             if abort {
-                let removed = shadowsync::cutover::abort(&cfg).await?;
-                let report = serde_json::json!({ "aborted": true, "fence_removed_from": removed });
+                let report = shadowsync::cutover::abort(&cfg).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);
                 return Ok(());
             }

@@ -188,8 +188,8 @@ async fn abort_removes_a_fence_left_by_a_killed_cutover() {
             .await
             .is_err()
     );
-    let removed = cutover::abort(&pair.config()).await.unwrap();
-    assert_eq!(removed.len(), 2);
+    let aborted = cutover::abort(&pair.config()).await.unwrap();
+    assert_eq!(aborted.fence_removed_from.len(), 2);
     blue.batch_execute("INSERT INTO users (email) VALUES ('x')")
         .await
         .expect("writes resume");
@@ -258,5 +258,112 @@ async fn a_drain_that_times_out_lifts_the_fence_and_leaves_green_as_it_was() {
     .unwrap();
     assert!(report.cut_over);
     assert_same(&pair, &["users", "vms"]).await;
+    shadowsync::fence::remove(&blue).await.unwrap();
+}
+
+/// NovaCron under two concurrent writer sessions (ids from blue's sequences), cut over through
+/// the running sidecar while they write: each writer's next write is refused by the fence,
+/// green equals the migration plan's own SQL applied to blue's final state, and the
+/// application's inserts on green without ids succeed on every table with a sequence,
+/// renamed ones included, with ids past every blue id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn novacron_cutover_under_two_writers_matches_the_plan() {
+    use shadowsync::demo::{Ended, preload_sql, workload_client};
+    init_logging();
+    let (pair, mut config) = common::novacron::novacron();
+    pair.blue.psql(DB, &preload_sql(500)).unwrap();
+    let handle = start_streaming(config.clone()).await;
+    config.metrics.listen = handle.addr.to_string();
+    let (_stop, stopped) = shadowsync::shutdown::channel();
+    let written = Arc::new(AtomicU64::new(0));
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let (dsn, stop, written) = (pair.blue.dsn(DB), stopped.clone(), written.clone());
+            tokio::spawn(async move { workload_client(&dsn, w, stop, written).await.unwrap() })
+        })
+        .collect();
+    let w = written.clone();
+    wait_for("blue writes", Duration::from_secs(30), || async {
+        w.load(Ordering::Relaxed) > 300
+    })
+    .await;
+
+    let opts = Options {
+        max_lag: Duration::from_secs(5),
+        ..Options::default()
+    };
+    let report = cutover::run(&config, &opts).await.unwrap();
+    assert!(report.cut_over, "{report:?}");
+    for w in writers {
+        match w.await.unwrap() {
+            Ended::Fenced(message) => {
+                assert!(message.contains("being migrated by shadowsync"), "{message}")
+            }
+            Ended::Stopped => panic!("a writer ended before the fence"),
+        }
+    }
+    handle.wait().await.unwrap();
+    common::novacron::assert_matches_plan(&pair).await;
+
+    let set: Vec<(String, String)> = report
+        .sequences
+        .iter()
+        .filter(|s| s.action.starts_with("set to"))
+        .map(|s| (s.blue.clone(), s.green.clone().unwrap_or_default()))
+        .collect();
+    for pair in [
+        ("public.users_id_seq", "public.users_id_seq"),
+        ("public.hypervisors_id_seq", "public.compute_nodes_id_seq"),
+        ("public.virtual_machines_id_seq", "public.vms_id_seq"),
+        ("public.api_keys_id_seq", "public.api_keys_id_seq"),
+    ] {
+        assert!(
+            set.contains(&(pair.0.to_string(), pair.1.to_string())),
+            "{:?}",
+            report.sequences
+        );
+    }
+
+    // The application's first inserts on green, without ids.
+    let blue = pair.blue().await;
+    let green = pair.green().await;
+    let inserts = [
+        (
+            "users",
+            "users",
+            "INSERT INTO users (email, name, tenant_id, created_at, updated_at)
+             VALUES ('app@acme.example', 'app', '00000000-0000-0000-0000-000000000002', now(), now()) RETURNING id",
+        ),
+        (
+            "hypervisors",
+            "compute_nodes",
+            "INSERT INTO compute_nodes (name, hostname, created_at, updated_at)
+             VALUES ('app-node', 'app-node', now(), now()) RETURNING id",
+        ),
+        (
+            "virtual_machines",
+            "vms",
+            "INSERT INTO vms (name, state, tenant_id, created_at, updated_at)
+             VALUES ('app-vm', 'creating', '00000000-0000-0000-0000-000000000001', now(), now()) RETURNING id",
+        ),
+        (
+            "api_keys",
+            "api_keys",
+            "INSERT INTO api_keys (key_hash, created_at) VALUES ('app', now()) RETURNING id",
+        ),
+    ];
+    for (source, target, sql) in inserts {
+        let id: i64 = green
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("the application's insert into {target}: {e}"))
+            .get(0);
+        let blue_max: i64 = blue
+            .query_one(&format!("SELECT max(id) FROM {source}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(id > blue_max, "{target}: green handed out {id}, blue had {blue_max}");
+    }
     shadowsync::fence::remove(&blue).await.unwrap();
 }
