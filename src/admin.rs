@@ -1,6 +1,6 @@
 //! HTTP listener: `/metrics` (Prometheus), `/healthz`, `/readyz`, `/status`, and the admin call
-//! `POST /drain` used by `shadowsync drain` and `cutover` (`DELETE /drain` forgets a pending one);
-//! plus the small client that calls them.
+//! `POST /drain` used by `shadowsync drain` and `cutover` (`DELETE /drain` forgets a pending one),
+//! `POST /hold` and `DELETE /hold` used by `verify`; plus the small client that calls them.
 //!
 //! Invariant: nothing served here reveals row values; `/drain` only asks the supervisor, which
 //! alone decides when the drain is complete.
@@ -25,6 +25,8 @@ use crate::shutdown::Shutdown;
 struct AppState {
     shared: Arc<Shared>,
     drain: mpsc::Sender<DrainRequest>,
+    /// The hold `verify` asked for through `/hold` (see `hold`), between its calls.
+    hold: Arc<std::sync::Mutex<Option<crate::hold::HoldControl>>>,
 }
 
 /// Serves until `stop` turns true, then finishes in-flight requests (a `/drain` waiting for its
@@ -41,7 +43,12 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/drain", post(drain_handler).delete(cancel_handler))
-        .with_state(AppState { shared, drain });
+        .route("/hold", post(hold_handler).delete(release_handler))
+        .with_state(AppState {
+            shared,
+            drain,
+            hold: Default::default(),
+        });
     let shutdown = async move {
         stop.recv().await;
     };
@@ -120,6 +127,48 @@ async fn cancel_handler(AxumState(s): AxumState<AppState>) -> Response {
         Ok(Err(e)) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response(),
     }
+}
+
+/// `POST /hold?from=LSN` asks the apply stage for a hold (see `hold`); `POST /hold?at=LSN`
+/// tells it the exact point and answers once held there.
+async fn hold_handler(
+    AxumState(s): AxumState<AppState>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let lsn = |key: &str| q.get(key).map(|v| crate::lsn::Lsn::parse(v));
+    match (lsn("from"), lsn("at")) {
+        (Some(Ok(from)), None) => {
+            let (req, control) = crate::hold::request(from);
+            s.shared.request_hold(req);
+            *s.hold.lock().expect("hold lock") = Some(control);
+            axum::Json(serde_json::json!({ "requested": from })).into_response()
+        }
+        (None, Some(Ok(at))) => {
+            let Some(mut control) = s.hold.lock().expect("hold lock").take() else {
+                return (StatusCode::CONFLICT, "no hold was asked (POST /hold?from=LSN first)\n")
+                    .into_response();
+            };
+            match control.hold_at(at, crate::hold::HOLD_MAX).await {
+                Ok(()) => {
+                    *s.hold.lock().expect("hold lock") = Some(control);
+                    axum::Json(serde_json::json!({ "held_at": at })).into_response()
+                }
+                Err(e) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+            }
+        }
+        _ => (
+            StatusCode::BAD_REQUEST,
+            "give one of from=LSN or at=LSN (as PostgreSQL prints an LSN)\n",
+        )
+            .into_response(),
+    }
+}
+
+/// `DELETE /hold`: lets the apply stage go on; answers how long it held.
+async fn release_handler(AxumState(s): AxumState<AppState>) -> Response {
+    let control = s.hold.lock().expect("hold lock").take();
+    let held = control.map(|c| c.release().as_secs_f64());
+    axum::Json(serde_json::json!({ "held_seconds": held })).into_response()
 }
 
 #[derive(Debug, thiserror::Error)]

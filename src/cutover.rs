@@ -11,7 +11,6 @@
 //! - The sequences are read from blue after the fence, so no blue id can be handed out after
 //!   the value green continues from.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,7 @@ use tokio_postgres::Client;
 use crate::config::Config;
 use crate::failure::DbFailure;
 use crate::fence::{self, Fence};
+use crate::streamer::Streamer;
 use crate::lsn::Lsn;
 use crate::transform::TableMap;
 
@@ -100,11 +100,8 @@ pub enum CutoverError {
     },
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminError),
-    #[error("{error}; {cancel}")]
-    SidecarDrain {
-        error: crate::admin::AdminError,
-        cancel: String,
-    },
+    #[error(transparent)]
+    Streamer(#[from] crate::streamer::StreamerError),
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::PipelineError),
     #[error(transparent)]
@@ -172,102 +169,17 @@ pub struct Report {
     pub fence_lsn: Option<Lsn>,
     pub fence_acquire_seconds: Option<f64>,
     pub drain_seconds: Option<f64>,
-    /// From the fence's commit to the report: how long blue refused writes.
+    /// From the fence's commit to green's commit of the sequences and the mark: the
+    /// application may switch from then on.
+    pub green_ready_seconds: Option<f64>,
+    /// From the fence's commit to the report (row counts included): how long blue refused
+    /// writes before the operator could read this.
     pub writes_blocked_seconds: Option<f64>,
     pub sequences: Vec<SequenceSet>,
     pub rows: Vec<Rows>,
+    /// What the operator must know that did not stop the cutover.
+    pub warnings: Vec<String>,
     pub next_steps: Vec<String>,
-}
-
-/// Where the stream runs: the sidecar answering on `metrics.listen`, or this process.
-enum Streamer {
-    Sidecar(SocketAddr),
-    InProcess(crate::pipeline::Handle),
-}
-
-impl Streamer {
-    /// The running sidecar if one answers, else a pipeline started here.
-    async fn find(config: &Config) -> Result<Streamer, CutoverError> {
-        let addr = config.listen_addr()?;
-        match crate::admin::http_call(addr, "GET", "/status", Duration::from_secs(2)).await {
-            Ok(_) => Ok(Streamer::Sidecar(addr)),
-            Err(crate::admin::AdminError::Connect { .. }) => {
-                let opts = crate::pipeline::RunOptions::default();
-                Ok(Streamer::InProcess(
-                    crate::pipeline::start(config.clone(), opts).await?,
-                ))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// (ready, lag in seconds).
-    async fn status(&self) -> Result<(bool, f64), CutoverError> {
-        match self {
-            Streamer::InProcess(h) => Ok((h.shared.ready(), h.shared.lag_seconds())),
-            Streamer::Sidecar(addr) => {
-                let (_, body) =
-                    crate::admin::http_call(*addr, "GET", "/status", Duration::from_secs(5))
-                        .await?;
-                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                Ok((
-                    v["ready"].as_bool().unwrap_or(false),
-                    v["lag_seconds"].as_f64().unwrap_or(f64::INFINITY),
-                ))
-            }
-        }
-    }
-
-    /// Drains (to blue's WAL position now, past the fence) and ends the stream.
-    async fn drain(self, timeout: Duration) -> Result<(), CutoverError> {
-        match self {
-            Streamer::Sidecar(addr) => {
-                let Err(error) = crate::admin::request_drain(addr, timeout).await else {
-                    return Ok(());
-                };
-                // The fence is about to come off: a drain left pending would stop the sidecar
-                // later, at whatever point it then reaches.
-                let cancel = crate::admin::cancel_drain(addr, Duration::from_secs(5)).await;
-                Err(CutoverError::SidecarDrain {
-                    error,
-                    cancel: match cancel {
-                        Ok(()) => "the sidecar's drain was cancelled and it keeps streaming".into(),
-                        Err(e) => format!(
-                            "cancelling the sidecar's drain failed too ({e}): if it is still running it stops once drained; start it again then"
-                        ),
-                    },
-                })
-            }
-            Streamer::InProcess(h) => {
-                let Ok(drained) = tokio::time::timeout(timeout, h.drain()).await else {
-                    // The stream may be stuck on green (a lock, an outage): the fence comes off
-                    // now, not once the stream manages to stop; it stops in the background.
-                    h.shutdown();
-                    tokio::spawn(async move {
-                        let _ = h.wait().await;
-                    });
-                    return Err(crate::admin::AdminError::DrainTimeout(timeout).into());
-                };
-                h.shutdown();
-                let ended = h.wait().await;
-                match drained {
-                    Err(message) => Err(CutoverError::Admin(crate::admin::AdminError::Refused {
-                        status: "drain".into(),
-                        body: message,
-                    })),
-                    Ok(_) => ended.map(|_| ()).map_err(Into::into),
-                }
-            }
-        }
-    }
-
-    /// Ends a stream started here (after a refused pre-check).
-    async fn stop(self) {
-        if let Streamer::InProcess(h) = self {
-            h.shutdown();
-            let _ = h.wait().await;
-        }
-    }
 }
 
 async fn connect(
@@ -338,9 +250,11 @@ async fn cut_over(
         fence_lsn: None,
         fence_acquire_seconds: None,
         drain_seconds: None,
+        green_ready_seconds: None,
         writes_blocked_seconds: None,
         sequences: Vec::new(),
         rows: Vec::new(),
+        warnings: Vec::new(),
         next_steps: Vec::new(),
     };
     let (tables, maps) = mappings(config, blue, green).await?;
@@ -391,8 +305,16 @@ async fn cut_over(
             },
         });
     }
-    report.writes_blocked_seconds = Some(fenced_at.elapsed().as_secs_f64());
+    report.green_ready_seconds = Some(fenced_at.elapsed().as_secs_f64());
     report.cut_over = true;
+    // Green is marked: from here nothing may lift the fence, whatever fails.
+    match row_counts(blue, green, &maps).await {
+        Ok(rows) => report.rows = rows,
+        Err(e) => report.warnings.push(format!(
+            "counting rows after the cutover failed ({e}); the cutover itself is done"
+        )),
+    }
+    report.writes_blocked_seconds = Some(fenced_at.elapsed().as_secs_f64());
     report.next_steps = next_steps(config);
     Ok(report)
 }
@@ -528,7 +450,7 @@ async fn fenced_steps(
     streamer
         .drain(opts.timeout)
         .await
-        .map_err(|e| ("draining to the fence", e))?;
+        .map_err(|e| ("draining to the fence", e.into()))?;
     report.drain_seconds = Some(drain_started.elapsed().as_secs_f64());
     let step = "setting green's sequences and marking the cutover";
     let rules = config.rules().map_err(|e| (step, e.into()))?;
@@ -562,28 +484,43 @@ async fn fenced_steps(
     tx.commit()
         .await
         .map_err(|e| (step, db_err("green", "committing the cutover")(e)))?;
-    report.rows = row_counts(blue, green, maps)
-        .await
-        .map_err(|e| ("counting rows", e))?;
     Ok(())
 }
 
-/// Rows of each mapping on both sides.
+/// Rows of each mapping on both sides, blue's and green's counted at the same time.
 async fn row_counts(
     blue: &Client,
     green: &Client,
     maps: &[Arc<TableMap>],
 ) -> Result<Vec<Rows>, CutoverError> {
-    let mut rows = Vec::with_capacity(maps.len());
-    for m in maps {
-        rows.push(Rows {
+    let source: Vec<String> = maps.iter().map(|m| m.source.quoted()).collect();
+    let target: Vec<String> = maps.iter().map(|m| m.target.quoted()).collect();
+    let (b, g) = tokio::try_join!(
+        counts(blue, &source, "blue"),
+        counts(green, &target, "green")
+    )?;
+    Ok(maps
+        .iter()
+        .zip(b.into_iter().zip(g))
+        .map(|(m, (blue, green))| Rows {
             source: m.source.to_string(),
             target: m.target.to_string(),
-            blue: count(blue, &m.source.quoted(), "blue").await?,
-            green: count(green, &m.target.quoted(), "green").await?,
-        });
+            blue,
+            green,
+        })
+        .collect())
+}
+
+async fn counts(
+    client: &Client,
+    tables: &[String],
+    side: &'static str,
+) -> Result<Vec<i64>, CutoverError> {
+    let mut counts = Vec::with_capacity(tables.len());
+    for t in tables {
+        counts.push(count(client, t, side).await?);
     }
-    Ok(rows)
+    Ok(counts)
 }
 
 async fn count(client: &Client, table: &str, side: &'static str) -> Result<i64, CutoverError> {

@@ -132,6 +132,10 @@ pub struct Shared {
     last_change_commit: AtomicU64,
     /// This process created blue's slot (a failed first run says it left it behind).
     slot_created: AtomicBool,
+    /// A hold asked of the apply stage (see `hold`), until it takes it; the flag spares the
+    /// stage a lock per transaction.
+    hold: Mutex<Option<crate::hold::HoldRequest>>,
+    hold_pending: AtomicBool,
     pub blue_connected: AtomicBool,
     pub green_connected: AtomicBool,
     pub streaming: AtomicBool,
@@ -261,6 +265,8 @@ impl Shared {
             confirmed_lsn: AtomicU64::new(0),
             last_change_commit: AtomicU64::new(0),
             slot_created: AtomicBool::new(false),
+            hold: Mutex::new(None),
+            hold_pending: AtomicBool::new(false),
             blue_connected: AtomicBool::new(false),
             green_connected: AtomicBool::new(false),
             streaming: AtomicBool::new(false),
@@ -400,6 +406,21 @@ impl Shared {
     pub fn set_confirmed(&self, lsn: Lsn) {
         self.confirmed_lsn
             .fetch_max(lsn.as_u64(), Ordering::Relaxed);
+    }
+
+    /// Asks the apply stage for a hold (replacing one not taken yet, whose asker then hears
+    /// that the stream ended).
+    pub fn request_hold(&self, req: crate::hold::HoldRequest) {
+        *self.hold.lock().expect("hold lock") = Some(req);
+        self.hold_pending.store(true, Ordering::Release);
+    }
+
+    /// The hold asked for, if any (the apply stage takes it).
+    pub fn take_hold(&self) -> Option<crate::hold::HoldRequest> {
+        if !self.hold_pending.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        self.hold.lock().expect("hold lock").take()
     }
 
     /// This process created blue's replication slot.

@@ -30,6 +30,13 @@ use crate::source::slot::DRAIN_MESSAGE_PREFIX;
 use crate::transform::rules::RuleSet;
 use crate::transform::{self, TableMap};
 
+/// A hold the stage has taken (see `hold`).
+struct Hold {
+    req: crate::hold::HoldRequest,
+    target: Option<Lsn>,
+    since: Option<Instant>,
+}
+
 /// Group-commit limits (see `[batch]` in the config).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -62,6 +69,9 @@ pub struct ApplyStage {
     /// The transaction being received carries a drain's flush marker (see
     /// `source::slot::drain_target`).
     drain_marker: bool,
+    /// A hold taken from `shared` (see `hold`): its target once known, and since when the
+    /// stage holds.
+    hold: Option<Hold>,
     /// Rows received in the batch, for the batch-size histogram.
     batch_rows: u64,
     batch_started: Option<Instant>,
@@ -112,6 +122,7 @@ impl ApplyStage {
             last_commit: None,
             txns: 0,
             drain_marker: false,
+            hold: None,
             batch_rows: 0,
             batch_started: None,
             tally: Tally::default(),
@@ -232,7 +243,10 @@ impl ApplyStage {
     async fn handle(&mut self, event: SourceEvent) -> Result<(), ApplyError> {
         let lsn = event.lsn;
         match event.msg {
-            Message::Begin(b) => self.begin(b),
+            Message::Begin(b) => {
+                self.hold_before(b.final_lsn).await?;
+                self.begin(b)
+            }
             Message::Commit(c) => self.end(c),
             Message::Relation(r) => self.relation(r).await?,
             Message::Insert { relation, .. }
@@ -321,6 +335,43 @@ impl ApplyStage {
             | Message::Truncate { .. } => {}
         }
         self.last_lsn = self.last_lsn.max(lsn);
+        Ok(())
+    }
+
+    /// Before a transaction committing at `final_lsn`: holds if a hold is due (see `hold`),
+    /// with everything before it committed in green.
+    async fn hold_before(&mut self, final_lsn: Lsn) -> Result<(), ApplyError> {
+        if self.hold.is_none() {
+            self.hold = self.shared.take_hold().map(|req| Hold {
+                req,
+                target: None,
+                since: None,
+            });
+        }
+        let Some(h) = &self.hold else {
+            return Ok(());
+        };
+        if final_lsn < h.target.unwrap_or(h.req.from) {
+            return Ok(());
+        }
+        self.commit().await?;
+        self.settle().await?;
+        let mut h = self.hold.take().expect("checked above");
+        let since = *h.since.get_or_insert_with(Instant::now);
+        if h.target.is_none() {
+            let Some(target) = crate::hold::wait_target(&mut h.req).await else {
+                info!("a hold was given up by its asker; streaming goes on");
+                return Ok(());
+            };
+            h.target = Some(target);
+            if final_lsn < target {
+                // Green is before the point: stream on to it.
+                self.hold = Some(h);
+                return Ok(());
+            }
+        }
+        info!(final_lsn = %final_lsn, "holding before this blue transaction (a consistent point for verify)");
+        crate::hold::hold(h.req, since).await;
         Ok(())
     }
 

@@ -196,6 +196,13 @@ impl Handle {
             .map_err(|_| "the pipeline stopped before the drain finished".to_string())?
     }
 
+    /// Asks the apply stage for a hold at `from` (see `hold`).
+    pub fn hold(&self, from: Lsn) -> crate::hold::HoldControl {
+        let (req, control) = crate::hold::request(from);
+        self.shared.request_hold(req);
+        control
+    }
+
     /// Waits for the pipeline to end.
     pub async fn wait(self) -> Result<Report, PipelineError> {
         let result = self.join.await.map_err(PipelineError::task("pipeline"));

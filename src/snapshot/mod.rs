@@ -354,16 +354,45 @@ async fn export(
     tables: usize,
 ) -> Result<(pgwire_replication::ReplicationClient, Lsn, String), SnapshotError> {
     let slot = &config.blue.slot;
-    let blue_dsn = config
-        .blue_dsn()
-        .map_err(|e| SnapshotError::Export(e.to_string()))?;
     let (export_slot, temporary) = match slot_confirmed {
         None => (slot.clone(), false),
         Some(_) => (format!("{slot}_copy_{}", std::process::id()), true),
     };
+    let exported = create_exported(config, &export_slot, temporary).await?;
+    info!(
+        slot = %export_slot,
+        temporary,
+        consistent_point = %exported.1,
+        snapshot = %exported.2,
+        tables,
+        "initial copy: snapshot exported"
+    );
+    Ok(exported)
+}
+
+/// A temporary slot `<slot>_<purpose>_<pid>` exporting a snapshot of blue (`verify`'s
+/// consistent point): the session (the snapshot and the slot live as long as it does), the
+/// consistent point and the snapshot's name.
+pub(crate) async fn export_temporary(
+    config: &Config,
+    purpose: &str,
+) -> Result<(pgwire_replication::ReplicationClient, Lsn, String), SnapshotError> {
+    let name = format!("{}_{purpose}_{}", config.blue.slot, std::process::id());
+    create_exported(config, &name, true).await
+}
+
+/// `CREATE_REPLICATION_SLOT ... (SNAPSHOT 'export')` on a new replication session.
+async fn create_exported(
+    config: &Config,
+    export_slot: &str,
+    temporary: bool,
+) -> Result<(pgwire_replication::ReplicationClient, Lsn, String), SnapshotError> {
+    let blue_dsn = config
+        .blue_dsn()
+        .map_err(|e| SnapshotError::Export(e.to_string()))?;
     let repl_cfg = source::replication_config(
         &blue_dsn,
-        &export_slot,
+        export_slot,
         &config.blue.publication,
         Lsn::ZERO,
         std::time::Duration::from_millis(config.blue.status_interval_ms),
@@ -374,7 +403,7 @@ async fn export(
     let rows = exporter
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput (SNAPSHOT 'export')",
-            crate::transform::quote_ident(&export_slot),
+            crate::transform::quote_ident(export_slot),
             if temporary { " TEMPORARY" } else { "" }
         ))
         .await
@@ -390,14 +419,6 @@ async fn export(
         SnapshotError::Export(format!("CREATE_REPLICATION_SLOT's consistent point: {e}"))
     })?;
     let snapshot_name = text(2);
-    info!(
-        slot = %export_slot,
-        temporary,
-        consistent_point = %consistent,
-        snapshot = %snapshot_name,
-        tables,
-        "initial copy: snapshot exported"
-    );
     Ok((exporter, consistent, snapshot_name))
 }
 
