@@ -129,16 +129,18 @@ async fn cancel_handler(AxumState(s): AxumState<AppState>) -> Response {
     }
 }
 
-/// `POST /hold?from=LSN` asks the apply stage for a hold (see `hold`); `POST /hold?at=LSN`
-/// tells it the exact point and answers once held there.
+/// `POST /hold?from=LSN[&exact=true]` asks the apply stage for a hold (see `hold`);
+/// `POST /hold?at=LSN` tells it the exact point and answers once held there (410 Gone when the
+/// stream had passed an exact point).
 async fn hold_handler(
     AxumState(s): AxumState<AppState>,
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Response {
     let lsn = |key: &str| q.get(key).map(|v| crate::lsn::Lsn::parse(v));
+    let exact = q.get("exact").is_some_and(|v| v == "true");
     match (lsn("from"), lsn("at")) {
         (Some(Ok(from)), None) => {
-            let (req, control) = crate::hold::request(from);
+            let (req, control) = crate::hold::request(from, exact);
             s.shared.request_hold(req);
             *s.hold.lock().expect("hold lock") = Some(control);
             axum::Json(serde_json::json!({ "requested": from })).into_response()
@@ -153,12 +155,16 @@ async fn hold_handler(
                     *s.hold.lock().expect("hold lock") = Some(control);
                     axum::Json(serde_json::json!({ "held_at": at })).into_response()
                 }
-                Err(e) => (StatusCode::CONFLICT, format!("{e}\n")).into_response(),
+                // 410: the point is gone (the stream passed it); anything else is 503.
+                Err(e @ crate::hold::Refusal::Passed(_)) => {
+                    (StatusCode::GONE, format!("{e}\n")).into_response()
+                }
+                Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
             }
         }
         _ => (
             StatusCode::BAD_REQUEST,
-            "give one of from=LSN or at=LSN (as PostgreSQL prints an LSN)\n",
+            "give one of from=LSN or at=LSN (as PostgreSQL prints an LSN), and exact=true for a one-phase hold\n",
         )
             .into_response(),
     }

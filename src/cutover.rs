@@ -324,22 +324,11 @@ async fn mappings(
     config: &Config,
     blue: &Client,
     green: &Client,
-) -> Result<(Vec<crate::transform::QualifiedName>, Vec<Arc<TableMap>>), CutoverError> {
+) -> Result<crate::pipeline::preflight::Mapped, CutoverError> {
     let rules = config.rules()?;
-    let publication = &config.blue.publication;
-    let tables = crate::source::catalog::check_blue(blue, publication).await?;
-    let checked = crate::check::check(blue, green, &tables, publication, &rules)
-        .await
-        .map_err(db_err("blue", "checking the mappings"))?;
-    if !checked.ok() {
-        return Err(CutoverError::Mappings(checked.problems_text()));
-    }
-    let maps = checked
-        .mappings
-        .iter()
-        .filter_map(|m| m.map.clone())
-        .collect();
-    Ok((tables, maps))
+    crate::pipeline::preflight::mappings(blue, green, &config.blue.publication, &rules)
+        .await?
+        .map_err(CutoverError::Mappings)
 }
 
 /// The pre-checks that need no stream: not cut over yet, conflicts, the fence's privileges.

@@ -22,19 +22,31 @@ use crate::lsn::Lsn;
 /// Longest the stage waits in each phase of a hold.
 pub const HOLD_MAX: Duration = Duration::from_secs(30);
 
+/// Why the stage did not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// An exact hold arrived after the stream had passed its point: take a new point.
+    #[error("the stream had passed LSN {0} already")]
+    Passed(Lsn),
+    #[error("{0}")]
+    Other(String),
+}
+
 /// The stage's side of a hold (see the module doc).
 pub struct HoldRequest {
     pub from: Lsn,
+    /// `from` is the exact point already (one phase): refused if the stream passed it.
+    pub exact: bool,
     pub target: oneshot::Receiver<Lsn>,
     /// Answered once held at the target: how long the stage had been holding by then.
-    pub held: oneshot::Sender<Result<Duration, String>>,
+    pub held: oneshot::Sender<Result<Duration, Refusal>>,
     pub release: oneshot::Receiver<()>,
 }
 
 /// The asking side of a hold.
 pub struct HoldControl {
     target: Option<oneshot::Sender<Lsn>>,
-    held: Option<oneshot::Receiver<Result<Duration, String>>>,
+    held: Option<oneshot::Receiver<Result<Duration, Refusal>>>,
     release: Option<oneshot::Sender<()>>,
     held_at: Option<Instant>,
     /// How long the stage had held when it answered.
@@ -42,13 +54,16 @@ pub struct HoldControl {
 }
 
 /// A hold at `from` (see the module doc): the request for the stage, the control for the asker.
-pub fn request(from: Lsn) -> (HoldRequest, HoldControl) {
+/// `exact`: `from` is the point itself (no first phase); the stage refuses it with
+/// [`Refusal::Passed`] when it has already received a transaction committing at or after it.
+pub fn request(from: Lsn, exact: bool) -> (HoldRequest, HoldControl) {
     let (target_tx, target) = oneshot::channel();
     let (held, held_rx) = oneshot::channel();
     let (release_tx, release) = oneshot::channel();
     (
         HoldRequest {
             from,
+            exact,
             target,
             held,
             release,
@@ -65,16 +80,22 @@ pub fn request(from: Lsn) -> (HoldRequest, HoldControl) {
 
 impl HoldControl {
     /// Tells the stage the exact point and waits until it holds there.
-    pub async fn hold_at(&mut self, target: Lsn, timeout: Duration) -> Result<(), String> {
+    pub async fn hold_at(&mut self, target: Lsn, timeout: Duration) -> Result<(), Refusal> {
+        let ended = || Refusal::Other("the stream ended before the hold (it restarts: try again)".into());
         if let Some(t) = self.target.take() {
-            t.send(target)
-                .map_err(|_| "the stream ended before the hold (it restarts: try again)")?;
+            // A stage that refused or dropped the hold closed this; its answer says which.
+            let _ = t.send(target);
         }
-        let held = self.held.take().ok_or("the hold was already answered")?;
+        let held = self
+            .held
+            .take()
+            .ok_or_else(|| Refusal::Other("the hold was already answered".into()))?;
         let answer = tokio::time::timeout(timeout, held)
             .await
-            .map_err(|_| format!("the stream did not reach LSN {target} within {timeout:?}"))?
-            .map_err(|_| "the stream ended before the hold (it restarts: try again)")?;
+            .map_err(|_| {
+                Refusal::Other(format!("the stream did not reach LSN {target} within {timeout:?}"))
+            })?
+            .map_err(|_| ended())?;
         self.held_before = answer?;
         self.held_at = Some(Instant::now());
         Ok(())
@@ -96,6 +117,11 @@ pub async fn wait_target(req: &mut HoldRequest) -> Option<Lsn> {
         .await
         .ok()
         .and_then(Result::ok)
+}
+
+/// Refuses an exact hold whose point the stream has passed.
+pub fn refuse_passed(req: HoldRequest) {
+    let _ = req.held.send(Err(Refusal::Passed(req.from)));
 }
 
 /// Phase 2: held at the target; answers, then waits for the release (bounded).

@@ -122,6 +122,27 @@ enum Command {
         #[arg(long)]
         truncate: bool,
     },
+    /// Prove green equals the transform of blue: both compared at one blue commit (the running
+    /// sidecar holds for a moment, or a stream runs here), key by key. Exit 0 only when equal.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only these mappings (source or target, schema.table or table); repeatable.
+        #[arg(long)]
+        table: Vec<String>,
+        /// Print the JSON report instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Rows per checksummed chunk.
+        #[arg(long, default_value_t = 10_000)]
+        chunk_rows: u64,
+        /// Differences listed per mapping (all are counted).
+        #[arg(long, default_value_t = 100)]
+        max_keys: usize,
+        /// Longest wait for a stream started here to be streaming.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Throwaway blue and green clusters, a workload, live progress, drain and a report.
     Demo {
         /// Seconds of workload before draining.
@@ -280,6 +301,35 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             for step in shadowsync::reset::reset(&cfg, opts).await? {
                 println!("{step}");
             }
+        }
+        Command::Verify {
+            config,
+            table,
+            json,
+            chunk_rows,
+            max_keys,
+            timeout,
+        } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            let opts = shadowsync::verify::Options {
+                tables: table,
+                compare: shadowsync::verify::compare::Options {
+                    chunk_rows,
+                    max_keys,
+                },
+                timeout,
+            };
+            let report = shadowsync::verify::command(&cfg, &opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.text());
+            }
+            anyhow::ensure!(
+                report.equal,
+                "not verified: {}",
+                if report.interrupted { "interrupted" } else { "green differs from the transform of blue" }
+            );
         }
         Command::Demo { seconds } => {
             shadowsync::demo::run(Duration::from_secs(seconds)).await?;

@@ -27,6 +27,9 @@ pub enum StreamerError {
     },
     #[error("holding the stream at a consistent point: {0}")]
     Hold(String),
+    /// An exact hold came too late: the stream had passed the point (take a new one).
+    #[error("holding the stream at a consistent point: the stream had passed it already")]
+    HoldPassed,
 }
 
 /// A hold being made (see `hold`), in this process or in the sidecar.
@@ -126,12 +129,12 @@ impl Streamer {
     }
 
     /// Asks the stream to hold at the first blue transaction committing at or after `from`
-    /// (see `hold`).
-    pub async fn hold(&self, from: Lsn) -> Result<Hold, StreamerError> {
+    /// (see `hold`; `exact`: `from` is the point itself).
+    pub async fn hold(&self, from: Lsn, exact: bool) -> Result<Hold, StreamerError> {
         match self {
-            Streamer::InProcess(h) => Ok(Hold::InProcess(h.hold(from))),
+            Streamer::InProcess(h) => Ok(Hold::InProcess(h.hold(from, exact))),
             Streamer::Sidecar(addr) => {
-                let path = format!("/hold?from={from}");
+                let path = format!("/hold?from={from}&exact={exact}");
                 expect_ok(crate::admin::http_call(*addr, "POST", &path, Duration::from_secs(5)).await?)?;
                 Ok(Hold::Sidecar(*addr))
             }
@@ -144,7 +147,10 @@ impl Hold {
     pub async fn at(&mut self, target: Lsn) -> Result<(), StreamerError> {
         let wait = crate::hold::HOLD_MAX;
         match self {
-            Hold::InProcess(c) => c.hold_at(target, wait).await.map_err(StreamerError::Hold),
+            Hold::InProcess(c) => c.hold_at(target, wait).await.map_err(|e| match e {
+                crate::hold::Refusal::Passed(_) => StreamerError::HoldPassed,
+                crate::hold::Refusal::Other(m) => StreamerError::Hold(m),
+            }),
             Hold::Sidecar(addr) => {
                 let path = format!("/hold?at={target}");
                 let answer =
@@ -171,11 +177,11 @@ impl Hold {
     }
 }
 
-/// The body of a 200 answer; any other is the sidecar's refusal.
+/// The body of a 200 answer; any other is the sidecar's refusal (410: the point was passed).
 fn expect_ok((status, body): (u16, String)) -> Result<String, StreamerError> {
-    if status == 200 {
-        Ok(body)
-    } else {
-        Err(StreamerError::Hold(body.trim().to_string()))
+    match status {
+        200 => Ok(body),
+        410 => Err(StreamerError::HoldPassed),
+        _ => Err(StreamerError::Hold(body.trim().to_string())),
     }
 }

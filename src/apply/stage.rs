@@ -341,12 +341,21 @@ impl ApplyStage {
     /// Before a transaction committing at `final_lsn`: holds if a hold is due (see `hold`),
     /// with everything before it committed in green.
     async fn hold_before(&mut self, final_lsn: Lsn) -> Result<(), ApplyError> {
-        if self.hold.is_none() {
-            self.hold = self.shared.take_hold().map(|req| Hold {
-                req,
-                target: None,
-                since: None,
-            });
+        if self.hold.is_none()
+            && let Some(req) = self.shared.take_hold()
+        {
+            // Transactions received so far committed before the request was made; one of
+            // them at or past an exact point means green is past it already.
+            if req.exact && self.txn_final_lsn >= req.from {
+                debug!(point = %req.from, received = %self.txn_final_lsn, "an exact hold came after the stream passed its point");
+                crate::hold::refuse_passed(req);
+            } else {
+                self.hold = Some(Hold {
+                    req,
+                    target: None,
+                    since: None,
+                });
+            }
         }
         let Some(h) = &self.hold else {
             return Ok(());

@@ -196,9 +196,9 @@ impl Handle {
             .map_err(|_| "the pipeline stopped before the drain finished".to_string())?
     }
 
-    /// Asks the apply stage for a hold at `from` (see `hold`).
-    pub fn hold(&self, from: Lsn) -> crate::hold::HoldControl {
-        let (req, control) = crate::hold::request(from);
+    /// Asks the apply stage for a hold at `from` (see `hold`; `exact`: at that point itself).
+    pub fn hold(&self, from: Lsn, exact: bool) -> crate::hold::HoldControl {
+        let (req, control) = crate::hold::request(from, exact);
         self.shared.request_hold(req);
         control
     }

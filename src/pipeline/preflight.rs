@@ -21,22 +21,21 @@ pub struct BlueState {
     pub maps: Vec<std::sync::Arc<crate::transform::TableMap>>,
 }
 
-/// Checks blue's settings, the user's privilege, the publication, the mapping of every
-/// published table (see `check`) and the slot (see `source::slot::slot_state`). Creates nothing.
-pub async fn check(
+/// The published tables and the mappings of those replicated (not skipped), as `check` sees
+/// them; the inner error is `check`'s list of problems (none is mapped when any fails). Warnings
+/// are logged. Shared by `run`, `cutover` and `verify`, which all refuse mappings `check` fails.
+pub async fn mappings(
     blue: &Client,
     green: &Client,
-    slot: &str,
     publication: &str,
     rules: &RuleSet,
-    green_progress: Option<Lsn>,
-) -> Result<BlueState, SourceError> {
+) -> Result<Result<Mapped, String>, SourceError> {
     let tables = catalog::check_blue(blue, publication).await?;
     let report = crate::check::check(blue, green, &tables, publication, rules)
         .await
         .map_err(blue_err("checking the mappings"))?;
     if !report.ok() {
-        return Err(SourceError::Setup(report.problems_text()));
+        return Ok(Err(report.problems_text()));
     }
     for m in &report.mappings {
         for w in &m.warnings {
@@ -48,6 +47,28 @@ pub async fn check(
         .iter()
         .filter_map(|m| m.map.clone())
         .collect();
+    Ok(Ok((tables, maps)))
+}
+
+/// Published tables, and the mappings of the replicated ones.
+pub type Mapped = (
+    Vec<QualifiedName>,
+    Vec<std::sync::Arc<crate::transform::TableMap>>,
+);
+
+/// Checks blue's settings, the user's privilege, the publication, the mapping of every
+/// published table (see `check`) and the slot (see `source::slot::slot_state`). Creates nothing.
+pub async fn check(
+    blue: &Client,
+    green: &Client,
+    slot: &str,
+    publication: &str,
+    rules: &RuleSet,
+    green_progress: Option<Lsn>,
+) -> Result<BlueState, SourceError> {
+    let (tables, maps) = mappings(blue, green, publication, rules)
+        .await?
+        .map_err(SourceError::Setup)?;
     let slot_confirmed = slot::slot_state(blue, slot, green_progress).await?;
     Ok(BlueState {
         slot_confirmed,

@@ -125,15 +125,11 @@ async fn blue_connect(
     client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            quote_literal(snapshot)
+            crate::transform::quote_literal(snapshot)
         ))
         .await
         .map_err(blue_err("importing the exported snapshot"))?;
     Ok((client, handle))
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Opens `n` workers inside the snapshot `snapshot_name`.

@@ -180,7 +180,7 @@ fn record(
         .iter()
         .map(|&k| {
             let n = &map.columns[k].name;
-            format!("{}, s.{}", quote_literal(n), quote_ident(n))
+            format!("{}, s.{}", crate::transform::quote_literal(n), quote_ident(n))
         })
         .collect::<Vec<_>>()
         .join(", ");
@@ -193,10 +193,6 @@ fn record(
         params_from + 1,
         params_from + 2,
     )
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// The record's rows when `c` holds the whole incoming rows: `s` is `c` itself.

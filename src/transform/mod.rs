@@ -63,6 +63,12 @@ pub fn quote_ident(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
+/// Quotes a string literal for the few statements that take no parameters (`SET TRANSACTION
+/// SNAPSHOT`, DDL defaults); `standard_conforming_strings` is on in every supported release.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 /// One column of the source row as pgoutput sends it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceColumn {

@@ -1,0 +1,335 @@
+//! `shadowsync verify`: proves green equals the transform of blue, online, key by key.
+//!
+//! One consistent point (see `point`): blue's snapshot at a temporary slot's consistent point,
+//! green's with the stream held at exactly that blue commit; the stream then goes on while
+//! every mapping is compared inside the two snapshots (see `compare`: chunk checksums computed
+//! by the databases, rule mappings evaluated by green, differing chunks bisected down to keys).
+//!
+//! Invariants: nothing is written to either database but a temporary slot on blue (gone with
+//! its session) and the flush marker a drain also writes; keys and column names are reported,
+//! never other values; the report says `equal` only when every compared mapping matched; an
+//! interrupted verify says how far it got and is never `equal`.
+
+pub mod compare;
+pub mod point;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::failure::DbFailure;
+use crate::shutdown::Shutdown;
+use crate::streamer::Streamer;
+use crate::transform::TableMap;
+
+/// Options of `shadowsync verify`.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Mappings to compare, by source or target (`schema.table` or `table`); empty: all.
+    pub tables: Vec<String>,
+    pub compare: compare::Options,
+    /// Longest wait for a stream started here to be streaming.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot connect to {side} ({dsn}): {failure}")]
+    Connect {
+        side: &'static str,
+        dsn: String,
+        failure: DbFailure,
+    },
+    #[error("{side}, {context}: {failure}")]
+    Db {
+        side: &'static str,
+        context: &'static str,
+        failure: DbFailure,
+    },
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error("taking blue's snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Streamer(#[from] crate::streamer::StreamerError),
+    #[error("comparing {target}: {error}")]
+    Compare {
+        target: String,
+        error: compare::CompareError,
+    },
+    #[error("the mappings do not pass `shadowsync check`; nothing was compared:\n{0}")]
+    Mappings(String),
+    #[error("no mapping matches --table {0}: give a published table or its target, as schema.table or table")]
+    NoSuchTable(String),
+    #[error(
+        "the stream was not streaming within {0:?} (initial copy not done, or blue or green unreachable); nothing was compared"
+    )]
+    NotStreaming(Duration),
+}
+
+fn db_err(
+    side: &'static str,
+    context: &'static str,
+) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
+    move |e| VerifyError::Db {
+        side,
+        context,
+        failure: DbFailure::from_pg(&e),
+    }
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// True only when every compared mapping matched and nothing was interrupted.
+    pub equal: bool,
+    /// The blue commit both sides were compared at.
+    pub lsn: crate::lsn::Lsn,
+    /// Green's progress inside its snapshot.
+    pub green_progress: Option<crate::lsn::Lsn>,
+    /// How long the stream held for green's snapshot (seconds).
+    pub hold_seconds: Option<f64>,
+    /// Time to take both snapshots.
+    pub point_seconds: f64,
+    pub mappings: Vec<compare::MappingDiff>,
+    /// Targets not compared because the run was interrupted.
+    pub not_compared: Vec<String>,
+    pub interrupted: bool,
+    pub seconds: f64,
+}
+
+impl Report {
+    /// A human-readable summary: one line per mapping, then the verdict.
+    pub fn text(&self) -> String {
+        let mut out = format!(
+            "verified at blue LSN {} (green's progress {}; the stream held {} ms)\n",
+            self.lsn,
+            self.green_progress.map(|l| l.to_string()).unwrap_or("-".into()),
+            self.hold_seconds.map(|s| format!("{:.0}", s * 1000.0)).unwrap_or("?".into()),
+        );
+        for m in &self.mappings {
+            out.push_str(&line(m));
+            out.push('\n');
+        }
+        for t in &self.not_compared {
+            out.push_str(&format!("----  {t}: not compared (interrupted)\n"));
+        }
+        out.push_str(if self.equal {
+            "green equals the transform of blue.\n"
+        } else if self.interrupted {
+            "interrupted: not verified.\n"
+        } else {
+            "DIFFERENT: green does not equal the transform of blue (keys above).\n"
+        });
+        out
+    }
+}
+
+/// `shadowsync verify`: the consistent point through the running sidecar (or a stream run
+/// here), then every selected mapping compared; `stop` interrupts between chunks' answers.
+pub async fn run(
+    config: &Config,
+    opts: &Options,
+    mut stop: Shutdown,
+    progress: &(dyn Fn(&str, u64) + Sync),
+) -> Result<Report, VerifyError> {
+    let started = Instant::now();
+    let groups = selected(config, opts).await?;
+    let streamer = Streamer::find(config).await?;
+    let point = match wait_streaming(&streamer, opts.timeout).await {
+        Ok(()) => point::take(config, &streamer).await,
+        Err(e) => Err(e),
+    };
+    // A stream started here has served its purpose once green's snapshot exists.
+    streamer.stop().await;
+    let point = point?;
+    let mut mappings = Vec::new();
+    let mut not_compared = Vec::new();
+    let mut interrupted = false;
+    for (target, maps) in groups {
+        if interrupted {
+            not_compared.push(target);
+            continue;
+        }
+        let rows = AtomicU64::new(0);
+        let tick = |n: u64| progress(&target, rows.fetch_add(n, Ordering::Relaxed) + n);
+        let compared = tokio::select! {
+            biased;
+            // An interrupt first: the run ends with what it has.
+            () = stop.recv() => None,
+            diff = compare::compare(&point.blue, &point.green, &maps, &opts.compare, &tick) => Some(diff),
+        };
+        match compared {
+            Some(diff) => mappings.push(diff.map_err(|error| VerifyError::Compare {
+                target: target.clone(),
+                error,
+            })?),
+            None => {
+                interrupted = true;
+                not_compared.push(target);
+            }
+        }
+    }
+    let equal = !interrupted && mappings.iter().all(|m| m.equal());
+    Ok(Report {
+        equal,
+        lsn: point.lsn,
+        green_progress: point.green_progress,
+        hold_seconds: point.hold_seconds,
+        point_seconds: point.seconds,
+        mappings,
+        not_compared,
+        interrupted,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The mappings to compare, grouped by target (several blue tables may write one), in
+/// target order, narrowed to `--table`.
+async fn selected(
+    config: &Config,
+    opts: &Options,
+) -> Result<BTreeMap<String, Vec<Arc<TableMap>>>, VerifyError> {
+    let (blue, blue_driver) = point::connect(&config.blue_dsn()?, "blue").await?;
+    let (green, green_driver) = point::connect(&config.green_dsn()?, "green").await?;
+    let rules = config.rules()?;
+    let mapped =
+        crate::pipeline::preflight::mappings(&blue, &green, &config.blue.publication, &rules)
+            .await;
+    drop((blue, green));
+    let _ = (blue_driver.await, green_driver.await);
+    let (_, maps) = mapped?.map_err(VerifyError::Mappings)?;
+    let mut groups: BTreeMap<String, Vec<Arc<TableMap>>> = BTreeMap::new();
+    for m in maps {
+        groups.entry(m.target.to_string()).or_default().push(m);
+    }
+    if let Some(w) = opts
+        .tables
+        .iter()
+        .find(|w| !groups.values().flatten().any(|m| named(m, w)))
+    {
+        return Err(VerifyError::NoSuchTable(w.clone()));
+    }
+    if !opts.tables.is_empty() {
+        groups.retain(|_, maps| {
+            maps.iter()
+                .any(|m| opts.tables.iter().any(|w| named(m, w)))
+        });
+    }
+    Ok(groups)
+}
+
+/// `shadowsync verify` on a terminal or in a log: [`run`], stopped by SIGINT/SIGTERM (the
+/// report then says how far it got), with a live progress line on a terminal (rows compared
+/// and rows/s; log lines otherwise, every 10 s).
+pub async fn command(config: &Config, opts: &Options) -> Result<Report, VerifyError> {
+    let (trigger, stop) = crate::shutdown::channel();
+    let watcher = tokio::spawn(async move {
+        crate::logging::shutdown_signal().await;
+        tracing::info!("signal received: verify stops after the answers in flight");
+        trigger.fire();
+    });
+    let line = ProgressLine::new();
+    let report = run(config, opts, stop, &|target, rows| line.show(target, rows)).await;
+    line.done();
+    watcher.abort();
+    report
+}
+
+/// The live progress line (see [`command`]).
+struct ProgressLine {
+    tty: bool,
+    started: Instant,
+    last: std::sync::Mutex<Instant>,
+    shown: std::sync::atomic::AtomicBool,
+}
+
+impl ProgressLine {
+    fn new() -> ProgressLine {
+        use std::io::IsTerminal;
+        ProgressLine {
+            tty: std::io::stderr().is_terminal(),
+            started: Instant::now(),
+            last: std::sync::Mutex::new(Instant::now()),
+            shown: Default::default(),
+        }
+    }
+
+    fn show(&self, target: &str, rows: u64) {
+        let every = if self.tty {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(10)
+        };
+        let mut last = self.last.lock().expect("progress lock");
+        if last.elapsed() < every {
+            return;
+        }
+        *last = Instant::now();
+        let rate = rows as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        if self.tty {
+            eprint!("\r\x1b[Kverify {target}: {rows} rows compared ({rate:.0} rows/s)");
+            self.shown.store(true, Ordering::Relaxed);
+        } else {
+            tracing::info!(target = %target, rows, rows_per_second = rate as u64, "verify: comparing");
+        }
+    }
+
+    fn done(&self) {
+        if self.shown.load(Ordering::Relaxed) {
+            eprintln!();
+        }
+    }
+}
+
+/// Whether `--table wanted` names the mapping's source or target (`schema.table` or `table`).
+fn named(m: &TableMap, wanted: &str) -> bool {
+    [&m.source, &m.target]
+        .iter()
+        .any(|n| n.to_string() == wanted || n.name == wanted)
+}
+
+/// One mapping's line of the text report.
+fn line(m: &compare::MappingDiff) -> String {
+    let verdict = if m.equal() { "ok  " } else { "DIFF" };
+    let mut out = format!(
+        "{verdict}  {} -> {}: {} blue rows, {} green rows, {} chunks, {:.1} s",
+        m.source, m.target, m.rows_blue, m.rows_green, m.chunks, m.seconds
+    );
+    if !m.equal() {
+        out.push_str(&format!(
+            "; missing in green {}, extra in green {}, differing {}",
+            m.missing_count, m.extra_count, m.differing_count
+        ));
+        for k in &m.missing_in_green {
+            out.push_str(&format!("\n      missing in green: {k}"));
+        }
+        for k in &m.extra_in_green {
+            out.push_str(&format!("\n      extra in green:   {k}"));
+        }
+        for d in &m.differing {
+            out.push_str(&format!("\n      differs:          {} in {}", d.key, d.columns.join(", ")));
+        }
+    }
+    out
+}
+
+/// Waits until the stream is streaming (a hold acts on the apply stage of a live stream).
+async fn wait_streaming(streamer: &Streamer, timeout: Duration) -> Result<(), VerifyError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if streamer.status().await?.0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(VerifyError::NotStreaming(timeout));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
