@@ -370,14 +370,18 @@ async fn export(
     Ok(exported)
 }
 
-/// A temporary slot `<slot>_<purpose>_<pid>` exporting a snapshot of blue (`verify`'s
+/// A temporary slot `<slot>_<purpose>_<pid>_<n>` exporting a snapshot of blue (`verify`'s
 /// consistent point): the session (the snapshot and the slot live as long as it does), the
 /// consistent point and the snapshot's name.
 pub(crate) async fn export_temporary(
     config: &Config,
     purpose: &str,
 ) -> Result<(pgwire_replication::ReplicationClient, Lsn, String), SnapshotError> {
-    let name = format!("{}_{purpose}_{}", config.blue.slot, std::process::id());
+    // A slot of an earlier call may not be gone yet: the server drops it when it notices the
+    // end of its session.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!("{}_{purpose}_{}_{n}", config.blue.slot, std::process::id());
     create_exported(config, &name, true).await
 }
 
