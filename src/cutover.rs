@@ -39,6 +39,10 @@ pub struct Options {
     pub headroom: u64,
     /// Longest wait for the fence's table locks.
     pub fence_lock_timeout: Duration,
+    /// Compare green with the transform of blue behind the fence, after the drain (see
+    /// `verify`); a difference aborts the cutover unless `accept_differences`.
+    pub verify: bool,
+    pub accept_differences: bool,
 }
 
 impl Default for Options {
@@ -50,6 +54,8 @@ impl Default for Options {
             accept_conflicts: false,
             headroom: 0,
             fence_lock_timeout: Duration::from_secs(5),
+            verify: false,
+            accept_differences: false,
         }
     }
 }
@@ -102,6 +108,12 @@ pub enum CutoverError {
     Admin(#[from] crate::admin::AdminError),
     #[error(transparent)]
     Streamer(#[from] crate::streamer::StreamerError),
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
+    #[error(
+        "green does not equal the transform of blue:\n{0}Run shadowsync verify --config F for the keys, fix them, and cut over again (or with --accept-differences)"
+    )]
+    Differences(String),
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::PipelineError),
     #[error(transparent)]
@@ -177,6 +189,8 @@ pub struct Report {
     pub writes_blocked_seconds: Option<f64>,
     pub sequences: Vec<SequenceSet>,
     pub rows: Vec<Rows>,
+    /// With `--verify`: the comparison behind the fence.
+    pub verify: Option<crate::verify::Report>,
     /// What the operator must know that did not stop the cutover.
     pub warnings: Vec<String>,
     pub next_steps: Vec<String>,
@@ -254,6 +268,7 @@ async fn cut_over(
         writes_blocked_seconds: None,
         sequences: Vec::new(),
         rows: Vec::new(),
+        verify: None,
         warnings: Vec::new(),
         next_steps: Vec::new(),
     };
@@ -441,6 +456,11 @@ async fn fenced_steps(
         .await
         .map_err(|e| ("draining to the fence", e.into()))?;
     report.drain_seconds = Some(drain_started.elapsed().as_secs_f64());
+    if opts.verify {
+        verify_fenced(config, opts, maps, fence, report)
+            .await
+            .map_err(|e| ("verifying green behind the fence", e))?;
+    }
     let step = "setting green's sequences and marking the cutover";
     let rules = config.rules().map_err(|e| (step, e.into()))?;
     let plans = crate::sequence::plan(blue, &*green, maps, &rules, opts.headroom)
@@ -473,6 +493,29 @@ async fn fenced_steps(
     tx.commit()
         .await
         .map_err(|e| (step, db_err("green", "committing the cutover")(e)))?;
+    Ok(())
+}
+
+/// `--verify`: green compared with the transform of blue, both still (fenced and drained).
+async fn verify_fenced(
+    config: &Config,
+    opts: &Options,
+    maps: &[Arc<TableMap>],
+    fence: &Fence,
+    report: &mut Report,
+) -> Result<(), CutoverError> {
+    let verified = crate::verify::fenced(config, maps, fence.lsn, &Default::default()).await?;
+    let equal = verified.equal;
+    let text = verified.text();
+    report.verify = Some(verified);
+    if !equal {
+        if !opts.accept_differences {
+            return Err(CutoverError::Differences(text));
+        }
+        report
+            .warnings
+            .push("green differs from the transform of blue (accepted with --accept-differences): see verify".into());
+    }
     Ok(())
 }
 

@@ -117,10 +117,11 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
         eprintln!();
     }
     eprintln!(
-        "cutting over while blue's writers keep writing: fence blue, drain to the fence, sequences, mark..."
+        "cutting over while blue's writers keep writing: fence blue, drain to the fence, verify green key by key, sequences, mark..."
     );
     let opts = crate::cutover::Options {
         max_lag: Duration::from_secs(5),
+        verify: true,
         ..crate::cutover::Options::default()
     };
     let cutover = crate::cutover::run(&config, &opts).await;

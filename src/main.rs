@@ -106,6 +106,13 @@ enum Command {
         /// Steps of each blue sequence's increment added when setting green's.
         #[arg(long, default_value_t = 0)]
         headroom: u64,
+        /// Compare green with the transform of blue behind the fence, after the drain (as
+        /// verify does); a difference aborts the cutover.
+        #[arg(long)]
+        verify: bool,
+        /// With --verify: cut over even though green differs (the report lists the keys).
+        #[arg(long, requires = "verify")]
+        accept_differences: bool,
         /// Remove a fence left on blue by a killed cutover (blue's writes resume).
         #[arg(long)]
         abort: bool,
@@ -269,6 +276,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             dry_run,
             accept_conflicts,
             headroom,
+            verify,
+            accept_differences,
             abort,
         } => {
             let cfg = shadowsync::config::Config::load(&config)?;
@@ -284,6 +293,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 accept_conflicts,
                 headroom,
                 fence_lock_timeout: fence_timeout,
+                verify,
+                accept_differences,
             };
             let report = shadowsync::cutover::run(&cfg, &opts).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);

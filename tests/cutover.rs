@@ -367,3 +367,65 @@ async fn novacron_cutover_under_two_writers_matches_the_plan() {
     }
     shadowsync::fence::remove(&blue).await.unwrap();
 }
+
+/// `cutover --verify` compares behind the fence: a row changed on green behind shadowsync's
+/// back aborts the cutover (fence lifted, green unmarked, the key named); with
+/// `--accept-differences` it cuts over and the report keeps the difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cutover_verify_refuses_a_green_that_differs() {
+    init_logging();
+    let pair = Pair::start(SCHEMA);
+    pair.blue
+        .psql(
+            DB,
+            "CREATE PUBLICATION test_pub FOR TABLE users, vms;
+             INSERT INTO users (email) SELECT 'u' || g || '@x' FROM generate_series(1, 500) g;",
+        )
+        .unwrap();
+    let handle = start_streaming(pair.config()).await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    let green = pair.green().await;
+    green
+        .batch_execute("UPDATE users SET email = 'changed@green' WHERE id = 7")
+        .await
+        .unwrap();
+    let opts = Options {
+        max_lag: Duration::from_secs(10),
+        verify: true,
+        ..Options::default()
+    };
+    let e = cutover::run(&pair.config(), &opts).await.unwrap_err();
+    let text = e.to_string();
+    for part in [
+        "verifying green behind the fence",
+        "(id)=(7)",
+        "email",
+        "The fence was removed",
+    ] {
+        assert!(text.contains(part), "{text}");
+    }
+    assert!(!text.contains("changed@green"), "no values: {text}");
+    let blue = pair.blue().await;
+    assert!(shadowsync::fence::fenced_tables(&blue).await.unwrap().is_empty());
+    assert_eq!(
+        shadowsync::progress::cut_over(&green, "test_slot").await.unwrap(),
+        None
+    );
+
+    let report = cutover::run(
+        &pair.config(),
+        &Options {
+            accept_differences: true,
+            ..opts
+        },
+    )
+    .await
+    .unwrap();
+    assert!(report.cut_over);
+    let verified = report.verify.expect("the comparison");
+    assert!(!verified.equal);
+    assert_eq!(verified.mappings.iter().map(|m| m.differing_count).sum::<u64>(), 1);
+    assert!(!report.warnings.is_empty());
+    shadowsync::fence::remove(&blue).await.unwrap();
+}

@@ -136,7 +136,7 @@ impl Report {
 pub async fn run(
     config: &Config,
     opts: &Options,
-    mut stop: Shutdown,
+    stop: Shutdown,
     progress: &(dyn Fn(&str, u64) + Sync),
 ) -> Result<Report, VerifyError> {
     let started = Instant::now();
@@ -149,12 +149,95 @@ pub async fn run(
     // A stream started here has served its purpose once green's snapshot exists.
     streamer.stop().await;
     let point = point?;
-    let mut mappings = Vec::new();
-    let mut not_compared = Vec::new();
-    let mut interrupted = false;
+    let compared = compare_all(&point.blue, &point.green, groups, &opts.compare, stop, progress).await?;
+    Ok(Report {
+        equal: compared.equal(),
+        lsn: point.lsn,
+        green_progress: point.green_progress,
+        hold_seconds: point.hold_seconds,
+        point_seconds: point.seconds,
+        mappings: compared.mappings,
+        not_compared: compared.not_compared,
+        interrupted: compared.interrupted,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// `cutover --verify`: behind the fence, after the drain, nothing moves on either side, so a
+/// plain snapshot of each is one consistent point (`fence_lsn`). Compares `maps`.
+pub async fn fenced(
+    config: &Config,
+    maps: &[Arc<TableMap>],
+    fence_lsn: crate::lsn::Lsn,
+    opts: &compare::Options,
+) -> Result<Report, VerifyError> {
+    let started = Instant::now();
+    let (blue, blue_driver) = point::connect(&config.blue_dsn()?, "blue").await?;
+    let (green, green_driver) = point::connect(&config.green_dsn()?, "green").await?;
+    blue.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(db_err("blue", "starting blue's snapshot"))?;
+    green
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .map_err(db_err("green", "starting green's snapshot"))?;
+    let green_progress = crate::progress::read(&green, &config.blue.slot)
+        .await
+        .map_err(db_err("green", "reading green's progress"))?
+        .map(|p| p.end_lsn);
+    let mut groups: BTreeMap<String, Vec<Arc<TableMap>>> = BTreeMap::new();
+    for m in maps {
+        groups.entry(m.target.to_string()).or_default().push(m.clone());
+    }
+    let (_never, stop) = crate::shutdown::channel();
+    let compared = compare_all(&blue, &green, groups, opts, stop, &|_, _| {}).await;
+    drop((blue, green));
+    let _ = (blue_driver.await, green_driver.await);
+    let compared = compared?;
+    Ok(Report {
+        equal: compared.equal(),
+        lsn: fence_lsn,
+        green_progress,
+        hold_seconds: None,
+        point_seconds: 0.0,
+        mappings: compared.mappings,
+        not_compared: compared.not_compared,
+        interrupted: compared.interrupted,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What comparing the groups gave.
+struct Compared {
+    mappings: Vec<compare::MappingDiff>,
+    not_compared: Vec<String>,
+    interrupted: bool,
+}
+
+impl Compared {
+    fn equal(&self) -> bool {
+        !self.interrupted && self.mappings.iter().all(|m| m.equal())
+    }
+}
+
+/// Compares each target's group inside the snapshots `blue` and `green` hold; `stop` ends it
+/// early (what is left is listed as not compared).
+async fn compare_all(
+    blue: &tokio_postgres::Client,
+    green: &tokio_postgres::Client,
+    groups: BTreeMap<String, Vec<Arc<TableMap>>>,
+    opts: &compare::Options,
+    mut stop: Shutdown,
+    progress: &(dyn Fn(&str, u64) + Sync),
+) -> Result<Compared, VerifyError> {
+    let mut out = Compared {
+        mappings: Vec::new(),
+        not_compared: Vec::new(),
+        interrupted: false,
+    };
     for (target, maps) in groups {
-        if interrupted {
-            not_compared.push(target);
+        if out.interrupted {
+            out.not_compared.push(target);
             continue;
         }
         let rows = AtomicU64::new(0);
@@ -163,31 +246,20 @@ pub async fn run(
             biased;
             // An interrupt first: the run ends with what it has.
             () = stop.recv() => None,
-            diff = compare::compare(&point.blue, &point.green, &maps, &opts.compare, &tick) => Some(diff),
+            diff = compare::compare(blue, green, &maps, opts, &tick) => Some(diff),
         };
         match compared {
-            Some(diff) => mappings.push(diff.map_err(|error| VerifyError::Compare {
+            Some(diff) => out.mappings.push(diff.map_err(|error| VerifyError::Compare {
                 target: target.clone(),
                 error,
             })?),
             None => {
-                interrupted = true;
-                not_compared.push(target);
+                out.interrupted = true;
+                out.not_compared.push(target);
             }
         }
     }
-    let equal = !interrupted && mappings.iter().all(|m| m.equal());
-    Ok(Report {
-        equal,
-        lsn: point.lsn,
-        green_progress: point.green_progress,
-        hold_seconds: point.hold_seconds,
-        point_seconds: point.seconds,
-        mappings,
-        not_compared,
-        interrupted,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    Ok(out)
 }
 
 /// The mappings to compare, grouped by target (several blue tables may write one), in
