@@ -101,7 +101,7 @@ async fn verify(config: &shadowsync::config::Config) -> shadowsync::verify::Repo
         },
         ..Default::default()
     };
-    shadowsync::verify::run(config, &opts, stop, &|_, _| {})
+    shadowsync::verify::run(config, &opts, stop, &|_| {})
         .await
         .unwrap()
 }

@@ -137,7 +137,7 @@ pub async fn run(
     config: &Config,
     opts: &Options,
     stop: Shutdown,
-    progress: &(dyn Fn(&str, u64) + Sync),
+    progress: &(dyn Fn(&Progress) + Sync),
 ) -> Result<Report, VerifyError> {
     let started = Instant::now();
     let groups = selected(config, opts).await?;
@@ -190,7 +190,7 @@ pub async fn fenced(
         groups.entry(m.target.to_string()).or_default().push(m.clone());
     }
     let (_never, stop) = crate::shutdown::channel();
-    let compared = compare_all(&blue, &green, groups, opts, stop, &|_, _| {}).await;
+    let compared = compare_all(&blue, &green, groups, opts, stop, &|_| {}).await;
     drop((blue, green));
     let _ = (blue_driver.await, green_driver.await);
     let compared = compared?;
@@ -205,6 +205,30 @@ pub async fn fenced(
         interrupted: compared.interrupted,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Where a comparison is, for the progress line.
+pub struct Progress<'a> {
+    pub target: &'a str,
+    /// Rows compared in this target so far.
+    pub rows: u64,
+    /// Green's estimate of the target's rows (`reltuples`), for the ETA.
+    pub estimate: u64,
+    /// This target is the `nth` of `of`.
+    pub nth: usize,
+    pub of: usize,
+}
+
+/// Green's estimate of a table's rows (0 when unknown: never analyzed).
+async fn estimate(green: &tokio_postgres::Client, table: &str) -> u64 {
+    green
+        .query_one(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = $1::regclass",
+            &[&table],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0) as u64)
+        .unwrap_or(0)
 }
 
 /// What comparing the groups gave.
@@ -228,20 +252,30 @@ async fn compare_all(
     groups: BTreeMap<String, Vec<Arc<TableMap>>>,
     opts: &compare::Options,
     mut stop: Shutdown,
-    progress: &(dyn Fn(&str, u64) + Sync),
+    progress: &(dyn Fn(&Progress) + Sync),
 ) -> Result<Compared, VerifyError> {
     let mut out = Compared {
         mappings: Vec::new(),
         not_compared: Vec::new(),
         interrupted: false,
     };
-    for (target, maps) in groups {
+    let total = groups.len();
+    for (i, (target, maps)) in groups.into_iter().enumerate() {
         if out.interrupted {
             out.not_compared.push(target);
             continue;
         }
+        let estimate = estimate(green, &maps[0].target.quoted()).await;
         let rows = AtomicU64::new(0);
-        let tick = |n: u64| progress(&target, rows.fetch_add(n, Ordering::Relaxed) + n);
+        let tick = |n: u64| {
+            progress(&Progress {
+                target: &target,
+                rows: rows.fetch_add(n, Ordering::Relaxed) + n,
+                estimate,
+                nth: i + 1,
+                of: total,
+            })
+        };
         let compared = tokio::select! {
             biased;
             // An interrupt first: the run ends with what it has.
@@ -308,7 +342,7 @@ pub async fn command(config: &Config, opts: &Options) -> Result<Report, VerifyEr
         trigger.fire();
     });
     let line = ProgressLine::new();
-    let report = run(config, opts, stop, &|target, rows| line.show(target, rows)).await;
+    let report = run(config, opts, stop, &|p| line.show(p)).await;
     line.done();
     watcher.abort();
     report
@@ -317,7 +351,8 @@ pub async fn command(config: &Config, opts: &Options) -> Result<Report, VerifyEr
 /// The live progress line (see [`command`]).
 struct ProgressLine {
     tty: bool,
-    started: Instant,
+    /// The target being compared (its number) and since when.
+    target_started: std::sync::Mutex<(usize, Instant)>,
     last: std::sync::Mutex<Instant>,
     shown: std::sync::atomic::AtomicBool,
 }
@@ -327,13 +362,13 @@ impl ProgressLine {
         use std::io::IsTerminal;
         ProgressLine {
             tty: std::io::stderr().is_terminal(),
-            started: Instant::now(),
+            target_started: std::sync::Mutex::new((0, Instant::now())),
             last: std::sync::Mutex::new(Instant::now()),
             shown: Default::default(),
         }
     }
 
-    fn show(&self, target: &str, rows: u64) {
+    fn show(&self, p: &Progress) {
         let every = if self.tty {
             Duration::from_millis(200)
         } else {
@@ -344,12 +379,20 @@ impl ProgressLine {
             return;
         }
         *last = Instant::now();
-        let rate = rows as f64 / self.started.elapsed().as_secs_f64().max(0.001);
+        let mut since = self.target_started.lock().expect("progress lock");
+        if since.0 != p.nth {
+            *since = (p.nth, Instant::now());
+        }
+        let rate = p.rows as f64 / since.1.elapsed().as_secs_f64().max(0.001);
+        let eta = p.estimate.saturating_sub(p.rows) as f64 / rate.max(1.0);
         if self.tty {
-            eprint!("\r\x1b[Kverify {target}: {rows} rows compared ({rate:.0} rows/s)");
+            eprint!(
+                "\r\x1b[Kverify {} ({} of {}): {} rows compared, {rate:.0} rows/s, ETA {eta:.0} s",
+                p.target, p.nth, p.of, p.rows
+            );
             self.shown.store(true, Ordering::Relaxed);
         } else {
-            tracing::info!(target = %target, rows, rows_per_second = rate as u64, "verify: comparing");
+            tracing::info!(target = %p.target, nth = p.nth, of = p.of, rows = p.rows, rows_per_second = rate as u64, eta_seconds = eta as u64, "verify: comparing");
         }
     }
 
