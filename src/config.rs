@@ -517,6 +517,23 @@ impl Dsn {
     }
 
     /// Settings for an ordinary (non-replication) tokio-postgres connection.
+    /// [`Self::connect`] for a command talking to `side` (`blue` or `green`): a failure names
+    /// the side and the DSN (without its password).
+    pub async fn connect_to(
+        &self,
+        side: &'static str,
+        application_name: &str,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), crate::failure::Unreachable>
+    {
+        self.connect(application_name)
+            .await
+            .map_err(|e| crate::failure::Unreachable {
+                side,
+                dsn: self.to_string(),
+                failure: crate::failure::DbFailure::from_pg(&e),
+            })
+    }
+
     pub fn pg_config(&self, application_name: &str) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         if self.host.starts_with('/') {

@@ -18,10 +18,9 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::failure::DbFailure;
 use crate::fence::{self, Fence};
-use crate::streamer::Streamer;
 use crate::lsn::Lsn;
+use crate::streamer::Streamer;
 use crate::transform::TableMap;
 
 /// Options of `shadowsync cutover`.
@@ -64,18 +63,10 @@ impl Default for Options {
 pub enum CutoverError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("cannot connect to {side} ({dsn}): {failure}")]
-    Connect {
-        side: &'static str,
-        dsn: String,
-        failure: DbFailure,
-    },
-    #[error("{side}, {context}: {failure}")]
-    Db {
-        side: &'static str,
-        context: &'static str,
-        failure: DbFailure,
-    },
+    #[error(transparent)]
+    Connect(#[from] crate::failure::Unreachable),
+    #[error(transparent)]
+    Db(#[from] crate::failure::OnSide),
     #[error("the mappings do not pass `shadowsync check`; nothing was fenced:\n{0}")]
     Mappings(String),
     #[error(
@@ -139,17 +130,6 @@ pub enum CutoverError {
     },
 }
 
-fn db_err(
-    side: &'static str,
-    context: &'static str,
-) -> impl FnOnce(tokio_postgres::Error) -> CutoverError {
-    move |e| CutoverError::Db {
-        side,
-        context,
-        failure: DbFailure::from_pg(&e),
-    }
-}
-
 /// One green sequence set (or left) at the cutover.
 #[derive(Debug, Clone, Serialize)]
 pub struct SequenceSet {
@@ -196,19 +176,6 @@ pub struct Report {
     pub next_steps: Vec<String>,
 }
 
-async fn connect(
-    dsn: &crate::config::Dsn,
-    side: &'static str,
-) -> Result<(Client, tokio::task::JoinHandle<()>), CutoverError> {
-    dsn.connect("shadowsync-cutover")
-        .await
-        .map_err(|e| CutoverError::Connect {
-            side,
-            dsn: dsn.to_string(),
-            failure: DbFailure::from_pg(&e),
-        })
-}
-
 /// What `cutover --abort` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Aborted {
@@ -223,15 +190,22 @@ pub struct Aborted {
 /// `shadowsync cutover --abort`: removes a fence left by a killed cutover, and cancels the
 /// drain it may have left pending in the sidecar.
 pub async fn abort(config: &Config) -> Result<Aborted, CutoverError> {
-    let (blue, conn) = connect(&config.blue_dsn()?, "blue").await?;
+    let (blue, conn) = config
+        .blue_dsn()?
+        .connect_to("blue", "shadowsync-cutover")
+        .await?;
     let removed = fence::remove(&blue).await;
     conn.abort();
     let removed = removed?;
     let addr = config.listen_addr()?;
     let sidecar = match crate::admin::cancel_drain(addr, Duration::from_secs(5)).await {
-        Ok(()) => format!("the sidecar at {addr} keeps streaming (any pending drain was cancelled)"),
+        Ok(()) => {
+            format!("the sidecar at {addr} keeps streaming (any pending drain was cancelled)")
+        }
         Err(crate::admin::AdminError::Connect { .. }) => format!("no sidecar answers at {addr}"),
-        Err(e) => format!("the sidecar at {addr} did not cancel its drain ({e}): if it stops once drained, start it again"),
+        Err(e) => format!(
+            "the sidecar at {addr} did not cancel its drain ({e}): if it stops once drained, start it again"
+        ),
     };
     Ok(Aborted {
         aborted: true,
@@ -242,8 +216,14 @@ pub async fn abort(config: &Config) -> Result<Aborted, CutoverError> {
 
 /// `shadowsync cutover`: see the module doc.
 pub async fn run(config: &Config, opts: &Options) -> Result<Report, CutoverError> {
-    let (blue, blue_conn) = connect(&config.blue_dsn()?, "blue").await?;
-    let (mut green, green_conn) = connect(&config.green_dsn()?, "green").await?;
+    let (blue, blue_conn) = config
+        .blue_dsn()?
+        .connect_to("blue", "shadowsync-cutover")
+        .await?;
+    let (mut green, green_conn) = config
+        .green_dsn()?
+        .connect_to("green", "shadowsync-cutover")
+        .await?;
     let result = cut_over(config, opts, &blue, &mut green).await;
     blue_conn.abort();
     green_conn.abort();
@@ -359,7 +339,7 @@ async fn static_checks(
     crate::store::migrate(green).await?;
     if let Some(c) = crate::progress::cut_over(green, slot)
         .await
-        .map_err(db_err("green", "reading the cutover state"))?
+        .map_err(crate::failure::on("green", "reading the cutover state"))?
     {
         return Err(CutoverError::AlreadyCutOver {
             slot: slot.clone(),
@@ -373,7 +353,7 @@ async fn static_checks(
             &[slot],
         )
         .await
-        .map_err(db_err("green", "counting unresolved conflicts"))?
+        .map_err(crate::failure::on("green", "counting unresolved conflicts"))?
         .get(0);
     if count > 0 && !opts.accept_conflicts {
         return Err(CutoverError::Conflicts {
@@ -389,7 +369,7 @@ async fn static_checks(
         let user: String = blue
             .query_one("SELECT current_user::text", &[])
             .await
-            .map_err(db_err("blue", "reading the user"))?
+            .map_err(crate::failure::on("blue", "reading the user"))?
             .get(0);
         return Err(fence::FenceError::Privileges {
             user,
@@ -466,10 +446,12 @@ async fn fenced_steps(
     let plans = crate::sequence::plan(blue, &*green, maps, &rules, opts.headroom)
         .await
         .map_err(|e| (step, e.into()))?;
-    let tx = green
-        .transaction()
-        .await
-        .map_err(|e| (step, db_err("green", "starting the cutover transaction")(e)))?;
+    let tx = green.transaction().await.map_err(|e| {
+        (
+            step,
+            crate::failure::on("green", "starting the cutover transaction")(e).into(),
+        )
+    })?;
     let done = crate::sequence::apply(&tx, &plans)
         .await
         .map_err(|e| (step, e.into()))?;
@@ -489,10 +471,18 @@ async fn fenced_steps(
     let json = serde_json::to_value(&*report).unwrap_or_default();
     crate::progress::mark_cut_over(&tx, &config.blue.slot, fence.lsn, &json)
         .await
-        .map_err(|e| (step, db_err("green", "marking the cutover")(e)))?;
-    tx.commit()
-        .await
-        .map_err(|e| (step, db_err("green", "committing the cutover")(e)))?;
+        .map_err(|e| {
+            (
+                step,
+                crate::failure::on("green", "marking the cutover")(e).into(),
+            )
+        })?;
+    tx.commit().await.map_err(|e| {
+        (
+            step,
+            crate::failure::on("green", "committing the cutover")(e).into(),
+        )
+    })?;
     Ok(())
 }
 
@@ -560,7 +550,7 @@ async fn count(client: &Client, table: &str, side: &'static str) -> Result<i64, 
         .query_one(&format!("SELECT count(*) FROM {table}"), &[])
         .await
         .map(|r| r.get(0))
-        .map_err(db_err(side, "counting rows"))
+        .map_err(|e| crate::failure::on(side, "counting rows")(e).into())
 }
 
 fn next_steps(config: &Config) -> Vec<String> {

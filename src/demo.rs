@@ -188,7 +188,6 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
     }
     eprintln!("every mapping matches.");
     application_writes(&green).await
-
 }
 
 /// Waits for the writers: each ends on the fence's refusal (asked to stop after a while, so a
@@ -318,12 +317,16 @@ pub async fn workload_client(
             Ok(()) => {
                 written.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) => {
+            Err(e)
+                if e.code()
+                    == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) =>
+            {
                 let message = e.as_db_error().map(|d| d.message().to_string());
                 return Ok(Ended::Fenced(message.unwrap_or_default()));
             }
             // As an application would: a deadlock's victim tries again.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {}
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED) => {
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -342,7 +345,10 @@ async fn workload_txn(
     let user: i64 = tx
         .query_one(
             "INSERT INTO users (email, name) VALUES ($1, $2) RETURNING id",
-            &[&format!("user-{worker}-{n}@{domain}"), &format!("User {worker}-{n}")],
+            &[
+                &format!("user-{worker}-{n}@{domain}"),
+                &format!("User {worker}-{n}"),
+            ],
         )
         .await?
         .get(0);

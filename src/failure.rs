@@ -199,3 +199,34 @@ mod tests {
         assert_eq!(policy(None), Policy::Retry);
     }
 }
+
+/// A statement that failed on one side (`blue` or `green`), and the step it was for.
+#[derive(Debug, thiserror::Error)]
+#[error("{side}, {context}: {failure}")]
+pub struct OnSide {
+    pub side: &'static str,
+    pub context: &'static str,
+    pub failure: DbFailure,
+}
+
+/// `map_err` adapter: the failure, with its side and step.
+pub fn on(
+    side: &'static str,
+    context: &'static str,
+) -> impl FnOnce(tokio_postgres::Error) -> OnSide {
+    move |e| OnSide {
+        side,
+        context,
+        failure: DbFailure::from_pg(&e),
+    }
+}
+
+/// A side that could not be reached.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to {side} ({dsn}): {failure}")]
+pub struct Unreachable {
+    pub side: &'static str,
+    /// The DSN without its password.
+    pub dsn: String,
+    pub failure: DbFailure,
+}

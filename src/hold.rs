@@ -81,7 +81,8 @@ pub fn request(from: Lsn, exact: bool) -> (HoldRequest, HoldControl) {
 impl HoldControl {
     /// Tells the stage the exact point and waits until it holds there.
     pub async fn hold_at(&mut self, target: Lsn, timeout: Duration) -> Result<(), Refusal> {
-        let ended = || Refusal::Other("the stream ended before the hold (it restarts: try again)".into());
+        let ended =
+            || Refusal::Other("the stream ended before the hold (it restarts: try again)".into());
         if let Some(t) = self.target.take() {
             // A stage that refused or dropped the hold closed this; its answer says which.
             let _ = t.send(target);
@@ -93,7 +94,9 @@ impl HoldControl {
         let answer = tokio::time::timeout(timeout, held)
             .await
             .map_err(|_| {
-                Refusal::Other(format!("the stream did not reach LSN {target} within {timeout:?}"))
+                Refusal::Other(format!(
+                    "the stream did not reach LSN {target} within {timeout:?}"
+                ))
             })?
             .map_err(|_| ended())?;
         self.held_before = answer?;

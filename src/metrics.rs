@@ -440,8 +440,10 @@ impl Shared {
 
     /// End LSN of the latest blue transaction with changes received, if any.
     pub fn last_change_commit(&self) -> Option<Lsn> {
-        Some(Lsn::from_u64(self.last_change_commit.load(Ordering::Relaxed)))
-            .filter(|l| *l > Lsn::ZERO)
+        Some(Lsn::from_u64(
+            self.last_change_commit.load(Ordering::Relaxed),
+        ))
+        .filter(|l| *l > Lsn::ZERO)
     }
 
     /// Blue's WAL insert position was read as `lsn` (it only moves forward).

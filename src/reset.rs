@@ -10,7 +10,6 @@
 use tokio_postgres::Client;
 
 use crate::config::Config;
-use crate::failure::DbFailure;
 use crate::transform::QualifiedName;
 
 /// What to reset besides green's bookkeeping.
@@ -26,18 +25,10 @@ pub struct ResetOptions {
 pub enum ResetError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("cannot connect to {side} ({dsn}): {failure}")]
-    Connect {
-        side: &'static str,
-        dsn: String,
-        failure: DbFailure,
-    },
-    #[error("{side}, {context}: {failure}; nothing was reset on green")]
-    Db {
-        side: &'static str,
-        context: &'static str,
-        failure: DbFailure,
-    },
+    #[error(transparent)]
+    Connect(#[from] crate::failure::Unreachable),
+    #[error("{0}; nothing was reset on green")]
+    Db(#[from] crate::failure::OnSide),
     #[error(
         "a shadowsync session of slot {slot} is connected to green: stop that sidecar first, then run reset again; nothing was reset"
     )]
@@ -54,35 +45,17 @@ pub enum ResetError {
     Fence(#[from] crate::fence::FenceError),
 }
 
-fn db_err(
-    side: &'static str,
-    context: &'static str,
-) -> impl FnOnce(tokio_postgres::Error) -> ResetError {
-    move |e| ResetError::Db {
-        side,
-        context,
-        failure: DbFailure::from_pg(&e),
-    }
-}
-
-async fn connect(
-    dsn: &crate::config::Dsn,
-    side: &'static str,
-) -> Result<(Client, tokio::task::JoinHandle<()>), ResetError> {
-    dsn.connect("shadowsync-reset")
-        .await
-        .map_err(|e| ResetError::Connect {
-            side,
-            dsn: dsn.to_string(),
-            failure: DbFailure::from_pg(&e),
-        })
-}
-
 /// Resets the slot of `config`; returns the steps done, in order, for the operator.
 pub async fn reset(config: &Config, opts: ResetOptions) -> Result<Vec<String>, ResetError> {
     let slot = &config.blue.slot;
-    let (mut green, green_conn) = connect(&config.green_dsn()?, "green").await?;
-    let (blue, blue_conn) = connect(&config.blue_dsn()?, "blue").await?;
+    let (mut green, green_conn) = config
+        .green_dsn()?
+        .connect_to("green", "shadowsync-reset")
+        .await?;
+    let (blue, blue_conn) = config
+        .blue_dsn()?
+        .connect_to("blue", "shadowsync-reset")
+        .await?;
     let result = async {
         crate::store::migrate(&green).await?;
         let locked: bool = green
@@ -91,7 +64,10 @@ pub async fn reset(config: &Config, opts: ResetOptions) -> Result<Vec<String>, R
                 &[slot],
             )
             .await
-            .map_err(db_err("green", "taking the per-slot session lock"))?
+            .map_err(crate::failure::on(
+                "green",
+                "taking the per-slot session lock",
+            ))?
             .get(0);
         if !locked {
             return Err(ResetError::Running { slot: slot.clone() });
@@ -121,7 +97,7 @@ async fn targets(
     let tables = crate::source::catalog::check_blue(blue, &config.blue.publication).await?;
     let report = crate::check::check(blue, green, &tables, &config.blue.publication, &rules)
         .await
-        .map_err(db_err("blue", "mapping the published tables"))?;
+        .map_err(crate::failure::on("blue", "mapping the published tables"))?;
     let mut targets: Vec<QualifiedName> = report
         .mappings
         .iter()
@@ -141,7 +117,7 @@ async fn clear_green(
     let tx = green
         .transaction()
         .await
-        .map_err(db_err("green", "starting the reset"))?;
+        .map_err(crate::failure::on("green", "starting the reset"))?;
     let mut steps = Vec::new();
     for (table, what) in [
         ("shadowsync.progress", "progress row"),
@@ -152,7 +128,10 @@ async fn clear_green(
         let n = tx
             .execute(&format!("DELETE FROM {table} WHERE slot = $1"), &[&slot])
             .await
-            .map_err(db_err("green", "clearing shadowsync's bookkeeping"))?;
+            .map_err(crate::failure::on(
+                "green",
+                "clearing shadowsync's bookkeeping",
+            ))?;
         steps.push(format!(
             "green: {what} of slot {slot} cleared ({n} rows of {table})"
         ));
@@ -161,12 +140,12 @@ async fn clear_green(
         let names: Vec<String> = targets.iter().map(|t| t.quoted()).collect();
         tx.batch_execute(&format!("TRUNCATE {}", names.join(", ")))
             .await
-            .map_err(db_err("green", "emptying the target tables"))?;
+            .map_err(crate::failure::on("green", "emptying the target tables"))?;
         steps.push(format!("green: emptied {}", names.join(", ")));
     }
     tx.commit()
         .await
-        .map_err(db_err("green", "committing the reset"))?;
+        .map_err(crate::failure::on("green", "committing the reset"))?;
     steps.push("green: shadowsync.conflicts kept (the record of the earlier run)".to_string());
     Ok(steps)
 }
@@ -180,7 +159,7 @@ async fn blue_steps(blue: &Client, slot: &str, drop_slot: bool) -> Result<Vec<St
             &[&slot],
         )
         .await
-        .map_err(db_err("blue", "looking up the slot"))?;
+        .map_err(crate::failure::on("blue", "looking up the slot"))?;
     match (row, drop_slot) {
         (None, _) => steps.push(format!("blue: no slot {slot}")),
         (Some(r), true) => {
@@ -192,7 +171,7 @@ async fn blue_steps(blue: &Client, slot: &str, drop_slot: bool) -> Result<Vec<St
             }
             blue.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
                 .await
-                .map_err(db_err("blue", "dropping the slot"))?;
+                .map_err(crate::failure::on("blue", "dropping the slot"))?;
             steps.push(format!("blue: slot {slot} dropped (the next run starts with a fresh initial copy)"));
         }
         (Some(r), false) => steps.push(format!(

@@ -135,7 +135,9 @@ impl Streamer {
             Streamer::InProcess(h) => Ok(Hold::InProcess(h.hold(from, exact))),
             Streamer::Sidecar(addr) => {
                 let path = format!("/hold?from={from}&exact={exact}");
-                expect_ok(crate::admin::http_call(*addr, "POST", &path, Duration::from_secs(5)).await?)?;
+                expect_ok(
+                    crate::admin::http_call(*addr, "POST", &path, Duration::from_secs(5)).await?,
+                )?;
                 Ok(Hold::Sidecar(*addr))
             }
         }

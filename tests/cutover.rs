@@ -297,7 +297,10 @@ async fn novacron_cutover_under_two_writers_matches_the_plan() {
     for w in writers {
         match w.await.unwrap() {
             Ended::Fenced(message) => {
-                assert!(message.contains("being migrated by shadowsync"), "{message}")
+                assert!(
+                    message.contains("being migrated by shadowsync"),
+                    "{message}"
+                )
             }
             Ended::Stopped => panic!("a writer ended before the fence"),
         }
@@ -363,7 +366,10 @@ async fn novacron_cutover_under_two_writers_matches_the_plan() {
             .await
             .unwrap()
             .get(0);
-        assert!(id > blue_max, "{target}: green handed out {id}, blue had {blue_max}");
+        assert!(
+            id > blue_max,
+            "{target}: green handed out {id}, blue had {blue_max}"
+        );
     }
     shadowsync::fence::remove(&blue).await.unwrap();
 }
@@ -407,9 +413,16 @@ async fn cutover_verify_refuses_a_green_that_differs() {
     }
     assert!(!text.contains("changed@green"), "no values: {text}");
     let blue = pair.blue().await;
-    assert!(shadowsync::fence::fenced_tables(&blue).await.unwrap().is_empty());
+    assert!(
+        shadowsync::fence::fenced_tables(&blue)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
-        shadowsync::progress::cut_over(&green, "test_slot").await.unwrap(),
+        shadowsync::progress::cut_over(&green, "test_slot")
+            .await
+            .unwrap(),
         None
     );
 
@@ -425,7 +438,14 @@ async fn cutover_verify_refuses_a_green_that_differs() {
     assert!(report.cut_over);
     let verified = report.verify.expect("the comparison");
     assert!(!verified.equal);
-    assert_eq!(verified.mappings.iter().map(|m| m.differing_count).sum::<u64>(), 1);
+    assert_eq!(
+        verified
+            .mappings
+            .iter()
+            .map(|m| m.differing_count)
+            .sum::<u64>(),
+        1
+    );
     assert!(!report.warnings.is_empty());
     shadowsync::fence::remove(&blue).await.unwrap();
 }

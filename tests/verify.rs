@@ -39,7 +39,10 @@ fn writer(dsn: String, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
 }
 
 /// Points taken while blue writes: inside the two snapshots green holds exactly blue's rows.
-async fn points_match(config: &shadowsync::config::Config, streamer: &shadowsync::streamer::Streamer) {
+async fn points_match(
+    config: &shadowsync::config::Config,
+    streamer: &shadowsync::streamer::Streamer,
+) {
     for round in 0..5 {
         let point = shadowsync::verify::point::take(config, streamer)
             .await
@@ -54,7 +57,12 @@ async fn points_match(config: &shadowsync::config::Config, streamer: &shadowsync
                 g.len()
             );
         }
-        assert!(point.green_progress.is_some_and(|p| p <= point.lsn), "{:?} {}", point.green_progress, point.lsn);
+        assert!(
+            point.green_progress.is_some_and(|p| p <= point.lsn),
+            "{:?} {}",
+            point.green_progress,
+            point.lsn
+        );
         let held = point.hold_seconds.expect("the hold's length");
         assert!(held < 5.0, "held {held} s");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -72,7 +80,9 @@ async fn the_consistent_point_holds_while_blue_writes() {
     let handle = start_streaming(config.clone()).await;
     config.metrics.listen = handle.addr.to_string();
     let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..2).map(|_| writer(pair.blue.dsn(DB), stop.clone())).collect();
+    let writers: Vec<_> = (0..2)
+        .map(|_| writer(pair.blue.dsn(DB), stop.clone()))
+        .collect();
     let blue = pair.blue().await;
     wait_for("blue writes", Duration::from_secs(30), || async {
         count(&blue, "users").await > 200
@@ -81,7 +91,10 @@ async fn the_consistent_point_holds_while_blue_writes() {
 
     // Through the sidecar's admin endpoint, as `shadowsync verify` does.
     let sidecar = shadowsync::streamer::Streamer::find(&config).await.unwrap();
-    assert!(matches!(sidecar, shadowsync::streamer::Streamer::Sidecar(_)));
+    assert!(matches!(
+        sidecar,
+        shadowsync::streamer::Streamer::Sidecar(_)
+    ));
     points_match(&config, &sidecar).await;
     stop.store(true, Ordering::Relaxed);
     for w in writers {
@@ -169,8 +182,18 @@ async fn novacron_verifies_while_streaming_and_finds_exactly_the_corruptions() {
     assert_eq!(users.differing[0].key, "(id)=(1)");
     assert_eq!(users.differing[0].columns, vec!["name".to_string()]);
     let keys = mapping(&report, "public.api_keys");
-    assert_eq!(keys.missing_in_green, vec!["(id)=(2)".to_string()], "{}", report.text());
-    assert_eq!(keys.extra_in_green, vec!["(id)=(999999)".to_string()], "{}", report.text());
+    assert_eq!(
+        keys.missing_in_green,
+        vec!["(id)=(2)".to_string()],
+        "{}",
+        report.text()
+    );
+    assert_eq!(
+        keys.extra_in_green,
+        vec!["(id)=(999999)".to_string()],
+        "{}",
+        report.text()
+    );
     let vms = mapping(&report, "public.vms");
     let got: Vec<(String, Vec<String>)> = vms
         .differing
@@ -187,7 +210,10 @@ async fn novacron_verifies_while_streaming_and_finds_exactly_the_corruptions() {
         report.text()
     );
     assert!(mapping(&report, "public.compute_nodes").equal());
-    assert!(!report.text().contains("changed on green"), "no values in the report");
+    assert!(
+        !report.text().contains("changed on green"),
+        "no values in the report"
+    );
 
     stop_writers.fire();
     for w in writers {
@@ -242,16 +268,24 @@ async fn partitioned_and_keyless_tables_verify_standalone() {
     assert!(report.equal, "{}", report.text());
     let green = pair.green().await;
     green
-        .batch_execute(
-            "DELETE FROM m WHERE id = 700; INSERT INTO log VALUES (2, 'other');",
-        )
+        .batch_execute("DELETE FROM m WHERE id = 700; INSERT INTO log VALUES (2, 'other');")
         .await
         .unwrap();
     let report = verify(&pair.config()).await;
     assert!(!report.equal, "{}", report.text());
     let m = mapping(&report, "public.m");
-    assert_eq!(m.missing_in_green, vec!["(id)=(700)".to_string()], "{}", report.text());
+    assert_eq!(
+        m.missing_in_green,
+        vec!["(id)=(700)".to_string()],
+        "{}",
+        report.text()
+    );
     assert_eq!(m.differing_count + m.extra_count, 0, "{}", report.text());
     let log = mapping(&report, "public.log");
-    assert_eq!((log.missing_count, log.extra_count), (0, 1), "{}", report.text());
+    assert_eq!(
+        (log.missing_count, log.extra_count),
+        (0, 1),
+        "{}",
+        report.text()
+    );
 }

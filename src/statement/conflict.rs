@@ -180,7 +180,11 @@ fn record(
         .iter()
         .map(|&k| {
             let n = &map.columns[k].name;
-            format!("{}, s.{}", crate::transform::quote_literal(n), quote_ident(n))
+            format!(
+                "{}, s.{}",
+                crate::transform::quote_literal(n),
+                quote_ident(n)
+            )
         })
         .collect::<Vec<_>>()
         .join(", ");

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::failure::DbFailure;
 use crate::shutdown::Shutdown;
 use crate::streamer::Streamer;
 use crate::transform::TableMap;
@@ -40,18 +39,10 @@ pub struct Options {
 pub enum VerifyError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("cannot connect to {side} ({dsn}): {failure}")]
-    Connect {
-        side: &'static str,
-        dsn: String,
-        failure: DbFailure,
-    },
-    #[error("{side}, {context}: {failure}")]
-    Db {
-        side: &'static str,
-        context: &'static str,
-        failure: DbFailure,
-    },
+    #[error(transparent)]
+    Connect(#[from] crate::failure::Unreachable),
+    #[error(transparent)]
+    Db(#[from] crate::failure::OnSide),
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
     #[error("taking blue's snapshot: {0}")]
@@ -65,23 +56,14 @@ pub enum VerifyError {
     },
     #[error("the mappings do not pass `shadowsync check`; nothing was compared:\n{0}")]
     Mappings(String),
-    #[error("no mapping matches --table {0}: give a published table or its target, as schema.table or table")]
+    #[error(
+        "no mapping matches --table {0}: give a published table or its target, as schema.table or table"
+    )]
     NoSuchTable(String),
     #[error(
         "the stream was not streaming within {0:?} (initial copy not done, or blue or green unreachable); nothing was compared"
     )]
     NotStreaming(Duration),
-}
-
-fn db_err(
-    side: &'static str,
-    context: &'static str,
-) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
-    move |e| VerifyError::Db {
-        side,
-        context,
-        failure: DbFailure::from_pg(&e),
-    }
 }
 
 /// What `verify` found.
@@ -110,8 +92,12 @@ impl Report {
         let mut out = format!(
             "verified at blue LSN {} (green's progress {}; the stream held {} ms)\n",
             self.lsn,
-            self.green_progress.map(|l| l.to_string()).unwrap_or("-".into()),
-            self.hold_seconds.map(|s| format!("{:.0}", s * 1000.0)).unwrap_or("?".into()),
+            self.green_progress
+                .map(|l| l.to_string())
+                .unwrap_or("-".into()),
+            self.hold_seconds
+                .map(|s| format!("{:.0}", s * 1000.0))
+                .unwrap_or("?".into()),
         );
         for m in &self.mappings {
             out.push_str(&line(m));
@@ -149,7 +135,15 @@ pub async fn run(
     // A stream started here has served its purpose once green's snapshot exists.
     streamer.stop().await;
     let point = point?;
-    let compared = compare_all(&point.blue, &point.green, groups, &opts.compare, stop, progress).await?;
+    let compared = compare_all(
+        &point.blue,
+        &point.green,
+        groups,
+        &opts.compare,
+        stop,
+        progress,
+    )
+    .await?;
     Ok(Report {
         equal: compared.equal(),
         lsn: point.lsn,
@@ -172,22 +166,31 @@ pub async fn fenced(
     opts: &compare::Options,
 ) -> Result<Report, VerifyError> {
     let started = Instant::now();
-    let (blue, blue_driver) = point::connect(&config.blue_dsn()?, "blue").await?;
-    let (green, green_driver) = point::connect(&config.green_dsn()?, "green").await?;
+    let (blue, blue_driver) = config
+        .blue_dsn()?
+        .connect_to("blue", "shadowsync-verify")
+        .await?;
+    let (green, green_driver) = config
+        .green_dsn()?
+        .connect_to("green", "shadowsync-verify")
+        .await?;
     blue.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
-        .map_err(db_err("blue", "starting blue's snapshot"))?;
+        .map_err(crate::failure::on("blue", "starting blue's snapshot"))?;
     green
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         .await
-        .map_err(db_err("green", "starting green's snapshot"))?;
+        .map_err(crate::failure::on("green", "starting green's snapshot"))?;
     let green_progress = crate::progress::read(&green, &config.blue.slot)
         .await
-        .map_err(db_err("green", "reading green's progress"))?
+        .map_err(crate::failure::on("green", "reading green's progress"))?
         .map(|p| p.end_lsn);
     let mut groups: BTreeMap<String, Vec<Arc<TableMap>>> = BTreeMap::new();
     for m in maps {
-        groups.entry(m.target.to_string()).or_default().push(m.clone());
+        groups
+            .entry(m.target.to_string())
+            .or_default()
+            .push(m.clone());
     }
     let (_never, stop) = crate::shutdown::channel();
     let compared = compare_all(&blue, &green, groups, opts, stop, &|_| {}).await;
@@ -283,10 +286,12 @@ async fn compare_all(
             diff = compare::compare(blue, green, &maps, opts, &tick) => Some(diff),
         };
         match compared {
-            Some(diff) => out.mappings.push(diff.map_err(|error| VerifyError::Compare {
-                target: target.clone(),
-                error,
-            })?),
+            Some(diff) => out
+                .mappings
+                .push(diff.map_err(|error| VerifyError::Compare {
+                    target: target.clone(),
+                    error,
+                })?),
             None => {
                 out.interrupted = true;
                 out.not_compared.push(target);
@@ -302,12 +307,17 @@ async fn selected(
     config: &Config,
     opts: &Options,
 ) -> Result<BTreeMap<String, Vec<Arc<TableMap>>>, VerifyError> {
-    let (blue, blue_driver) = point::connect(&config.blue_dsn()?, "blue").await?;
-    let (green, green_driver) = point::connect(&config.green_dsn()?, "green").await?;
+    let (blue, blue_driver) = config
+        .blue_dsn()?
+        .connect_to("blue", "shadowsync-verify")
+        .await?;
+    let (green, green_driver) = config
+        .green_dsn()?
+        .connect_to("green", "shadowsync-verify")
+        .await?;
     let rules = config.rules()?;
     let mapped =
-        crate::pipeline::preflight::mappings(&blue, &green, &config.blue.publication, &rules)
-            .await;
+        crate::pipeline::preflight::mappings(&blue, &green, &config.blue.publication, &rules).await;
     drop((blue, green));
     let _ = (blue_driver.await, green_driver.await);
     let (_, maps) = mapped?.map_err(VerifyError::Mappings)?;
@@ -323,10 +333,7 @@ async fn selected(
         return Err(VerifyError::NoSuchTable(w.clone()));
     }
     if !opts.tables.is_empty() {
-        groups.retain(|_, maps| {
-            maps.iter()
-                .any(|m| opts.tables.iter().any(|w| named(m, w)))
-        });
+        groups.retain(|_, maps| maps.iter().any(|m| opts.tables.iter().any(|w| named(m, w))));
     }
     Ok(groups)
 }
@@ -429,7 +436,11 @@ fn line(m: &compare::MappingDiff) -> String {
             out.push_str(&format!("\n      extra in green:   {k}"));
         }
         for d in &m.differing {
-            out.push_str(&format!("\n      differs:          {} in {}", d.key, d.columns.join(", ")));
+            out.push_str(&format!(
+                "\n      differs:          {} in {}",
+                d.key,
+                d.columns.join(", ")
+            ));
         }
     }
     out

@@ -31,19 +31,6 @@ pub struct Point {
     _drivers: [tokio::task::JoinHandle<()>; 2],
 }
 
-pub(crate) async fn connect(
-    dsn: &crate::config::Dsn,
-    side: &'static str,
-) -> Result<(Client, tokio::task::JoinHandle<()>), VerifyError> {
-    dsn.connect("shadowsync-verify")
-        .await
-        .map_err(|e| VerifyError::Connect {
-            side,
-            dsn: dsn.to_string(),
-            failure: crate::failure::DbFailure::from_pg(&e),
-        })
-}
-
 /// Exact holds tried before the two-phase one (see `held`).
 const EXACT_ATTEMPTS: usize = 3;
 
@@ -68,8 +55,7 @@ async fn held(
         } else {
             None
         };
-        let (exporter, lsn, snapshot) =
-            crate::snapshot::export_temporary(config, "verify").await?;
+        let (exporter, lsn, snapshot) = crate::snapshot::export_temporary(config, "verify").await?;
         let mut hold = match hold.take() {
             Some(h) => h,
             None => streamer.hold(lsn, true).await?,
@@ -90,13 +76,19 @@ async fn held(
 /// Takes the point through `streamer` (the sidecar's stream, or one run here).
 pub async fn take(config: &Config, streamer: &Streamer) -> Result<Point, VerifyError> {
     let started = Instant::now();
-    let (blue, blue_driver) = connect(&config.blue_dsn()?, "blue").await?;
-    let (green, green_driver) = connect(&config.green_dsn()?, "green").await?;
+    let (blue, blue_driver) = config
+        .blue_dsn()?
+        .connect_to("blue", "shadowsync-verify")
+        .await?;
+    let (green, green_driver) = config
+        .green_dsn()?
+        .connect_to("green", "shadowsync-verify")
+        .await?;
     let (exporter, lsn, snapshot, hold) = held(config, streamer, &blue).await?;
     green
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         .await
-        .map_err(super::db_err("green", "starting green's snapshot"))?;
+        .map_err(crate::failure::on("green", "starting green's snapshot"))?;
     // The first query fixes the snapshot: green's progress, as of it.
     let progress = crate::progress::read(&green, &config.blue.slot).await;
     let hold_seconds = hold.release().await.unwrap_or_else(|e| {
@@ -104,14 +96,14 @@ pub async fn take(config: &Config, streamer: &Streamer) -> Result<Point, VerifyE
         None
     });
     let green_progress = progress
-        .map_err(super::db_err("green", "reading green's progress"))?
+        .map_err(crate::failure::on("green", "reading green's progress"))?
         .map(|p| p.end_lsn);
     blue.batch_execute(&format!(
         "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
         crate::transform::quote_literal(&snapshot)
     ))
     .await
-    .map_err(super::db_err("blue", "importing blue's snapshot"))?;
+    .map_err(crate::failure::on("blue", "importing blue's snapshot"))?;
     drop(exporter);
     tracing::info!(lsn = %lsn, green_progress = ?green_progress.map(|l| l.to_string()), hold_seconds, "verify: consistent point taken");
     Ok(Point {
