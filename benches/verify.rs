@@ -81,7 +81,10 @@ fn main() {
 }
 
 async fn run(rows: u64, chunk_rows: u64) {
-    let (blue, green) = (Cluster::start("blue").unwrap(), Cluster::start("green").unwrap());
+    let (blue, green) = (
+        Cluster::start("blue").unwrap(),
+        Cluster::start("green").unwrap(),
+    );
     blue.create_database(DB).unwrap();
     green.create_database(DB).unwrap();
     let load = Instant::now();
@@ -95,7 +98,10 @@ async fn run(rows: u64, chunk_rows: u64) {
     )
     .unwrap();
     green
-        .psql(DB, &format!("{SCHEMA} {} {GREEN_R} {FILL_R}", fill("w", rows)))
+        .psql(
+            DB,
+            &format!("{SCHEMA} {} {GREEN_R} {FILL_R}", fill("w", rows)),
+        )
         .unwrap();
     eprintln!(
         "loaded {rows} rows of 11 columns into blue's w and v, green's w and r in {:.0} s",
@@ -111,9 +117,25 @@ async fn run(rows: u64, chunk_rows: u64) {
         max_keys: 100,
     };
     let (b, g) = (connect(&blue.dsn(DB)).await, connect(&green.dsn(DB)).await);
-    let w = timed("identity (w), equal", &b, &g, &maps["public.w"], &opts, rows).await;
+    let w = timed(
+        "identity (w), equal",
+        &b,
+        &g,
+        &maps["public.w"],
+        &opts,
+        rows,
+    )
+    .await;
     assert!(w.equal(), "{w:?}");
-    let r = timed("rules (v -> r), equal", &b, &g, &maps["public.r"], &opts, rows).await;
+    let r = timed(
+        "rules (v -> r), equal",
+        &b,
+        &g,
+        &maps["public.r"],
+        &opts,
+        rows,
+    )
+    .await;
     assert!(r.equal(), "{r:?}");
     let step = rows / 10;
     g.batch_execute(&format!(
@@ -122,7 +144,15 @@ async fn run(rows: u64, chunk_rows: u64) {
     .await
     .unwrap();
     let started = Instant::now();
-    let d = timed("identity (w), 10 rows differ", &b, &g, &maps["public.w"], &opts, rows).await;
+    let d = timed(
+        "identity (w), 10 rows differ",
+        &b,
+        &g,
+        &maps["public.w"],
+        &opts,
+        rows,
+    )
+    .await;
     assert_eq!(d.differing_count, 10, "{d:?}");
     println!(
         "bisection of 10 differing rows added {:.2} s",

@@ -46,6 +46,6 @@ pub mod source;
 pub mod statement;
 pub mod store;
 pub mod streamer;
-pub mod verify;
 pub mod transform;
 pub mod validate;
+pub mod verify;
