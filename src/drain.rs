@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::lsn::Lsn;
 
-/// A request from the admin endpoint (or a [`crate::pipeline::Handle`]) to the supervisor.
+/// A request from the admin endpoint (or the pipeline's handle) to the supervisor.
 pub enum DrainRequest {
     /// Drain, then stop; the report (or why not) goes to `reply`.
     Start {

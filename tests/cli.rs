@@ -204,6 +204,45 @@ async fn cutover_command_uses_the_running_sidecar_then_abort_and_reset() {
     assert!(stdout.contains("dropped"), "{stdout}");
 }
 
+/// `verify` against the running sidecar: exit 0 and an `ok` line per target while it streams;
+/// after a row changed on green behind its back, exit 1 naming the key and the column (text and
+/// JSON), never the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn verify_command_through_the_running_sidecar() {
+    let (pair, dir, config) = setup("verify");
+    let mut sidecar = Sidecar::run(&dir, "run", &config);
+    sidecar.wait_ready(READY).await;
+    write_transactions(&pair, 1, 50).await;
+    let config_arg = config.to_str().unwrap();
+    let (code, stdout, stderr) =
+        run_bin(&["verify", "--config", config_arg], Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "stderr:\n{stderr}\nstdout:\n{stdout}");
+    assert_eq!(stdout.matches("\nok  ").count(), 2, "{stdout}");
+    assert!(stdout.contains("green equals the transform of blue"), "{stdout}");
+
+    let green = pair.green().await;
+    green
+        .batch_execute("UPDATE items SET name = 'secret value' WHERE id = 5")
+        .await
+        .unwrap();
+    let (code, stdout, _) =
+        run_bin(&["verify", "--config", config_arg], Duration::from_secs(60)).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("differs:          (id)=(5) in name"), "{stdout}");
+    assert!(!stdout.contains("secret value"), "{stdout}");
+    let (code, stdout, _) = run_bin(
+        &["verify", "--config", config_arg, "--json", "--table", "items"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(code, Some(1));
+    let report = report(&stdout);
+    assert_eq!(report["equal"], false, "{report}");
+    assert_eq!(report["mappings"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["mappings"][0]["differing"][0]["key"], "(id)=(5)", "{report}");
+    assert!(sidecar.exited().is_none(), "the sidecar keeps streaming");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn drain_without_a_sidecar_says_it_cannot_reach_it() {
     let dir = TestDir::new("drain-nothing");
