@@ -218,7 +218,10 @@ async fn verify_command_through_the_running_sidecar() {
         run_bin(&["verify", "--config", config_arg], Duration::from_secs(60)).await;
     assert_eq!(code, Some(0), "stderr:\n{stderr}\nstdout:\n{stdout}");
     assert_eq!(stdout.matches("\nok  ").count(), 2, "{stdout}");
-    assert!(stdout.contains("green equals the transform of blue"), "{stdout}");
+    assert!(
+        stdout.contains("green equals the transform of blue"),
+        "{stdout}"
+    );
 
     let green = pair.green().await;
     green
@@ -228,10 +231,15 @@ async fn verify_command_through_the_running_sidecar() {
     let (code, stdout, _) =
         run_bin(&["verify", "--config", config_arg], Duration::from_secs(60)).await;
     assert_eq!(code, Some(1), "{stdout}");
-    assert!(stdout.contains("differs:          (id)=(5) in name"), "{stdout}");
+    assert!(
+        stdout.contains("differs:          (id)=(5) in name"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("secret value"), "{stdout}");
     let (code, stdout, _) = run_bin(
-        &["verify", "--config", config_arg, "--json", "--table", "items"],
+        &[
+            "verify", "--config", config_arg, "--json", "--table", "items",
+        ],
         Duration::from_secs(60),
     )
     .await;
@@ -239,7 +247,10 @@ async fn verify_command_through_the_running_sidecar() {
     let report = report(&stdout);
     assert_eq!(report["equal"], false, "{report}");
     assert_eq!(report["mappings"].as_array().unwrap().len(), 1, "{report}");
-    assert_eq!(report["mappings"][0]["differing"][0]["key"], "(id)=(5)", "{report}");
+    assert_eq!(
+        report["mappings"][0]["differing"][0]["key"], "(id)=(5)",
+        "{report}"
+    );
     assert!(sidecar.exited().is_none(), "the sidecar keeps streaming");
 }
 
