@@ -356,7 +356,10 @@ async fn export(
     let slot = &config.blue.slot;
     let (export_slot, temporary) = match slot_confirmed {
         None => (slot.clone(), false),
-        Some(_) => (format!("{slot}_copy_{}", std::process::id()), true),
+        Some(_) => (
+            temporary_slot_name(slot, &format!("copy_{}", std::process::id())),
+            true,
+        ),
     };
     let exported = create_exported(config, &export_slot, temporary).await?;
     info!(
@@ -381,8 +384,19 @@ pub(crate) async fn export_temporary(
     // end of its session.
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = format!("{}_{purpose}_{}_{n}", config.blue.slot, std::process::id());
+    let suffix = format!("{purpose}_{}_{n}", std::process::id());
+    let name = temporary_slot_name(&config.blue.slot, &suffix);
     create_exported(config, &name, true).await
+}
+
+/// PostgreSQL's longest slot name (NAMEDATALEN - 1).
+const SLOT_NAME_MAX: usize = 63;
+
+/// `<slot>_<suffix>`, the slot's part shortened so that the name fits [`SLOT_NAME_MAX`] (a
+/// longer one is refused by blue). Slot names are ASCII (see `config`), so bytes are chars.
+fn temporary_slot_name(slot: &str, suffix: &str) -> String {
+    let room = SLOT_NAME_MAX.saturating_sub(suffix.len() + 1);
+    format!("{}_{suffix}", &slot[..slot.len().min(room)])
 }
 
 /// `CREATE_REPLICATION_SLOT ... (SNAPSHOT 'export')` on a new replication session.
@@ -521,4 +535,18 @@ async fn non_empty_targets(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::temporary_slot_name;
+
+    #[test]
+    fn temporary_slot_names_fit_postgres_limit() {
+        assert_eq!(temporary_slot_name("app", "verify_12_0"), "app_verify_12_0");
+        let long = "s".repeat(63);
+        let name = temporary_slot_name(&long, "verify_4194304_18446744073709551615");
+        assert_eq!(name.len(), 63);
+        assert!(name.ends_with("_verify_4194304_18446744073709551615"));
+    }
 }
