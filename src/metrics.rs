@@ -417,7 +417,10 @@ impl Shared {
 
     /// The hold asked for, if any (the apply stage takes it).
     pub fn take_hold(&self) -> Option<crate::hold::HoldRequest> {
-        if !self.hold_pending.swap(false, Ordering::Acquire) {
+        // A load first: this runs once per blue transaction, and a hold is rare.
+        if !self.hold_pending.load(Ordering::Relaxed)
+            || !self.hold_pending.swap(false, Ordering::Acquire)
+        {
             return None;
         }
         self.hold.lock().expect("hold lock").take()

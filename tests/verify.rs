@@ -44,7 +44,8 @@ async fn points_match(
     streamer: &shadowsync::streamer::Streamer,
 ) {
     for round in 0..5 {
-        let point = shadowsync::verify::point::take(config, streamer)
+        let sides = shadowsync::verify::point::connect(config).await.unwrap();
+        let point = shadowsync::verify::point::take(config, streamer, sides)
             .await
             .unwrap();
         for t in ["users", "vms"] {

@@ -126,10 +126,11 @@ pub async fn run(
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> Result<Report, VerifyError> {
     let started = Instant::now();
-    let groups = selected(config, opts).await?;
+    let sides = point::connect(config).await?;
+    let groups = selected(&sides, config, opts).await?;
     let streamer = Streamer::find(config).await?;
     let point = match wait_streaming(&streamer, opts.timeout).await {
-        Ok(()) => point::take(config, &streamer).await,
+        Ok(()) => point::take(config, &streamer, sides).await,
         Err(e) => Err(e),
     };
     // A stream started here has served its purpose once green's snapshot exists.
@@ -166,14 +167,8 @@ pub async fn fenced(
     opts: &compare::Options,
 ) -> Result<Report, VerifyError> {
     let started = Instant::now();
-    let (blue, blue_driver) = config
-        .blue_dsn()?
-        .connect_to("blue", "shadowsync-verify")
-        .await?;
-    let (green, green_driver) = config
-        .green_dsn()?
-        .connect_to("green", "shadowsync-verify")
-        .await?;
+    let sides = point::connect(config).await?;
+    let (blue, green) = (&sides.blue, &sides.green);
     blue.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(crate::failure::on("blue", "starting blue's snapshot"))?;
@@ -181,21 +176,13 @@ pub async fn fenced(
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         .await
         .map_err(crate::failure::on("green", "starting green's snapshot"))?;
-    let green_progress = crate::progress::read(&green, &config.blue.slot)
+    let green_progress = crate::progress::read(green, &config.blue.slot)
         .await
         .map_err(crate::failure::on("green", "reading green's progress"))?
         .map(|p| p.end_lsn);
-    let mut groups: BTreeMap<String, Vec<Arc<TableMap>>> = BTreeMap::new();
-    for m in maps {
-        groups
-            .entry(m.target.to_string())
-            .or_default()
-            .push(m.clone());
-    }
     let (_never, stop) = crate::shutdown::channel();
-    let compared = compare_all(&blue, &green, groups, opts, stop, &|_| {}).await;
-    drop((blue, green));
-    let _ = (blue_driver.await, green_driver.await);
+    let compared = compare_all(blue, green, by_target(maps.to_vec()), opts, stop, &|_| {}).await;
+    sides.close().await;
     let compared = compared?;
     Ok(Report {
         equal: compared.equal(),
@@ -304,27 +291,20 @@ async fn compare_all(
 /// The mappings to compare, grouped by target (several blue tables may write one), in
 /// target order, narrowed to `--table`.
 async fn selected(
+    sides: &point::Sides,
     config: &Config,
     opts: &Options,
 ) -> Result<BTreeMap<String, Vec<Arc<TableMap>>>, VerifyError> {
-    let (blue, blue_driver) = config
-        .blue_dsn()?
-        .connect_to("blue", "shadowsync-verify")
-        .await?;
-    let (green, green_driver) = config
-        .green_dsn()?
-        .connect_to("green", "shadowsync-verify")
-        .await?;
     let rules = config.rules()?;
-    let mapped =
-        crate::pipeline::preflight::mappings(&blue, &green, &config.blue.publication, &rules).await;
-    drop((blue, green));
-    let _ = (blue_driver.await, green_driver.await);
-    let (_, maps) = mapped?.map_err(VerifyError::Mappings)?;
-    let mut groups: BTreeMap<String, Vec<Arc<TableMap>>> = BTreeMap::new();
-    for m in maps {
-        groups.entry(m.target.to_string()).or_default().push(m);
-    }
+    let (_, maps) = crate::pipeline::preflight::mappings(
+        &sides.blue,
+        &sides.green,
+        &config.blue.publication,
+        &rules,
+    )
+    .await?
+    .map_err(VerifyError::Mappings)?;
+    let mut groups = by_target(maps);
     if let Some(w) = opts
         .tables
         .iter()
@@ -408,6 +388,15 @@ impl ProgressLine {
             eprintln!();
         }
     }
+}
+
+/// Mappings grouped by target (several blue tables may write one), in target order.
+fn by_target(maps: Vec<Arc<TableMap>>) -> BTreeMap<String, Vec<Arc<TableMap>>> {
+    let mut groups: BTreeMap<String, Vec<Arc<TableMap>>> = BTreeMap::new();
+    for m in maps {
+        groups.entry(m.target.to_string()).or_default().push(m);
+    }
+    groups
 }
 
 /// Whether `--table wanted` names the mapping's source or target (`schema.table` or `table`).

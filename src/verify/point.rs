@@ -73,9 +73,30 @@ async fn held(
     unreachable!("the last attempt is two-phase, which is never passed")
 }
 
-/// Takes the point through `streamer` (the sidecar's stream, or one run here).
-pub async fn take(config: &Config, streamer: &Streamer) -> Result<Point, VerifyError> {
-    let started = Instant::now();
+/// Verify's connections to blue and green, with their drivers.
+pub struct Sides {
+    pub blue: Client,
+    pub green: Client,
+    drivers: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Sides {
+    /// Closes both connections and waits for their drivers to end.
+    pub async fn close(self) {
+        let Sides {
+            blue,
+            green,
+            drivers,
+        } = self;
+        drop((blue, green));
+        for d in drivers {
+            let _ = d.await;
+        }
+    }
+}
+
+/// Connects to both sides.
+pub async fn connect(config: &Config) -> Result<Sides, VerifyError> {
     let (blue, blue_driver) = config
         .blue_dsn()?
         .connect_to("blue", "shadowsync-verify")
@@ -84,6 +105,26 @@ pub async fn take(config: &Config, streamer: &Streamer) -> Result<Point, VerifyE
         .green_dsn()?
         .connect_to("green", "shadowsync-verify")
         .await?;
+    Ok(Sides {
+        blue,
+        green,
+        drivers: [blue_driver, green_driver],
+    })
+}
+
+/// Takes the point through `streamer` (the sidecar's stream, or one run here), on `sides`
+/// (outside any transaction).
+pub async fn take(
+    config: &Config,
+    streamer: &Streamer,
+    sides: Sides,
+) -> Result<Point, VerifyError> {
+    let started = Instant::now();
+    let Sides {
+        blue,
+        green,
+        drivers,
+    } = sides;
     let (exporter, lsn, snapshot, hold) = held(config, streamer, &blue).await?;
     green
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
@@ -113,6 +154,6 @@ pub async fn take(config: &Config, streamer: &Streamer) -> Result<Point, VerifyE
         green_progress,
         hold_seconds,
         seconds: started.elapsed().as_secs_f64(),
-        _drivers: [blue_driver, green_driver],
+        _drivers: drivers,
     })
 }
