@@ -2,8 +2,11 @@
 //! `POST /drain` used by `shadowsync drain` and `cutover` (`DELETE /drain` forgets a pending one),
 //! `POST /hold` and `DELETE /hold` used by `verify`; plus the small client that calls them.
 //!
-//! Invariant: nothing served here reveals row values; `/drain` only asks the supervisor, which
-//! alone decides when the drain is complete.
+//! Invariants: nothing served here reveals row values or secrets; `/drain` only asks the
+//! supervisor, which alone decides when the drain is complete. With an admin token configured
+//! (required off loopback, see `config`), every call that changes state (`POST` and `DELETE`)
+//! must carry it as `Authorization: Bearer ...`, compared in constant time; the read-only
+//! endpoints stay open for scrapers and probes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State as AxumState;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,6 +30,43 @@ struct AppState {
     drain: mpsc::Sender<DrainRequest>,
     /// The hold `verify` asked for through `/hold` (see `hold`), between its calls.
     hold: Arc<std::sync::Mutex<Option<crate::hold::HoldControl>>>,
+    /// The bearer token mutating calls need; `None`: none needed (loopback only).
+    token: Option<Arc<str>>,
+}
+
+impl AppState {
+    /// `Err` with the 401 response when a token is needed and the request lacks it.
+    #[allow(clippy::result_large_err)]
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return Ok(());
+        }
+        Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "this call changes the migration's state and needs the admin token: send \
+             `Authorization: Bearer <token>` (shadowsync's own commands read it from \
+             SHADOWSYNC_ADMIN_TOKEN or metrics.admin_token_file)\n",
+        )
+            .into_response())
+    }
+}
+
+/// Equality whose time does not depend on where the inputs first differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0));
+    }
+    diff == 0
 }
 
 /// Serves until `stop` turns true, then finishes in-flight requests (a `/drain` waiting for its
@@ -35,6 +75,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     drain: mpsc::Sender<DrainRequest>,
+    token: Option<String>,
     mut stop: Shutdown,
 ) {
     let app = Router::new()
@@ -48,6 +89,7 @@ pub async fn serve(
             shared,
             drain,
             hold: Default::default(),
+            token: token.map(Arc::from),
         });
     let shutdown = async move {
         stop.recv().await;
@@ -100,7 +142,10 @@ async fn status(AxumState(s): AxumState<AppState>) -> Response {
     axum::Json(status_json(&s.shared)).into_response()
 }
 
-async fn drain_handler(AxumState(s): AxumState<AppState>) -> Response {
+async fn drain_handler(AxumState(s): AxumState<AppState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = s.authorize(&headers) {
+        return refused;
+    }
     let (reply, rx) = oneshot::channel();
     if s.drain.send(DrainRequest::Start { reply }).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response();
@@ -117,7 +162,10 @@ async fn drain_handler(AxumState(s): AxumState<AppState>) -> Response {
 }
 
 /// `DELETE /drain`: forgets a pending drain, so the sidecar keeps streaming.
-async fn cancel_handler(AxumState(s): AxumState<AppState>) -> Response {
+async fn cancel_handler(AxumState(s): AxumState<AppState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = s.authorize(&headers) {
+        return refused;
+    }
     let (reply, rx) = oneshot::channel();
     if s.drain.send(DrainRequest::Cancel { reply }).await.is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "pipeline stopped\n").into_response();
@@ -134,8 +182,12 @@ async fn cancel_handler(AxumState(s): AxumState<AppState>) -> Response {
 /// stream had passed an exact point).
 async fn hold_handler(
     AxumState(s): AxumState<AppState>,
+    headers: HeaderMap,
     axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Response {
+    if let Err(refused) = s.authorize(&headers) {
+        return refused;
+    }
     let lsn = |key: &str| q.get(key).map(|v| crate::lsn::Lsn::parse(v));
     let exact = q.get("exact").is_some_and(|v| v == "true");
     match (lsn("from"), lsn("at")) {
@@ -171,7 +223,10 @@ async fn hold_handler(
 }
 
 /// `DELETE /hold`: lets the apply stage go on; answers how long it held.
-async fn release_handler(AxumState(s): AxumState<AppState>) -> Response {
+async fn release_handler(AxumState(s): AxumState<AppState>, headers: HeaderMap) -> Response {
+    if let Err(refused) = s.authorize(&headers) {
+        return refused;
+    }
     let control = s.hold.lock().expect("hold lock").take();
     let held = control.map(|c| c.release().as_secs_f64());
     axum::Json(serde_json::json!({ "held_seconds": held })).into_response()
@@ -195,9 +250,40 @@ pub enum AdminError {
     Refused { status: String, body: String },
 }
 
+/// The sidecar's admin endpoint as its clients call it: the address, and the token the
+/// mutating calls send (never printed).
+#[derive(Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.addr)
+    }
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr, token: Option<String>) -> Endpoint {
+        Endpoint { addr, token }
+    }
+
+    /// One call, with the token when there is one.
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<(u16, String), AdminError> {
+        request(self.addr, self.token.as_deref(), method, path, timeout).await
+    }
+}
+
 /// Asks a running sidecar to drain; returns the JSON report it printed.
-pub async fn request_drain(addr: SocketAddr, timeout: Duration) -> Result<String, AdminError> {
-    let (status, body) = http_call(addr, "POST", "/drain", timeout)
+pub async fn request_drain(sidecar: &Endpoint, timeout: Duration) -> Result<String, AdminError> {
+    let (status, body) = sidecar
+        .call("POST", "/drain", timeout)
         .await
         .map_err(|e| match e {
             AdminError::Timeout(t) => AdminError::DrainTimeout(t),
@@ -214,8 +300,8 @@ pub async fn request_drain(addr: SocketAddr, timeout: Duration) -> Result<String
 }
 
 /// Asks a running sidecar to forget a pending drain (it keeps streaming).
-pub async fn cancel_drain(addr: SocketAddr, timeout: Duration) -> Result<(), AdminError> {
-    let (status, body) = http_call(addr, "DELETE", "/drain", timeout).await?;
+pub async fn cancel_drain(sidecar: &Endpoint, timeout: Duration) -> Result<(), AdminError> {
+    let (status, body) = sidecar.call("DELETE", "/drain", timeout).await?;
     if status == 200 {
         Ok(())
     } else {
@@ -226,10 +312,22 @@ pub async fn cancel_drain(addr: SocketAddr, timeout: Duration) -> Result<(), Adm
     }
 }
 
-/// One HTTP/1.1 request without a body to the sidecar's listener: (status code, body). Small
-/// on purpose: the listener is ours, so no general HTTP client is needed.
+/// One HTTP/1.1 request without a body and without a token to the sidecar's listener (the
+/// read-only endpoints): (status code, body).
 pub async fn http_call(
     addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), AdminError> {
+    request(addr, None, method, path, timeout).await
+}
+
+/// One HTTP/1.1 request without a body: (status code, body). Small on purpose: the listener is
+/// ours, so no general HTTP client is needed.
+async fn request(
+    addr: SocketAddr,
+    token: Option<&str>,
     method: &str,
     path: &str,
     timeout: Duration,
@@ -237,8 +335,11 @@ pub async fn http_call(
     let call = async {
         let io = |source| AdminError::Connect { addr, source };
         let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
         );
         stream.write_all(request.as_bytes()).await.map_err(io)?;
         let mut response = Vec::new();

@@ -6,13 +6,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 /// Default `[metrics] listen`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9187";
+/// Environment variable holding the admin token (see `[metrics] admin_token_file`).
+pub const ADMIN_TOKEN_ENV: &str = "SHADOWSYNC_ADMIN_TOKEN";
+/// Shortest admin token accepted, in characters.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
 /// Default `[batch] max_rows`: rows per group commit (and per chunk of a large transaction).
 pub const DEFAULT_BATCH_MAX_ROWS: usize = 20_000;
 /// Default `[batch] max_bytes`: decoded column bytes held per batch, 16 MiB.
@@ -37,15 +40,10 @@ pub const DEFAULT_SNAPSHOT_RANGE_PAGES: u64 = 16_384;
 /// Most copy workers chosen by default (`[snapshot] workers = 0`).
 pub const DEFAULT_SNAPSHOT_MAX_WORKERS: usize = 4;
 
+pub use crate::dsn::{Dsn, SESSION_OPTIONS};
 pub use crate::transform::lww::{
     ConflictsConfig, DEFAULT_COMMIT_TIME_COLUMN, DEFAULT_LWW_COLUMN, LWW_COMMIT_TIME, Resolution,
 };
-
-/// Session settings pinned on both sides so that the text blue's walsender prints is exactly the
-/// text green parses back (dates, intervals, floats, bytea, money, xml fragments).
-pub const SESSION_OPTIONS: &str = "-c datestyle=ISO,MDY -c intervalstyle=postgres \
-     -c extra_float_digits=3 -c timezone=UTC -c bytea_output=hex -c lc_monetary=C \
-     -c xmloption=content -c client_min_messages=warning";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -61,6 +59,15 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+}
+
+impl From<crate::dsn::DsnError> for ConfigError {
+    fn from(e: crate::dsn::DsnError) -> ConfigError {
+        ConfigError::Invalid {
+            field: e.field,
+            message: e.message,
+        }
+    }
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -192,15 +199,24 @@ pub struct GreenConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Address (ip:port) of the HTTP listener; port 0 picks a free one.
+    /// Address (ip:port) of the HTTP listener; port 0 picks a free one. Anything but a loopback
+    /// address needs an admin token (see `admin_token_file`).
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// File holding the bearer token that the mutating admin calls (`POST`/`DELETE` of `/drain`
+    /// and `/hold`) must send, used when `SHADOWSYNC_ADMIN_TOKEN` is not set; at least
+    /// 16 characters, readable by its owner only (mode 0600). `drain`, `cutover` and `verify`
+    /// send it. Required when `listen` is not a loopback address; the read-only endpoints
+    /// (`/metrics`, `/healthz`, `/readyz`, `/status`) never need it.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             listen: DEFAULT_LISTEN.to_string(),
+            admin_token_file: None,
         }
     }
 }
@@ -330,15 +346,15 @@ impl Config {
             message: e.to_string(),
         })?;
         config.base_dir = PathBuf::from(".");
-        config.pgpass = read_pgpass();
+        config.pgpass = crate::dsn::read_pgpass();
         config.validate()?;
         Ok(config)
     }
 
     /// Checks every field that TOML typing cannot; errors name the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        Dsn::parse(&self.blue.dsn, "blue.dsn")?;
-        Dsn::parse(&self.green.dsn, "green.dsn")?;
+        self.blue_dsn()?;
+        self.green_dsn()?;
         check_identifier(&self.blue.slot, "blue.slot")?;
         if !self
             .blue
@@ -352,7 +368,17 @@ impl Config {
             ));
         }
         check_identifier(&self.blue.publication, "blue.publication")?;
-        self.listen_addr()?;
+        let listen = self.listen_addr()?;
+        if !listen.ip().is_loopback() && self.admin_token()?.is_none() {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "{listen} is not a loopback address, so the admin calls that change the \
+                     migration's state need a token: set {ADMIN_TOKEN_ENV} or \
+                     metrics.admin_token_file (or listen on 127.0.0.1)"
+                ),
+            ));
+        }
         if self.batch.max_rows == 0 {
             return Err(invalid("batch.max_rows", "must be at least 1"));
         }
@@ -400,21 +426,93 @@ impl Config {
         })
     }
 
+    /// The admin token: `SHADOWSYNC_ADMIN_TOKEN`, else the text of `metrics.admin_token_file`
+    /// (trimmed); `None` when neither is set.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        let field = "metrics.admin_token_file";
+        let token = match std::env::var(ADMIN_TOKEN_ENV) {
+            Ok(t) if !t.is_empty() => t,
+            _ => {
+                let Some(path) = &self.metrics.admin_token_file else {
+                    return Ok(None);
+                };
+                let path = self.base_dir.join(path);
+                check_private(&path, field)?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+                text.trim().to_string()
+            }
+        };
+        if token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+            return Err(invalid(
+                field,
+                format!(
+                    "the admin token ({ADMIN_TOKEN_ENV} or this file) must have at least \
+                     {MIN_ADMIN_TOKEN_CHARS} characters (e.g. `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        Ok(Some(token))
+    }
+
+    /// The sidecar's admin endpoint, as a client of it (`drain`, `cutover`, `verify`) calls it.
+    pub fn admin_endpoint(&self) -> Result<crate::admin::Endpoint, ConfigError> {
+        Ok(crate::admin::Endpoint::new(
+            self.listen_addr()?,
+            self.admin_token()?,
+        ))
+    }
+
     pub fn batch_max_delay(&self) -> Duration {
         Duration::from_millis(self.batch.max_delay_ms)
     }
 
-    /// Blue's connection settings, password resolved.
+    /// Blue's connection settings, password resolved. Blue's DSN also makes the replication
+    /// connection, whose transport (pgwire-replication) has neither CRL checks nor SCRAM channel
+    /// binding: asking for either is refused here rather than ignored there.
     pub fn blue_dsn(&self) -> Result<Dsn, ConfigError> {
-        Dsn::parse(&self.blue.dsn, "blue.dsn")?
-            .with_password("SHADOWSYNC_BLUE_PASSWORD", self.pgpass.as_deref())
+        let dsn = Dsn::parse(&self.blue.dsn, "blue.dsn")?;
+        if dsn.tls.crl.is_some() {
+            return Err(invalid(
+                "blue.dsn",
+                "key `sslcrl`: not supported for blue (the replication connection cannot check \
+                 a CRL); remove it, and revoke by replacing the server's CA if you must",
+            ));
+        }
+        if dsn.channel_binding == crate::dsn::ChannelBinding::Require {
+            return Err(invalid(
+                "blue.dsn",
+                "key `channel_binding`: require is not supported for blue (the replication \
+                 connection's SCRAM has no channel binding); use prefer with \
+                 sslmode=verify-full, which authenticates the server by its certificate",
+            ));
+        }
+        Ok(dsn.with_password("SHADOWSYNC_BLUE_PASSWORD", self.pgpass.as_deref()))
     }
 
     /// Green's connection settings, password resolved.
     pub fn green_dsn(&self) -> Result<Dsn, ConfigError> {
-        Dsn::parse(&self.green.dsn, "green.dsn")?
-            .with_password("SHADOWSYNC_GREEN_PASSWORD", self.pgpass.as_deref())
+        Ok(Dsn::parse(&self.green.dsn, "green.dsn")?
+            .with_password("SHADOWSYNC_GREEN_PASSWORD", self.pgpass.as_deref()))
     }
+}
+
+/// A secret file must not be readable by group or others (libpq's rule for pgpass and keys).
+fn check_private(path: &Path, field: &'static str) -> Result<(), ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            field,
+            format!(
+                "{} has group or world access (mode {mode:o}); it holds a secret: chmod 600 it",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_identifier(value: &str, field: &'static str) -> Result<(), ConfigError> {
@@ -422,187 +520,6 @@ fn check_identifier(value: &str, field: &'static str) -> Result<(), ConfigError>
         return Err(invalid(field, "must be 1 to 63 bytes long"));
     }
     Ok(())
-}
-
-/// Where a database is: host (or socket directory), port, user, database, password.
-#[derive(Clone)]
-pub struct Dsn {
-    pub field: &'static str,
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub dbname: String,
-    pub password: Option<String>,
-}
-
-impl std::fmt::Debug for Dsn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the password, even in debug output.
-        write!(f, "{self}")
-    }
-}
-
-impl std::fmt::Display for Dsn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "host={} port={} user={} dbname={}",
-            self.host, self.port, self.user, self.dbname
-        )
-    }
-}
-
-impl Dsn {
-    /// Parses a libpq key=value string or URL (as libpq does, through tokio-postgres).
-    pub fn parse(text: &str, field: &'static str) -> Result<Dsn, ConfigError> {
-        let pg = tokio_postgres::Config::from_str(text)
-            .map_err(|e| invalid(field, format!("not a valid connection string: {e}")))?;
-        let host = match pg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".to_string(),
-        };
-        let port = pg.get_ports().first().copied().unwrap_or(5432);
-        let user = pg
-            .get_user()
-            .map(str::to_string)
-            .ok_or_else(|| invalid(field, "names no user (add user=...)"))?;
-        let dbname = pg.get_dbname().unwrap_or(&user).to_string();
-        if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(invalid(
-                field,
-                "sslmode=require is not supported yet; connect over a trusted network or \
-                 a Unix socket (sslmode=disable or prefer)",
-            ));
-        }
-        let password = pg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned());
-        Ok(Dsn {
-            field,
-            host,
-            port,
-            user,
-            dbname,
-            password,
-        })
-    }
-
-    fn with_password(mut self, env: &str, pgpass: Option<&str>) -> Result<Dsn, ConfigError> {
-        if self.password.is_none() {
-            self.password = std::env::var(env)
-                .ok()
-                .or_else(|| pgpass_match(pgpass?, &self.host, self.port, &self.dbname, &self.user));
-        }
-        Ok(self)
-    }
-
-    /// Opens an ordinary connection; its driver task logs how it ended. Abort the handle (or drop
-    /// the client) to close it.
-    pub async fn connect(
-        &self,
-        application_name: &str,
-    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
-        let (client, conn) = self
-            .pg_config(application_name)
-            .connect(tokio_postgres::NoTls)
-            .await?;
-        let label = format!("{} ({application_name})", self.field);
-        let driver = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::warn!(connection = %label, error = %e, "connection ended");
-            }
-        });
-        Ok((client, driver))
-    }
-
-    /// Settings for an ordinary (non-replication) tokio-postgres connection.
-    /// [`Self::connect`] for a command talking to `side` (`blue` or `green`): a failure names
-    /// the side and the DSN (without its password).
-    pub async fn connect_to(
-        &self,
-        side: &'static str,
-        application_name: &str,
-    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), crate::failure::Unreachable>
-    {
-        self.connect(application_name)
-            .await
-            .map_err(|e| crate::failure::Unreachable {
-                side,
-                dsn: self.to_string(),
-                failure: crate::failure::DbFailure::from_pg(&e),
-            })
-    }
-
-    pub fn pg_config(&self, application_name: &str) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
-        if self.host.starts_with('/') {
-            c.host_path(&self.host);
-        } else {
-            c.host(&self.host);
-        }
-        c.port(self.port)
-            .user(&self.user)
-            .dbname(&self.dbname)
-            .application_name(application_name)
-            .options(SESSION_OPTIONS)
-            .connect_timeout(Duration::from_secs(10));
-        if let Some(p) = &self.password {
-            c.password(p);
-        }
-        c
-    }
-}
-
-/// The text of `$PGPASSFILE` or `~/.pgpass` (libpq's format: host:port:db:user:pw, `*`
-/// wildcards, `\` escapes); `None` when there is none.
-fn read_pgpass() -> Option<String> {
-    let path = std::env::var_os("PGPASSFILE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
-    std::fs::read_to_string(path).ok()
-}
-
-/// The password of the first pgpass line matching, as libpq picks it.
-fn pgpass_match(text: &str, host: &str, port: u16, dbname: &str, user: &str) -> Option<String> {
-    // libpq matches a Unix-socket connection against "localhost".
-    let host = if host.starts_with('/') {
-        "localhost"
-    } else {
-        host
-    };
-    let port = port.to_string();
-    text.lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .find_map(|line| {
-            let fields = split_pgpass(line);
-            if fields.len() != 5 {
-                return None;
-            }
-            let ok = |pattern: &str, value: &str| pattern == "*" || pattern == value;
-            (ok(&fields[0], host)
-                && ok(&fields[1], &port)
-                && ok(&fields[2], dbname)
-                && ok(&fields[3], user))
-            .then(|| fields[4].clone())
-        })
-}
-
-fn split_pgpass(line: &str) -> Vec<String> {
-    let mut fields = vec![String::new()];
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                if let Some(n) = chars.next() {
-                    fields.last_mut().expect("never empty").push(n);
-                }
-            }
-            ':' if fields.len() < 5 => fields.push(String::new()),
-            c => fields.last_mut().expect("never empty").push(c),
-        }
-    }
-    fields
 }
 
 #[cfg(test)]
@@ -648,9 +565,15 @@ mod tests {
         let text = format!("{MINIMAL}\n[metrics]\nlisten = \"nope\"\n");
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("metrics.listen"), "{err}");
-        let text = MINIMAL.replace("user=replicator", "user=replicator sslmode=require");
+        let text = MINIMAL.replace("user=replicator", "user=replicator sslmode=requir");
         let err = Config::parse(&text).unwrap_err().to_string();
-        assert!(err.contains("blue.dsn") && err.contains("sslmode"), "{err}");
+        assert!(
+            err.contains("blue.dsn") && err.contains("key `sslmode`"),
+            "{err}"
+        );
+        let text = MINIMAL.replace("user=replicator", "user=replicator sslcrl=/x.pem");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("blue.dsn") && err.contains("sslcrl"), "{err}");
     }
 
     #[test]
@@ -662,37 +585,5 @@ mod tests {
         }
         let novacron = Config::load(&dir.join("novacron.toml")).unwrap();
         assert_eq!(novacron.rules().unwrap().rules.len(), 3 + 1);
-    }
-
-    #[test]
-    fn debug_output_never_shows_the_password() {
-        let d = Dsn::parse("host=h user=u password=s3cret dbname=d", "blue.dsn").unwrap();
-        assert!(!format!("{d:?}").contains("s3cret"));
-        assert_eq!(d.password.as_deref(), Some("s3cret"));
-    }
-
-    #[test]
-    fn pgpass_picks_the_first_matching_line() {
-        let text = "# comment\nother:5432:*:app:nope\ngreen-db:5432:novacron:app:right\n*:*:*:app:fallback\n";
-        assert_eq!(
-            pgpass_match(text, "green-db", 5432, "novacron", "app").as_deref(),
-            Some("right")
-        );
-        assert_eq!(
-            pgpass_match(text, "/var/run/postgresql", 5432, "x", "app").as_deref(),
-            Some("fallback")
-        );
-        assert_eq!(
-            pgpass_match(text, "green-db", 5432, "novacron", "bob"),
-            None
-        );
-    }
-
-    #[test]
-    fn pgpass_lines_split_with_escapes() {
-        assert_eq!(
-            split_pgpass(r"db\:1:5432:*:app:pa\:ss:word"),
-            vec!["db:1", "5432", "*", "app", "pa:ss:word"]
-        );
     }
 }

@@ -197,8 +197,9 @@ pub async fn abort(config: &Config) -> Result<Aborted, CutoverError> {
     let removed = fence::remove(&blue).await;
     conn.abort();
     let removed = removed?;
-    let addr = config.listen_addr()?;
-    let sidecar = match crate::admin::cancel_drain(addr, Duration::from_secs(5)).await {
+    let endpoint = config.admin_endpoint()?;
+    let addr = endpoint.addr;
+    let sidecar = match crate::admin::cancel_drain(&endpoint, Duration::from_secs(5)).await {
         Ok(()) => {
             format!("the sidecar at {addr} keeps streaming (any pending drain was cancelled)")
         }

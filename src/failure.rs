@@ -25,16 +25,30 @@ pub struct DbFailure {
     /// The constraint the server named, if any.
     pub constraint: Option<String>,
     pub message: String,
+    /// A TLS handshake that failed (a certificate check, the server's refusal of ours): the
+    /// operator must change a setting, so it is never retried.
+    pub tls: Option<crate::tls::Refusal>,
 }
 
 impl DbFailure {
     pub fn from_pg(e: &tokio_postgres::Error) -> DbFailure {
+        DbFailure::from_pg_on(e, "the DSN")
+    }
+
+    /// As [`Self::from_pg`], a TLS failure explained for the config field `field` (`blue.dsn`).
+    pub fn from_pg_on(e: &tokio_postgres::Error, field: &str) -> DbFailure {
         let Some(db) = e.as_db_error() else {
-            // Client-side: I/O, closed connection, protocol; no row data in these.
+            // Client-side: I/O, closed connection, protocol, TLS; no row data in these.
+            let tls = crate::tls::Refusal::of(e);
+            let message = match &tls {
+                Some(refusal) => refusal.explain(field),
+                None => with_causes(e),
+            };
             return DbFailure {
                 code: None,
                 constraint: None,
-                message: e.to_string(),
+                message,
+                tls,
             };
         };
         let code = db.code().code().to_string();
@@ -63,12 +77,13 @@ impl DbFailure {
             code: Some(db.code().clone()),
             constraint: db.constraint().map(str::to_string),
             message,
+            tls: None,
         }
     }
 
-    /// See [`policy`].
+    /// See [`policy`]; a failed TLS handshake never passes with time.
     pub fn is_retryable(&self) -> bool {
-        policy(self.code.as_ref()) == Policy::Retry
+        self.tls.is_none() && policy(self.code.as_ref()) == Policy::Retry
     }
 
     /// The server sent exactly this SQLSTATE.
@@ -100,6 +115,22 @@ impl DbFailure {
     pub fn is_schema_mismatch(&self) -> bool {
         self.code.as_ref().is_some_and(|c| class_of(c) == "42")
     }
+}
+
+/// A client-side error with every cause under it (the OS reason of a refused connection, say),
+/// each once: tokio-postgres prints some causes itself and not others.
+fn with_causes(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = std::error::Error::source(e);
+    while let Some(cause) = next {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// A SQLSTATE's class: its first two characters.

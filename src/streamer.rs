@@ -5,7 +5,6 @@
 //! Invariant: a stream started here is ended here (`drain` or `stop`); a sidecar's is left
 //! running unless a drain ends it, and a drain given up on is cancelled.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::config::Config;
@@ -34,22 +33,22 @@ pub enum StreamerError {
 
 /// A hold being made (see `hold`), in this process or in the sidecar.
 pub enum Hold {
-    Sidecar(SocketAddr),
+    Sidecar(crate::admin::Endpoint),
     InProcess(HoldControl),
 }
 
 /// Where the stream runs: the sidecar answering on `metrics.listen`, or this process.
 pub enum Streamer {
-    Sidecar(SocketAddr),
+    Sidecar(crate::admin::Endpoint),
     InProcess(crate::pipeline::Handle),
 }
 
 impl Streamer {
     /// The running sidecar if one answers, else a pipeline started here.
     pub async fn find(config: &Config) -> Result<Streamer, StreamerError> {
-        let addr = config.listen_addr()?;
-        match crate::admin::http_call(addr, "GET", "/status", Duration::from_secs(2)).await {
-            Ok(_) => Ok(Streamer::Sidecar(addr)),
+        let sidecar = config.admin_endpoint()?;
+        match sidecar.call("GET", "/status", Duration::from_secs(2)).await {
+            Ok(_) => Ok(Streamer::Sidecar(sidecar)),
             Err(crate::admin::AdminError::Connect { .. }) => {
                 let opts = crate::pipeline::RunOptions::default();
                 Ok(Streamer::InProcess(
@@ -64,10 +63,10 @@ impl Streamer {
     pub async fn status(&self) -> Result<(bool, f64), StreamerError> {
         match self {
             Streamer::InProcess(h) => Ok((h.shared.ready(), h.shared.lag_seconds())),
-            Streamer::Sidecar(addr) => {
-                let (_, body) =
-                    crate::admin::http_call(*addr, "GET", "/status", Duration::from_secs(5))
-                        .await?;
+            Streamer::Sidecar(sidecar) => {
+                let (_, body) = sidecar
+                    .call("GET", "/status", Duration::from_secs(5))
+                    .await?;
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 Ok((
                     v["ready"].as_bool().unwrap_or(false),
@@ -80,13 +79,13 @@ impl Streamer {
     /// Drains (to blue's WAL position now, past the fence) and ends the stream.
     pub async fn drain(self, timeout: Duration) -> Result<(), StreamerError> {
         match self {
-            Streamer::Sidecar(addr) => {
-                let Err(error) = crate::admin::request_drain(addr, timeout).await else {
+            Streamer::Sidecar(sidecar) => {
+                let Err(error) = crate::admin::request_drain(&sidecar, timeout).await else {
                     return Ok(());
                 };
                 // The fence is about to come off: a drain left pending would stop the sidecar
                 // later, at whatever point it then reaches.
-                let cancel = crate::admin::cancel_drain(addr, Duration::from_secs(5)).await;
+                let cancel = crate::admin::cancel_drain(&sidecar, Duration::from_secs(5)).await;
                 Err(StreamerError::SidecarDrain {
                     error,
                     cancel: match cancel {
@@ -133,12 +132,10 @@ impl Streamer {
     pub async fn hold(&self, from: Lsn, exact: bool) -> Result<Hold, StreamerError> {
         match self {
             Streamer::InProcess(h) => Ok(Hold::InProcess(h.hold(from, exact))),
-            Streamer::Sidecar(addr) => {
+            Streamer::Sidecar(sidecar) => {
                 let path = format!("/hold?from={from}&exact={exact}");
-                expect_ok(
-                    crate::admin::http_call(*addr, "POST", &path, Duration::from_secs(5)).await?,
-                )?;
-                Ok(Hold::Sidecar(*addr))
+                expect_ok(sidecar.call("POST", &path, Duration::from_secs(5)).await?)?;
+                Ok(Hold::Sidecar(sidecar.clone()))
             }
         }
     }
@@ -153,11 +150,11 @@ impl Hold {
                 crate::hold::Refusal::Passed(_) => StreamerError::HoldPassed,
                 crate::hold::Refusal::Other(m) => StreamerError::Hold(m),
             }),
-            Hold::Sidecar(addr) => {
+            Hold::Sidecar(sidecar) => {
                 let path = format!("/hold?at={target}");
-                let answer =
-                    crate::admin::http_call(*addr, "POST", &path, wait + Duration::from_secs(5))
-                        .await?;
+                let answer = sidecar
+                    .call("POST", &path, wait + Duration::from_secs(5))
+                    .await?;
                 expect_ok(answer).map(|_| ())
             }
         }
@@ -167,10 +164,10 @@ impl Hold {
     pub async fn release(self) -> Result<Option<f64>, StreamerError> {
         match self {
             Hold::InProcess(c) => Ok(Some(c.release().as_secs_f64())),
-            Hold::Sidecar(addr) => {
-                let answer =
-                    crate::admin::http_call(addr, "DELETE", "/hold", Duration::from_secs(5))
-                        .await?;
+            Hold::Sidecar(sidecar) => {
+                let answer = sidecar
+                    .call("DELETE", "/hold", Duration::from_secs(5))
+                    .await?;
                 let body = expect_ok(answer)?;
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 Ok(v["held_seconds"].as_f64())

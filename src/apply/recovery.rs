@@ -85,6 +85,7 @@ mod tests {
             code: Some(crate::failure::SqlState::UNIQUE_VIOLATION),
             constraint: Some("items_pkey".into()),
             message: "duplicate key value violates unique constraint".into(),
+            tls: None,
         })
     }
 

@@ -230,6 +230,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
             addr: addr.to_string(),
             source,
         })?;
+    let token = config.admin_token()?;
     let shared = Arc::new(Shared::new());
     let (shutdown, shutdown_rx) = shutdown::channel();
     let (drain, drain_rx) = mpsc::channel(8);
@@ -238,6 +239,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
         listener,
         shared.clone(),
         drain.clone(),
+        token,
         http_stop_rx,
     ));
     info!(%addr, "serving /metrics, /healthz, /readyz and /drain");

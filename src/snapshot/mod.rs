@@ -415,9 +415,11 @@ async fn create_exported(
         Lsn::ZERO,
         std::time::Duration::from_millis(config.blue.status_interval_ms),
     );
-    let mut exporter = pgwire_replication::ReplicationClient::connect_gated(repl_cfg)
-        .await
-        .map_err(|e| SnapshotError::Export(e.to_string()))?;
+    let mut exporter = source::each_attempt(&repl_cfg, &blue_dsn, |cfg| {
+        pgwire_replication::ReplicationClient::connect_gated(cfg)
+    })
+    .await
+    .map_err(|e| SnapshotError::Export(e.to_string()))?;
     let rows = exporter
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput (SNAPSHOT 'export')",

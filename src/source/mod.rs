@@ -30,12 +30,13 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, Repl
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::config::{Dsn, SESSION_OPTIONS};
+use crate::config::Dsn;
 use crate::decode::{self, Begin, Commit, DecodeError, Message};
 use crate::failure::DbFailure;
 use crate::lsn::Lsn;
 use crate::metrics::Shared;
 use crate::shutdown::Shutdown;
+use crate::tls::Attempt;
 
 /// Most events forwarded in one channel message.
 pub const EVENTS_PER_SEND: usize = 256;
@@ -56,6 +57,11 @@ pub struct SourceEvent {
 pub enum SourceError {
     #[error("blue replication connection ({dsn}): {source}")]
     Replication { dsn: String, source: PgWireError },
+    /// The replication connection's TLS failed (the transport reports it as text only).
+    #[error(
+        "blue replication connection ({dsn}): TLS failed: {message}; check blue.dsn's sslmode, sslrootcert (the CA that signed blue's certificate), sslcert and sslkey"
+    )]
+    Tls { dsn: String, message: String },
     #[error(
         "cannot decode blue's change at LSN {lsn}: {source}; this is a bug in shadowsync or an unsupported server: report it with the LSN (nothing past it was confirmed)"
     )]
@@ -101,7 +107,7 @@ impl SourceError {
                 failure.is_retryable()
             }
             SourceError::StreamEnded => true,
-            SourceError::Decode { .. } | SourceError::Setup(_) => false,
+            SourceError::Decode { .. } | SourceError::Setup(_) | SourceError::Tls { .. } => false,
         }
     }
 
@@ -140,8 +146,9 @@ pub fn replication_config(
             publication,
         )
     } else {
+        // TLS is set per attempt by `connect` (sslmode's fallbacks).
         ReplicationConfig::new(
-            dsn.host.clone(),
+            dsn.hostaddr.clone().unwrap_or_else(|| dsn.host.clone()),
             dsn.user.clone(),
             password,
             dsn.dbname.clone(),
@@ -149,25 +156,77 @@ pub fn replication_config(
             publication,
         )
         .with_port(dsn.port)
-        .with_tls(pgwire_replication::TlsConfig::disabled())
     };
     base.with_start_lsn(start.into())
         .with_status_interval(status_interval)
         // Idle confirmations need no hurry (blue's keepalive requests are answered at once).
         .with_wakeup_interval(status_interval.max(IDLE_CONFIRM_INTERVAL))
-        .with_options(format!("{SESSION_OPTIONS} -c client_encoding=UTF8"))
+        .with_options(format!("{} -c client_encoding=UTF8", dsn.session_options()))
         .with_application_name("shadowsync")
         .with_buffer_size(1024)
 }
 
-/// Connects the replication stream at `start` and waits until blue accepted it.
+/// Connects the replication stream at `start` and waits until blue accepted it, trying what
+/// `sslmode` allows in libpq's order (as [`Dsn::connect`] does for SQL connections).
 pub async fn connect(cfg: ReplicationConfig, dsn: &Dsn) -> Result<ReplicationClient, SourceError> {
-    let err = |source| SourceError::Replication {
-        dsn: dsn.to_string(),
-        source,
-    };
-    let mut client = ReplicationClient::connect(cfg).await.map_err(err)?;
-    client.wait_started().await.map_err(err)?;
+    each_attempt(&cfg, dsn, connect_once)
+        .await
+        .map_err(|source| match source {
+            PgWireError::Tls(message) => SourceError::Tls {
+                dsn: dsn.to_string(),
+                message,
+            },
+            source => SourceError::Replication {
+                dsn: dsn.to_string(),
+                source,
+            },
+        })
+}
+
+/// Runs `connect` with `cfg` under each TLS attempt `dsn`'s sslmode allows, until one works;
+/// otherwise the failure of the attempt that got furthest (the server's refusal of a TLS
+/// attempt, then any server refusal, then the first).
+pub async fn each_attempt<T, F, Fut>(
+    cfg: &ReplicationConfig,
+    dsn: &Dsn,
+    mut connect: F,
+) -> Result<T, PgWireError>
+where
+    F: FnMut(ReplicationConfig) -> Fut,
+    Fut: std::future::Future<Output = Result<T, PgWireError>>,
+{
+    let mut failures: Vec<(Attempt, PgWireError)> = Vec::new();
+    for &attempt in dsn.tls.attempts() {
+        let cfg = if dsn.is_unix() {
+            cfg.clone()
+        } else {
+            cfg.clone()
+                .with_tls(dsn.tls.replication(attempt, &dsn.host))
+        };
+        match connect(cfg).await {
+            Ok(client) => return Ok(client),
+            Err(e) => {
+                // The network refused: no other mode would fare better.
+                let unreachable = matches!(e, PgWireError::Io(_));
+                failures.push((attempt, e));
+                if unreachable {
+                    break;
+                }
+            }
+        }
+    }
+    let server = |e: &PgWireError| matches!(e, PgWireError::Server(_) | PgWireError::Auth(_));
+    let pick = failures
+        .iter()
+        .position(|(a, e)| *a == Attempt::Tls && server(e))
+        .or_else(|| failures.iter().position(|(_, e)| server(e)))
+        .unwrap_or(0);
+    Err(failures.swap_remove(pick).1)
+}
+
+async fn connect_once(cfg: ReplicationConfig) -> Result<ReplicationClient, PgWireError> {
+    let mut client = ReplicationClient::connect(cfg).await?;
+    client.wait_started().await?;
     Ok(client)
 }
 
