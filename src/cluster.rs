@@ -123,7 +123,50 @@ impl Cluster {
         text.push_str(settings);
         text.push('\n');
         fs::write(&path, text).map_err(|source| io_err(&path, source))?;
+        // The restart stops in immediate mode and commits are not synced (fsync and
+        // synchronous_commit are off): a checkpoint first keeps what was committed.
+        self.psql("postgres", "CHECKPOINT")?;
         self.restart()
+    }
+
+    /// Makes the server TLS-capable and reachable on `127.0.0.1:port` (for TLS tests): copies
+    /// the server's certificate, key and the CA that signs client certificates into the data
+    /// directory, replaces `pg_hba.conf` with `local all all trust` plus `hba` (e.g. `hostssl`
+    /// lines only), and restarts. The Unix socket keeps working for the superuser.
+    pub fn serve_tcp(
+        &mut self,
+        port: u16,
+        tls: Option<(&Path, &Path, &Path)>,
+        hba: &str,
+    ) -> Result<(), ClusterError> {
+        let data = self.data_dir();
+        let mut settings = format!("listen_addresses = '127.0.0.1'\nport = {port}\n");
+        if let Some((cert, key, ca)) = tls {
+            for (from, name) in [
+                (cert, "server.crt"),
+                (key, "server.key"),
+                (ca, "client_ca.crt"),
+            ] {
+                let to = data.join(name);
+                fs::copy(from, &to).map_err(|source| io_err(&to, source))?;
+                fs::set_permissions(&to, fs::Permissions::from_mode(0o600))
+                    .map_err(|source| io_err(&to, source))?;
+                if let Some((uid, gid)) = self.run_as {
+                    std::os::unix::fs::chown(&to, Some(uid), Some(gid))
+                        .map_err(|source| io_err(&to, source))?;
+                }
+            }
+            settings.push_str(
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+                 ssl_ca_file = 'client_ca.crt'\n",
+            );
+        }
+        let hba_path = data.join("pg_hba.conf");
+        fs::write(&hba_path, format!("local all all trust\n{hba}\n"))
+            .map_err(|source| io_err(&hba_path, source))?;
+        self.reconfigure(&settings)?;
+        self.port = port;
+        Ok(())
     }
 
     /// Cluster label given to [`Cluster::start`].

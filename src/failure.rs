@@ -39,10 +39,9 @@ impl DbFailure {
     pub fn from_pg_on(e: &tokio_postgres::Error, field: &str) -> DbFailure {
         let Some(db) = e.as_db_error() else {
             // Client-side: I/O, closed connection, protocol, TLS; no row data in these.
-            let tls = crate::tls::Refusal::of(e);
-            let message = match &tls {
-                Some(refusal) => refusal.explain(field),
-                None => with_causes(e),
+            let (tls, message) = match crate::tls::Refusal::of(e, field) {
+                Some((refusal, text)) => (Some(refusal), text),
+                None => (None, with_causes(e)),
             };
             return DbFailure {
                 code: None,

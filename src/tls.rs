@@ -513,8 +513,8 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// Why a TLS handshake failed, in the operator's terms.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a TLS handshake failed, in the operator's terms (small: it travels in every failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// The server's certificate is not signed by a trusted CA.
     UnknownCa,
@@ -524,23 +524,25 @@ pub enum Refusal {
     NotYetValid,
     Revoked,
     /// The server refused our client certificate (or wanted one).
-    ClientCertificate(String),
-    Other(String),
+    ClientCertificate,
+    Other,
 }
 
 impl Refusal {
-    /// The refusal a failed TLS connection carries, if it is one: rustls' own error (wrapped in
+    /// The refusal a failed TLS connection carries, if it is one, with what to tell the operator
+    /// about the connection named by `field` (`blue.dsn`, ...): rustls' own error (wrapped in
     /// the I/O error the connector returns), found by type, never by message text.
-    pub fn of(error: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    pub fn of(error: &(dyn std::error::Error + 'static), field: &str) -> Option<(Refusal, String)> {
         let mut next = Some(error);
         while let Some(e) = next {
-            if let Some(r) = e.downcast_ref::<rustls::Error>() {
-                return Some(Refusal::from_rustls(r));
-            }
-            if let Some(io) = e.downcast_ref::<std::io::Error>()
-                && let Some(r) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
-            {
-                return Some(Refusal::from_rustls(r));
+            let found = e.downcast_ref::<rustls::Error>().or_else(|| {
+                e.downcast_ref::<std::io::Error>()
+                    .and_then(|io| io.get_ref())
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+            });
+            if let Some(r) = found {
+                let refusal = Refusal::from_rustls(r);
+                return Some((refusal, refusal.explain(r, field)));
             }
             next = e.source();
         }
@@ -561,23 +563,22 @@ impl Refusal {
                     Refusal::NotYetValid
                 }
                 CertificateError::Revoked => Refusal::Revoked,
-                other => Refusal::Other(format!("invalid server certificate: {other:?}")),
+                _ => Refusal::Other,
             },
             rustls::Error::AlertReceived(
-                a @ (A::BadCertificate
+                A::BadCertificate
                 | A::UnknownCA
                 | A::CertificateRequired
                 | A::CertificateExpired
                 | A::CertificateRevoked
                 | A::CertificateUnknown
-                | A::AccessDenied),
-            ) => Refusal::ClientCertificate(format!("{a:?}")),
-            other => Refusal::Other(other.to_string()),
+                | A::AccessDenied,
+            ) => Refusal::ClientCertificate,
+            _ => Refusal::Other,
         }
     }
 
-    /// What to tell the operator about the connection named by `field` (`blue.dsn`, ...).
-    pub fn explain(&self, field: &str) -> String {
+    fn explain(self, e: &rustls::Error, field: &str) -> String {
         match self {
             Refusal::UnknownCa => format!(
                 "TLS: the server's certificate is not signed by a CA in {field}'s sslrootcert \
@@ -599,11 +600,11 @@ impl Refusal {
                 "TLS: the server's certificate is revoked by {field}'s sslcrl: the server needs a \
                  new certificate"
             ),
-            Refusal::ClientCertificate(alert) => format!(
-                "TLS: the server refused our client certificate ({alert}): check {field}'s \
-                 sslcert and sslkey, and that the server trusts their CA (ssl_ca_file)"
+            Refusal::ClientCertificate => format!(
+                "TLS: the server refused our client certificate ({e}): check {field}'s sslcert \
+                 and sslkey, and that the server trusts their CA (ssl_ca_file)"
             ),
-            Refusal::Other(message) => format!("TLS: {message}"),
+            Refusal::Other => format!("TLS: {e}"),
         }
     }
 }
