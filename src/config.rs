@@ -29,6 +29,8 @@ pub const DEFAULT_CHANNEL_CAPACITY: usize = 8_192;
 pub const DEFAULT_INITIAL_BACKOFF_MS: u64 = 500;
 /// Default `[retry] max_backoff_ms`.
 pub const DEFAULT_MAX_BACKOFF_MS: u64 = 30_000;
+/// Default `[retry] stall_timeout_ms`: half of PostgreSQL's own `wal_receiver_timeout`.
+pub const DEFAULT_STALL_TIMEOUT_MS: u64 = 30_000;
 /// Default `[retry] startup_timeout_ms`.
 pub const DEFAULT_STARTUP_TIMEOUT_MS: u64 = 60_000;
 /// Default `[blue] status_interval_ms`: how often progress is confirmed to blue. Short, because
@@ -263,6 +265,12 @@ pub struct RetryConfig {
     /// still held by a predecessor) are retried before giving up (ms). Afterwards: forever.
     #[serde(default = "default_startup_timeout_ms")]
     pub startup_timeout_ms: u64,
+    /// A database that answers nothing (not even a trivial query on a connection of its own)
+    /// for this long, or a blue walsender that hears nothing from us for this long while we
+    /// stream, is stalled: readiness turns false and the session is dropped and reconnected
+    /// (ms). At least 2000.
+    #[serde(default = "default_stall_timeout_ms")]
+    pub stall_timeout_ms: u64,
 }
 
 impl Default for RetryConfig {
@@ -271,8 +279,13 @@ impl Default for RetryConfig {
             initial_backoff_ms: DEFAULT_INITIAL_BACKOFF_MS,
             max_backoff_ms: DEFAULT_MAX_BACKOFF_MS,
             startup_timeout_ms: DEFAULT_STARTUP_TIMEOUT_MS,
+            stall_timeout_ms: DEFAULT_STALL_TIMEOUT_MS,
         }
     }
+}
+
+fn default_stall_timeout_ms() -> u64 {
+    DEFAULT_STALL_TIMEOUT_MS
 }
 
 fn default_listen() -> String {
@@ -377,6 +390,12 @@ impl Config {
                      migration's state need a token: set {ADMIN_TOKEN_ENV} or \
                      metrics.admin_token_file (or listen on 127.0.0.1)"
                 ),
+            ));
+        }
+        if self.retry.stall_timeout_ms < 2_000 {
+            return Err(invalid(
+                "retry.stall_timeout_ms",
+                "at least 2000 (the monitor asks once a second)",
             ));
         }
         if self.batch.max_rows == 0 {
@@ -574,6 +593,21 @@ mod tests {
         let text = MINIMAL.replace("user=replicator", "user=replicator sslcrl=/x.pem");
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("blue.dsn") && err.contains("sslcrl"), "{err}");
+        let text = MINIMAL.replace(
+            "user=replicator",
+            "user=replicator sslmode=require channel_binding=require",
+        );
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("blue.dsn") && err.contains("channel_binding"),
+            "{err}"
+        );
+        let text = format!("{MINIMAL}\n[metrics]\nlisten = \"0.0.0.0:9999\"\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("metrics.listen") && err.contains("token"),
+            "{err}"
+        );
     }
 
     #[test]

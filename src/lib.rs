@@ -36,6 +36,7 @@ pub mod hold;
 pub mod logging;
 pub mod lsn;
 pub mod metrics;
+pub mod monitor;
 pub mod pipeline;
 pub mod progress;
 pub mod reset;

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -140,9 +140,36 @@ pub struct Shared {
     pub green_connected: AtomicBool,
     pub streaming: AtomicBool,
     state: Mutex<State>,
-    /// (end LSN, commit time in µs since 2000-01-01) of blue commits received, not yet applied.
+    /// (LSN, commit time in µs since 2000-01-01) of blue transactions received (from their
+    /// Begin, which carries the commit time), not yet applied.
     unapplied: Mutex<VecDeque<(Lsn, i64)>>,
     applied: Mutex<Applied>,
+    /// Commit time (µs since 2000-01-01) of the last blue transaction applied; 0: none yet.
+    last_applied_commit: AtomicI64,
+    /// Blue's own count of the lag (`pg_current_wal_lsn() - confirmed_flush_lsn`) at the
+    /// monitor's last reading; -1: never read.
+    lag_seen: AtomicI64,
+    slot_retained_bytes: Gauge,
+    slot_safe_wal_bytes: Gauge,
+    stall_gauge: Family<SideLabels, Gauge>,
+    /// A stalled side, as the monitor declared it (see `monitor`).
+    stall: Mutex<Option<Stall>>,
+    stall_flag: AtomicBool,
+    /// `retry.stall_timeout_ms`, in seconds (bits of an f64).
+    stall_seconds: AtomicU64,
+}
+
+/// A side the monitor found stalled.
+#[derive(Debug, Clone)]
+pub struct Stall {
+    pub side: &'static str,
+    pub why: &'static str,
+    pub since: std::time::Instant,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabels {
+    side: String,
 }
 
 impl Default for Shared {
@@ -214,6 +241,24 @@ impl Shared {
             "Time to write and commit one batch in green, in seconds",
             apply_seconds.clone(),
         );
+        let slot_retained_bytes = Gauge::default();
+        registry.register(
+            "slot_retained_wal_bytes",
+            "WAL blue keeps for the slot (pg_current_wal_lsn() - restart_lsn), in bytes",
+            slot_retained_bytes.clone(),
+        );
+        let slot_safe_wal_bytes = Gauge::default();
+        registry.register(
+            "slot_safe_wal_bytes",
+            "WAL blue can still write before it invalidates the slot (pg_replication_slots.safe_wal_size), in bytes; -1 when max_slot_wal_keep_size sets no limit",
+            slot_safe_wal_bytes.clone(),
+        );
+        let stall_gauge = Family::<SideLabels, Gauge>::default();
+        registry.register(
+            "stalled",
+            "1 while a database (side) has not answered the monitor, or blue's walsender has not heard from us, for retry.stall_timeout_ms",
+            stall_gauge.clone(),
+        );
         let confirmed_lsn_gauge = Gauge::default();
         registry.register(
             "confirmed_lsn",
@@ -273,7 +318,23 @@ impl Shared {
             state: Mutex::new(State::Starting),
             unapplied: Mutex::new(VecDeque::new()),
             applied: Mutex::new(Applied::default()),
+            last_applied_commit: AtomicI64::new(0),
+            lag_seen: AtomicI64::new(-1),
+            slot_retained_bytes,
+            slot_safe_wal_bytes,
+            stall_gauge,
+            stall: Mutex::new(None),
+            stall_flag: AtomicBool::new(false),
+            stall_seconds: AtomicU64::new(30f64.to_bits()),
         };
+        for side in ["blue", "green"] {
+            shared
+                .stall_gauge
+                .get_or_create(&SideLabels {
+                    side: side.to_string(),
+                })
+                .set(0);
+        }
         shared.set_state(State::Starting);
         shared
     }
@@ -298,6 +359,71 @@ impl Shared {
         self.blue_connected.load(Ordering::Relaxed)
             && self.green_connected.load(Ordering::Relaxed)
             && self.streaming.load(Ordering::Relaxed)
+            && !self.stall_flag.load(Ordering::Relaxed)
+    }
+
+    /// The monitor found `side` stalled (see `monitor`); the supervisor drops the session.
+    pub fn stalled(&self, side: &'static str, why: &'static str) {
+        let mut stall = self.stall.lock().expect("stall lock");
+        if stall.as_ref().is_none_or(|s| s.side != side) {
+            *stall = Some(Stall {
+                side,
+                why,
+                since: std::time::Instant::now(),
+            });
+        }
+        self.stall_flag.store(true, Ordering::Relaxed);
+        self.stall_gauge
+            .get_or_create(&SideLabels {
+                side: side.to_string(),
+            })
+            .set(1);
+    }
+
+    /// Both sides answer the monitor again.
+    pub fn answering(&self) {
+        if self.stall_flag.swap(false, Ordering::Relaxed) {
+            *self.stall.lock().expect("stall lock") = None;
+            for side in ["blue", "green"] {
+                self.stall_gauge
+                    .get_or_create(&SideLabels {
+                        side: side.to_string(),
+                    })
+                    .set(0);
+            }
+        }
+    }
+
+    /// The stall being reported, if any (an atomic load when there is none).
+    pub fn stall(&self) -> Option<Stall> {
+        if !self.stall_flag.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.stall.lock().expect("stall lock").clone()
+    }
+
+    pub fn set_stall_timeout(&self, timeout: Duration) {
+        self.stall_seconds
+            .store(timeout.as_secs_f64().to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn stall_seconds(&self) -> f64 {
+        f64::from_bits(self.stall_seconds.load(Ordering::Relaxed))
+    }
+
+    /// Both sides answered the monitor's last question.
+    pub fn both_answer(&self) -> bool {
+        self.blue_connected.load(Ordering::Relaxed) && self.green_connected.load(Ordering::Relaxed)
+    }
+
+    /// The monitor's reading of the slot: lag as blue counts it, WAL retained, WAL still safe
+    /// before blue would invalidate the slot (`None`: no limit or no slot).
+    pub fn slot_observed(&self, lag: Option<u64>, retained: Option<i64>, safe: Option<i64>) {
+        if let Some(lag) = lag {
+            self.lag_seen.store(lag as i64, Ordering::Relaxed);
+        }
+        self.slot_retained_bytes.set(retained.unwrap_or(0));
+        self.slot_safe_wal_bytes.set(safe.unwrap_or(-1));
     }
 
     pub fn error(&self, stage: &str, retryable: bool) {
@@ -319,7 +445,8 @@ impl Shared {
             .inc();
     }
 
-    /// The source forwarded a blue commit to the apply stage.
+    /// The source began forwarding a blue transaction (its Begin carries the commit LSN and
+    /// time): its age counts in the lag from now, however long it takes to receive.
     pub fn commit_received(&self, end_lsn: Lsn, commit_time: i64) {
         self.unapplied
             .lock()
@@ -393,7 +520,10 @@ impl Shared {
             applied.batches += 1;
         }
         let mut q = self.unapplied.lock().expect("lag lock");
-        while q.front().is_some_and(|(lsn, _)| *lsn <= end_lsn) {
+        while let Some(&(lsn, t)) = q.front()
+            && lsn <= end_lsn
+        {
+            self.last_applied_commit.fetch_max(t, Ordering::Relaxed);
             q.pop_front();
         }
     }
@@ -464,7 +594,9 @@ impl Shared {
         Lsn::from_u64(self.blue_wal_lsn.load(Ordering::Relaxed))
     }
 
-    /// Age of the oldest unapplied blue commit, in seconds.
+    /// Age of the oldest unapplied blue commit, in seconds. Between sessions (an outage) nothing
+    /// is being received: while blue has WAL we have not confirmed, the lag is the age of the
+    /// last commit applied (an upper bound, the honest one: a lag of 0 during an outage is not).
     pub fn lag_seconds(&self) -> f64 {
         let oldest = self
             .unapplied
@@ -472,6 +604,9 @@ impl Shared {
             .expect("lag lock")
             .front()
             .map(|&(_, t)| t);
+        let outage = !self.streaming.load(Ordering::Relaxed) && self.lag_bytes() > 0;
+        let last = self.last_applied_commit.load(Ordering::Relaxed);
+        let oldest = oldest.or((outage && last > 0).then_some(last));
         match oldest {
             None => 0.0,
             Some(commit_time) => {
@@ -485,7 +620,15 @@ impl Shared {
         }
     }
 
+    /// Blue's WAL not yet confirmed, as blue counts it at the monitor's last reading (WAL
+    /// position and confirmed position read in one statement: comparing a position read once a
+    /// second with confirmations every 10 ms read about 0 under load). Before any reading, our
+    /// own estimate.
     pub fn lag_bytes(&self) -> u64 {
+        let seen = self.lag_seen.load(Ordering::Relaxed);
+        if seen >= 0 {
+            return seen as u64;
+        }
         self.blue_wal_lsn
             .load(Ordering::Relaxed)
             .saturating_sub(self.confirmed_lsn.load(Ordering::Relaxed))

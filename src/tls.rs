@@ -645,6 +645,24 @@ mod tests {
     }
 
     #[test]
+    fn system_roots_are_the_os_bundle() {
+        let r = Requested {
+            mode: SslMode::VerifyFull,
+            rootcert: Some("system".into()),
+            ..Default::default()
+        }
+        .resolve(false);
+        match system_bundle() {
+            Some(path) => {
+                let s = r.unwrap();
+                assert_eq!(s.root, Some(RootCert::System(path)));
+                assert_eq!(s.check(), Check::ChainAndName);
+            }
+            None => assert_eq!(r.unwrap_err().key, "sslrootcert"),
+        }
+    }
+
+    #[test]
     fn missing_files_name_their_key() {
         let e = Requested {
             mode: SslMode::VerifyFull,

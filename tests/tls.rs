@@ -31,6 +31,8 @@ struct Pki {
     server: (PathBuf, PathBuf),
     expired: (PathBuf, PathBuf),
     client: (PathBuf, PathBuf),
+    /// Revokes `server`.
+    crl: PathBuf,
 }
 
 fn write_private(path: &PathBuf, text: &str) {
@@ -53,6 +55,7 @@ impl Pki {
         let other = ca("some other ca");
         let leaf = |sans: Vec<String>, cn: &str, expired: bool, name: &str| {
             let mut params = CertificateParams::new(sans).unwrap();
+            params.serial_number = Some(rcgen::SerialNumber::from(name.len() as u64));
             params.distinguished_name.push(DnType::CommonName, cn);
             if expired {
                 params.not_before = rcgen::date_time_ymd(2020, 1, 1);
@@ -72,6 +75,23 @@ impl Pki {
         let server = leaf(sans.clone(), "localhost", false, "server");
         let expired = leaf(sans, "localhost", true, "expired");
         let client = leaf(vec![], CERT_USER, false, "client");
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from("server".len() as u64),
+                revocation_time: rcgen::date_time_ymd(2025, 6, 1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca_cert)
+        .unwrap();
+        let crl_path = dir.join("revoked.crl");
+        std::fs::write(&crl_path, crl.pem().unwrap()).unwrap();
         let (ca, other_ca) = (dir.join("ca.crt"), dir.join("other-ca.crt"));
         std::fs::write(&ca, ca_cert.pem()).unwrap();
         std::fs::write(&other_ca, other.pem()).unwrap();
@@ -82,6 +102,7 @@ impl Pki {
             server,
             expired,
             client,
+            crl: crl_path,
         }
     }
 }
@@ -226,12 +247,31 @@ async fn certificate_problems_are_refused_with_the_check_and_the_fix() {
         .connect("shadowsync-test")
         .await
         .expect("verify-ca ignores the name");
+    // Green may check a CRL: the server's certificate is revoked there.
+    let revoked = shadowsync::config::Dsn::parse(
+        &format!(
+            "{} sslcrl={}",
+            dsn(bp, BLUE_PASSWORD, &verify_full(&pki)),
+            pki.crl.display()
+        ),
+        "green.dsn",
+    )
+    .unwrap()
+    .connect_to("green", "shadowsync-test")
+    .await
+    .unwrap_err();
+    assert!(!revoked.failure.is_retryable());
+    let revoked = revoked.to_string();
+    assert!(
+        revoked.contains("revoked") && revoked.contains("sslcrl"),
+        "{revoked}"
+    );
     drop(pair);
 
     let (expired_pair, ebp, egp) = tls_pair(&pki, &pki.expired);
     let expired = refusal(&dsn(ebp, BLUE_PASSWORD, &verify_full(&pki))).await;
     assert!(expired.contains("expired"), "{expired}");
-    eprintln!("refusals:\n{wrong_ca}\n{wrong_host}\n{expired}");
+    eprintln!("refusals:\n{wrong_ca}\n{wrong_host}\n{revoked}\n{expired}");
 
     // `run` refuses at startup, at once, and writes nothing to green.
     let dir = TestDir::new("tls-run-refused");

@@ -562,6 +562,7 @@ pub async fn command(config: &crate::config::Config) -> Result<Report, CheckErro
         })?;
     let result = async {
         let tables = crate::source::catalog::check_blue(&blue, &config.blue.publication).await?;
+        crate::source::slot::refuse_lost(&blue, &config.blue.slot).await?;
         check(&blue, &green, &tables, &config.blue.publication, &rules)
             .await
             .map_err(|source| {

@@ -54,6 +54,12 @@ pub enum PipelineError {
     },
     #[error("the pipeline stopped before the drain finished")]
     Stopped,
+    /// The monitor found a side stalled (see `monitor`): the session is dropped and retried.
+    #[error("{side} stalled: {why}; dropped the session, reconnecting")]
+    Stalled {
+        side: &'static str,
+        why: &'static str,
+    },
     /// A permanent failure of a run that created blue's slot.
     #[error(
         "{error}\nThe replication slot {slot} that this run created on blue is left in place, and holds WAL on blue until it is dropped: fix the cause and run again to resume from it, or start over with shadowsync reset --config F --drop-slot"
@@ -78,6 +84,7 @@ impl PipelineError {
             PipelineError::Apply(e) => e.is_retryable(),
             PipelineError::Snapshot(e) => e.is_retryable(),
             PipelineError::SlotLeft { error, .. } => error.is_retryable(),
+            PipelineError::Stalled { .. } => true,
             PipelineError::Config(_)
             | PipelineError::Listen { .. }
             | PipelineError::Task { .. }
@@ -101,6 +108,7 @@ impl PipelineError {
             PipelineError::Apply(_) => "apply",
             PipelineError::Snapshot(_) => "snapshot",
             PipelineError::SlotLeft { error, .. } => error.stage(),
+            PipelineError::Stalled { side, .. } => side,
             _ => "pipeline",
         }
     }
@@ -232,6 +240,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
         })?;
     let token = config.admin_token()?;
     let shared = Arc::new(Shared::new());
+    shared.set_stall_timeout(Duration::from_millis(config.retry.stall_timeout_ms));
     let (shutdown, shutdown_rx) = shutdown::channel();
     let (drain, drain_rx) = mpsc::channel(8);
     let (http_stop, http_stop_rx) = shutdown::channel();
@@ -280,6 +289,15 @@ pub async fn run(
     let result = handle.wait().await;
     watcher.abort();
     result
+}
+
+/// Aborts a task when dropped (the monitor, with the run).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A drain was cancelled: streaming goes on; returns how many waiters were told.
@@ -336,9 +354,17 @@ impl Supervisor {
     ) -> Result<Report, PipelineError> {
         let mut backoff = Duration::from_millis(self.config.retry.initial_backoff_ms);
         let max_backoff = Duration::from_millis(self.config.retry.max_backoff_ms);
+        let stall_after = Duration::from_millis(self.config.retry.stall_timeout_ms);
         let mut drain_requested = opts.drain;
+        // For the whole run, across sessions and outages (see `monitor`).
+        let _monitor = AbortOnDrop(tokio::spawn(crate::monitor::run(
+            self.config.clone(),
+            self.shared.clone(),
+        )));
         loop {
             let (stop_tx, stop_rx) = shutdown::channel();
+            let session_began = Instant::now();
+            let mut stall_check = tokio::time::interval(Duration::from_millis(250));
             let mut session_start = None;
             let outcome = {
                 let session = session::run(
@@ -366,13 +392,23 @@ impl Supervisor {
                             Some(switch) => Outcome::Switched(switch),
                             None => stopping.take().unwrap_or(Outcome::Shutdown),
                         }),
-                        // 2. Shutdown: stop intake, commit what is complete, confirm.
+                        // 2. A stalled side: the session is dropped (its tasks aborted) rather than
+                        //    awaited, even while stopping, since it may be waiting on the stalled
+                        //    connection forever. Green rolls back what it had not committed.
+                        _ = stall_check.tick() => {
+                            if let Some(stall) = self.shared.stall()
+                                && (stall.since >= session_began || session_began.elapsed() > stall_after)
+                            {
+                                break Err(PipelineError::Stalled { side: stall.side, why: stall.why });
+                            }
+                        }
+                        // 3. Shutdown: stop intake, commit what is complete, confirm.
                         () = shutdown.recv(), if stopping.is_none() => {
                             self.shared.set_state(State::Stopped);
                             stopping = Some(Outcome::Shutdown);
                             stop_tx.fire();
                         }
-                        // 3. Drain requests: remember the waiter (the target is fixed once), or
+                        // 4. Drain requests: remember the waiter (the target is fixed once), or
                         //    forget the drain.
                         Some(req) = drains.recv() => match req {
                             DrainRequest::Start { reply } => {
@@ -390,12 +426,12 @@ impl Supervisor {
                                 let _ = reply.send(cancelled);
                             }
                         },
-                        // 4. The drain's target arrived from blue.
+                        // 5. The drain's target arrived from blue.
                         read = async { target_read.as_mut().expect("armed").await }, if target_read.is_some() => {
                             target_read = None;
                             drain_target_read(&mut self.drain_lsn, &self.shared, read);
                         }
-                        // 5. Progress checks: start a pending drain, finish a reached one.
+                        // 6. Progress checks: start a pending drain, finish a reached one.
                         _ = tick.tick(), if stopping.is_none() => {
                             if drain_requested && self.drain_lsn.is_none() && target_read.is_none()
                                 && self.shared.streaming.load(Ordering::Relaxed) {
@@ -433,15 +469,33 @@ impl Supervisor {
                         retry_in_ms = backoff.as_millis() as u64,
                         "resuming from green's progress after the backoff"
                     );
-                    let stop = tokio::select! {
-                        _ = tokio::time::sleep(backoff) => false,
-                        // A dropped handle counts as a shutdown request.
-                        () = shutdown.recv() => true,
-                    };
-                    if stop {
+                    if self.back_off(backoff, &mut shutdown).await {
                         return Ok(self.stopped());
                     }
                     backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        }
+    }
+
+    /// Waits out `backoff`, or less: when a side was not answering the monitor and both answer
+    /// again, the next session starts at once (an outage's end is not worth waiting out the
+    /// backoff's cap). `true` when shut down meanwhile.
+    async fn back_off(&self, backoff: Duration, shutdown: &mut Shutdown) -> bool {
+        let down = !self.shared.both_answer();
+        let until = tokio::time::Instant::now() + backoff;
+        let mut poll = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                biased;
+                // A dropped handle counts as a shutdown request.
+                () = shutdown.recv() => return true,
+                () = tokio::time::sleep_until(until) => return false,
+                _ = poll.tick() => {
+                    if down && self.shared.both_answer() && self.shared.stall().is_none() {
+                        info!("both databases answer again: resuming now");
+                        return false;
+                    }
                 }
             }
         }

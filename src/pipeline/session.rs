@@ -13,7 +13,7 @@ use std::time::Duration;
 use pgwire_replication::ReplicationClient;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info, info_span};
 
 use super::PipelineError;
 use super::preflight::{self, BlueState};
@@ -27,9 +27,6 @@ use crate::shutdown::Shutdown;
 use crate::snapshot::Prepared;
 use crate::source::{self, SourceError, SourceStage};
 use crate::transform::rules::RuleSet;
-
-/// How often blue's WAL position is polled for the lag metric.
-const WAL_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs a session until `stop` fires (clean end, `None`), a planned switch ends it
 /// (`Some`: the next session writes differently), or an error. `on_start` receives the LSN
@@ -66,8 +63,7 @@ pub async fn run(
     shared.set_state(State::Streaming);
     on_start(start);
 
-    let poll = tokio::spawn(poll_wal(blue, shared.clone()));
-    let _abort_poll = AbortOnDrop(poll);
+    drop(blue); // blue's WAL position and the lag are the monitor's (see `monitor`)
     // A second blue connection completes TOASTed rows that rules need (rare, never per row).
     let (fetch, _abort_fetch) = session.blue_connection("shadowsync-fetch").await?;
     let parts = Parts {
@@ -281,17 +277,30 @@ impl Session<'_> {
     }
 }
 
-/// The running stages of a session.
+/// The running stages of a session; dropped unfinished (a stalled session the supervisor gave
+/// up on), it aborts them, which closes their connections: green rolls back the transaction in
+/// flight, and blue was told nothing past green's last commit.
 struct Stages {
     apply: JoinHandle<Result<(), ApplyError>>,
     source: JoinHandle<Result<(), SourceError>>,
 }
 
+impl Drop for Stages {
+    fn drop(&mut self) {
+        self.apply.abort();
+        self.source.abort();
+    }
+}
+
 impl Stages {
     /// Waits for both stages: `Some` for a planned switch, else the first error.
-    async fn finish(self, shared: &Shared) -> Result<Option<Switch>, PipelineError> {
-        let source_result = self.source.await.map_err(PipelineError::task("source"))?;
-        let apply_result = self.apply.await.map_err(PipelineError::task("apply"))?;
+    async fn finish(mut self, shared: &Shared) -> Result<Option<Switch>, PipelineError> {
+        let source_result = (&mut self.source)
+            .await
+            .map_err(PipelineError::task("source"))?;
+        let apply_result = (&mut self.apply)
+            .await
+            .map_err(PipelineError::task("apply"))?;
         shared.streaming.store(false, Ordering::Relaxed);
         shared.forget_unapplied();
         // The apply error is the root cause when both failed (the source stops because apply did).
@@ -335,24 +344,6 @@ async fn check_foreign_keys(
         .into());
     }
     Ok(())
-}
-
-async fn poll_wal(blue: tokio_postgres::Client, shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(WAL_POLL_INTERVAL);
-    loop {
-        tick.tick().await;
-        match source::slot::current_wal_lsn(&blue).await {
-            Ok(lsn) => {
-                shared.set_blue_wal(lsn);
-                shared.blue_connected.store(true, Ordering::Relaxed);
-            }
-            Err(e) => {
-                shared.blue_connected.store(false, Ordering::Relaxed);
-                warn!(error = %e, "cannot read blue's WAL position");
-                return;
-            }
-        }
-    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

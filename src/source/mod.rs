@@ -396,6 +396,12 @@ impl SourceStage {
                 commit_time_micros,
             } => {
                 self.in_txn = true;
+                // The lag counts this transaction from its Begin (which carries its commit
+                // time), not from its Commit: a large one is lag all the while it is received.
+                if Lsn::from(final_lsn) >= self.skip_before {
+                    self.shared
+                        .commit_received(Lsn::from(final_lsn), commit_time_micros);
+                }
                 SourceEvent {
                     lsn: Lsn::from(final_lsn),
                     msg: Message::Begin(Begin {
@@ -413,9 +419,6 @@ impl SourceStage {
                 self.in_txn = false;
                 let end = Lsn::from(end_lsn);
                 self.last_forwarded = self.last_forwarded.max(end);
-                if end > self.skip_before {
-                    self.shared.commit_received(end, commit_time_micros);
-                }
                 SourceEvent {
                     lsn: end,
                     msg: Message::Commit(Commit {

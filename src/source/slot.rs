@@ -19,7 +19,8 @@ pub async fn slot_state(
 ) -> Result<Option<Lsn>, SourceError> {
     let row = blue
         .query_opt(
-            "SELECT plugin::text, database::text, confirmed_flush_lsn, current_database()::text
+            "SELECT plugin::text, database::text, confirmed_flush_lsn, current_database()::text,
+                    wal_status::text, current_setting('max_slot_wal_keep_size')
                FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -35,6 +36,11 @@ pub async fn slot_state(
                 "replication slot {slot} exists on blue but is not a pgoutput slot of database {current} (plugin {plugin:?}, database {database:?}): choose another blue.slot, or drop it with SELECT pg_drop_replication_slot('{slot}'); if it is unused"
             )));
         }
+        let wal_status: Option<String> = row.get(4);
+        if wal_status.as_deref() == Some("lost") {
+            let keep: String = row.get(5);
+            return Err(SourceError::Setup(lost_slot(slot, &keep, green_progress)));
+        }
         // A logical slot being created has no confirmed position yet: streaming then starts
         // at green's progress, or where blue's slot begins.
         return Ok(Some(confirmed.unwrap_or(Lsn::ZERO)));
@@ -46,6 +52,40 @@ pub async fn slot_state(
         )));
     }
     Ok(None)
+}
+
+/// Refuses a slot that blue invalidated (for `check`, which reads no progress).
+pub async fn refuse_lost(blue: &Client, slot: &str) -> Result<(), SourceError> {
+    let row = blue
+        .query_opt(
+            "SELECT wal_status::text, current_setting('max_slot_wal_keep_size')
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(blue_err("looking up the replication slot"))?;
+    match row {
+        Some(row) if row.get::<_, Option<String>>(0).as_deref() == Some("lost") => Err(
+            SourceError::Setup(lost_slot(slot, &row.get::<_, String>(1), None)),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// What to tell the operator about a slot blue invalidated (`wal_status = lost`).
+pub fn lost_slot(slot: &str, max_slot_wal_keep_size: &str, green_progress: Option<Lsn>) -> String {
+    let since = green_progress
+        .map(|p| format!(" since green's progress at LSN {p}"))
+        .unwrap_or_default();
+    format!(
+        "replication slot {slot} was invalidated by blue (wal_status = lost): it held back more \
+         WAL than max_slot_wal_keep_size ({max_slot_wal_keep_size}) allows while shadowsync was \
+         stopped or behind, so blue removed WAL green still needed, and the changes{since} \
+         cannot be streamed. Green must be copied again: `shadowsync reset --config F \
+         --drop-slot --truncate`, then `shadowsync run` (a new slot, and a new initial copy). To \
+         keep it from happening, raise max_slot_wal_keep_size (or -1), and alert on \
+         shadowsync_slot_safe_wal_bytes"
+    )
 }
 
 /// Creates the slot without a snapshot (nothing to copy); returns its creation point.
