@@ -42,6 +42,8 @@ pub async fn run(
     snapshot_truncate: bool,
     on_start: impl FnOnce(Lsn),
 ) -> Result<Option<Switch>, PipelineError> {
+    // The session's connections end with it, whichever way it returns.
+    let _disconnect = Disconnect(shared.clone());
     let green_dsn = config.green_dsn()?;
     let rules = Arc::new(config.rules()?);
     let blue_dsn = config.blue_dsn()?;
@@ -54,6 +56,7 @@ pub async fn run(
     let applier = session.connect_green(&green_dsn).await?;
     let (blue, _abort_blue) = session.connect_blue().await?;
     let (progress, state) = session.preflight(&blue, &applier, &rules).await?;
+    shared.known_tables(state.maps.iter().map(|m| m.label.as_str()));
     let Some(prepared) = session
         .initial_copy(&stop, &blue, &applier, &state, snapshot_truncate)
         .await?
@@ -66,7 +69,7 @@ pub async fn run(
     shared.set_state(State::Streaming);
     on_start(start);
 
-    let poll = tokio::spawn(poll_wal(blue, shared.clone()));
+    let poll = tokio::spawn(poll_wal(blue, config.blue.slot.clone(), shared.clone()));
     let _abort_poll = AbortOnDrop(poll);
     // A second blue connection completes TOASTed rows that rules need (rare, never per row).
     let (fetch, _abort_fetch) = session.blue_connection("shadowsync-fetch").await?;
@@ -337,7 +340,7 @@ async fn check_foreign_keys(
     Ok(())
 }
 
-async fn poll_wal(blue: tokio_postgres::Client, shared: Arc<Shared>) {
+async fn poll_wal(blue: tokio_postgres::Client, slot: String, shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(WAL_POLL_INTERVAL);
     loop {
         tick.tick().await;
@@ -345,6 +348,7 @@ async fn poll_wal(blue: tokio_postgres::Client, shared: Arc<Shared>) {
             Ok(lsn) => {
                 shared.set_blue_wal(lsn);
                 shared.blue_connected.store(true, Ordering::Relaxed);
+                poll_slot_retained(&blue, &slot, &shared).await;
             }
             Err(e) => {
                 shared.blue_connected.store(false, Ordering::Relaxed);
@@ -352,6 +356,38 @@ async fn poll_wal(blue: tokio_postgres::Client, shared: Arc<Shared>) {
                 return;
             }
         }
+    }
+}
+
+/// `shadowsync_slot_wal_retained_bytes`: the WAL blue keeps for the slot (what a stopped
+/// sidecar costs blue's disk). A failure is logged at debug only: the WAL position's poll
+/// already reports a lost connection.
+async fn poll_slot_retained(blue: &tokio_postgres::Client, slot: &str, shared: &Shared) {
+    let retained = blue
+        .query_opt(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await;
+    match retained {
+        Ok(Some(row)) => {
+            if let Some(bytes) = row.get::<_, Option<i64>>(0) {
+                shared.set_slot_retained(bytes);
+            }
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot read the slot's retained wal"),
+    }
+}
+
+/// Marks both databases disconnected when dropped (`shadowsync_database_connected`).
+struct Disconnect(Arc<Shared>);
+
+impl Drop for Disconnect {
+    fn drop(&mut self) {
+        self.0.blue_connected.store(false, Ordering::Relaxed);
+        self.0.green_connected.store(false, Ordering::Relaxed);
     }
 }
 
