@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Default `[metrics] listen`.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9187";
+/// Default `[metrics] listen`. Port 7187 lies outside 9090-9999, which the Prometheus wiki's
+/// "Default port allocations" gives to Prometheus itself and its exporters (9187 is
+/// postgres_exporter's, often running beside PostgreSQL), and is no common service's port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7187";
 /// Default `[batch] max_rows`: rows per group commit (and per chunk of a large transaction).
 pub const DEFAULT_BATCH_MAX_ROWS: usize = 20_000;
 /// Default `[batch] max_bytes`: decoded column bytes held per batch, 16 MiB.
