@@ -180,7 +180,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", shadowsync::failure::describe(e.as_ref()));
             ExitCode::FAILURE
         }
     }
