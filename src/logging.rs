@@ -10,13 +10,21 @@ pub fn init(json: bool) {
         .unwrap_or_else(|_| EnvFilter::new("info"))
         // tokio-postgres logs statement parameters (row values) at debug level.
         .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(move || {
+            let mut err = std::io::stderr();
+            if terminal {
+                // Erase `run`'s live status line (see `status_line`) before a log line.
+                let _ = std::io::Write::write_all(&mut err, b"\r\x1b[2K");
+            }
+            err
+        })
         // Colours only on a terminal: escape codes in a log file or a collector garble it
         // (NO_COLOR, https://no-color.org, turns them off on a terminal too).
         .with_ansi(colours(
-            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            terminal,
             std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
         ));
     if json {

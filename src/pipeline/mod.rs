@@ -270,6 +270,8 @@ pub async fn run(
     shutdown_signal: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Report, PipelineError> {
     let handle = start(config, opts).await?;
+    // On a terminal, the live status line the demo shows (logs alone go quiet once streaming).
+    let status_line = crate::status_line::spawn_if_terminal(handle.shared.clone());
     let shutdown = handle.shutdown.clone();
     let watcher = tokio::spawn(async move {
         shutdown_signal.await;
@@ -278,6 +280,10 @@ pub async fn run(
     });
     let result = handle.wait().await;
     watcher.abort();
+    if let Some(s) = status_line {
+        s.abort();
+        eprint!("\r\x1b[2K");
+    }
     result
 }
 
