@@ -1,7 +1,7 @@
 //! The operations kit against a running sidecar: its scrape passes `promtool check metrics`
-//! in the Prometheus text format (OpenMetrics when asked for), and every metric the alert
-//! rules (docker/prometheus/alerts.yml) and the dashboard (docker/grafana/shadowsync.json)
-//! use is exported.
+//! in the Prometheus text format (OpenMetrics when asked for), every metric the alert rules
+//! (docker/prometheus/alerts.yml) and the dashboard (docker/grafana/shadowsync.json) use is
+//! exported, and `shadowsync status` describes it.
 //!
 //! promtool is optional locally: without it on PATH the promtool check is skipped with a
 //! printed reason, unless SHADOWSYNC_REQUIRE_PROMTOOL is set (`.ci/run` installs promtool
@@ -88,6 +88,16 @@ async fn a_running_sidecar_exports_what_the_rules_and_dashboard_use_and_passes_p
     }
 
     promtool_check_metrics(&text);
+
+    // `shadowsync status` prints the same sidecar's /status for a person.
+    let config = config.to_str().expect("utf-8 path");
+    let (code, out, err) = run_bin(&["status", "--config", config], Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("state       streaming (ready)"), "{out}");
+    assert!(
+        out.contains("rows        public.items: 50 insert, 10 update"),
+        "{out}"
+    );
 }
 
 /// `promtool check metrics` on `text`: clean (no lint problem), or skipped without promtool.
