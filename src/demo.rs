@@ -200,12 +200,12 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
     application_writes(&green).await
 }
 
-/// Why blue's writers committed more transactions than the report's `transactions`: those
+/// Why blue's writers committed more transactions than the stream applied: those
 /// committed before the initial copy's snapshot reached green with the copy, not the stream.
 fn counted(written: u64, streamed: u64) -> String {
     if written >= streamed {
         format!(
-            "blue's writers committed {written} transactions: {streamed} were streamed to green (the report's transactions), the other {} committed before the initial copy's snapshot and reached green with the copy",
+            "blue's writers committed {written} transactions: {streamed} were streamed to green (shadowsync_transactions_applied_total), the other {} committed before the initial copy's snapshot and reached green with the copy",
             written - streamed
         )
     } else {
