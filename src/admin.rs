@@ -102,15 +102,19 @@ pub async fn serve(
     }
 }
 
-async fn metrics(AxumState(s): AxumState<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.shared.encode(),
-    )
-        .into_response()
+/// OpenMetrics when the scraper asks for it (Prometheus does), the text format otherwise.
+async fn metrics(AxumState(s): AxumState<AppState>, headers: axum::http::HeaderMap) -> Response {
+    use crate::metrics::text;
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    if text::wants_openmetrics(accept) {
+        (
+            [(header::CONTENT_TYPE, text::OPENMETRICS)],
+            s.shared.encode(),
+        )
+            .into_response()
+    } else {
+        ([(header::CONTENT_TYPE, text::TEXT)], s.shared.encode_text()).into_response()
+    }
 }
 
 fn status_json(shared: &Shared) -> serde_json::Value {

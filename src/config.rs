@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// Default `[metrics] listen`.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9187";
+/// Default `[metrics] listen`. Port 7187 lies outside 9090-9999, which the Prometheus wiki's
+/// "Default port allocations" gives to Prometheus itself and its exporters (9187 is
+/// postgres_exporter's, often running beside PostgreSQL), and is no common service's port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7187";
 /// Environment variable holding the admin token (see `[metrics] admin_token_file`).
 pub const ADMIN_TOKEN_ENV: &str = "SHADOWSYNC_ADMIN_TOKEN";
 /// Shortest admin token accepted, in characters.

@@ -108,8 +108,9 @@ pub async fn list(client: &Client, opts: &ListOptions) -> Result<String, Conflic
             ORDER BY id DESC LIMIT $3) AS newest
          ORDER BY id"
     );
+    let table = opts.table.as_deref().map(qualified);
     let rows = client
-        .query(&sql, &[&since, &opts.table, &opts.limit])
+        .query(&sql, &[&since, &table, &opts.limit])
         .await
         .map_err(green_err("listing shadowsync.conflicts"))?;
     let header = [
@@ -240,6 +241,16 @@ async fn replay_one(tx: &Transaction<'_>, id: i64) -> Result<&'static str, Confl
     };
     mark_resolved(tx, id).await?;
     Ok(action)
+}
+
+/// `--table` as records name tables: `schema.table`, `public` without a schema (as rules and
+/// the config resolve names), so `--table vms` lists public.vms's conflicts.
+fn qualified(table: &str) -> String {
+    if table.contains('.') {
+        table.to_string()
+    } else {
+        format!("public.{table}")
+    }
 }
 
 /// The recorded target table (`schema.table`, `public` without a schema) as green has it now.
@@ -381,4 +392,13 @@ pub async fn command(
     drop(client);
     let _ = conn.await;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_table_without_schema_is_in_public() {
+        assert_eq!(super::qualified("vms"), "public.vms");
+        assert_eq!(super::qualified("ops.vms"), "ops.vms");
+    }
 }

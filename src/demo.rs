@@ -96,19 +96,21 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
         tick.tick().await;
         let applied = handle.shared.applied();
         let rows: u64 = applied.rows.values().flat_map(|ops| ops.values()).sum();
+        // Under 100 columns: a wider line wraps on a 120-column terminal, and `\r` then
+        // redraws only its last part, leaving a stray line behind.
         let line = format!(
-            "{:>4.0}s  blue txns written {:>7}  green rows applied {:>8}  {:>7} rows/s  lag {:>9} bytes {:>5.2}s  [{}]",
+            "{:>4.0}s  blue {:>6} txns  green {:>8} rows  {:>6} rows/s  lag {:>9} {:>5.2}s  [{}]",
             started.elapsed().as_secs_f64(),
             written.load(Ordering::Relaxed),
             rows,
             rows - last_rows,
-            handle.shared.lag_bytes(),
+            crate::status_line::bytes(handle.shared.lag_bytes()),
             handle.shared.lag_seconds(),
             handle.shared.state().name(),
         );
         last_rows = rows;
         if tty {
-            eprint!("\r{line}");
+            eprint!("\r\x1b[2K{line}");
         } else {
             eprintln!("{line}");
         }
@@ -129,11 +131,19 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
         stop.fire();
     }
     let ended = writers_ended(writers, &stop).await?;
+    let shared = handle.shared.clone();
     let report = cutover.map_err(|e| DemoError::Cutover(e.to_string()))?;
     handle.wait().await?;
     println!(
         "{}",
         serde_json::to_string_pretty(&report).expect("report is JSON")
+    );
+    eprintln!(
+        "{}",
+        counted(
+            written.load(Ordering::Relaxed),
+            shared.applied().transactions
+        )
     );
     for (worker, end) in ended.iter().enumerate() {
         match end {
@@ -188,6 +198,21 @@ pub async fn run(workload: Duration) -> Result<(), DemoError> {
     }
     eprintln!("every mapping matches.");
     application_writes(&green).await
+}
+
+/// Why blue's writers committed more transactions than the stream applied: those
+/// committed before the initial copy's snapshot reached green with the copy, not the stream.
+fn counted(written: u64, streamed: u64) -> String {
+    if written >= streamed {
+        format!(
+            "blue's writers committed {written} transactions: {streamed} were streamed to green (shadowsync_transactions_applied_total), the other {} committed before the initial copy's snapshot and reached green with the copy",
+            written - streamed
+        )
+    } else {
+        format!(
+            "blue's writers committed {written} transactions; {streamed} were streamed to green"
+        )
+    }
 }
 
 /// Waits for the writers: each ends on the fence's refusal (asked to stop after a while, so a

@@ -44,6 +44,8 @@ pub struct Report {
     /// Whether blue's slot was seen recording `final_lsn` (false: green has everything, but
     /// blue could not be asked; it will learn the position on the next start).
     pub confirmed_by_blue: bool,
+    /// Seconds from the drain's start (its target asked of blue) to the report; the run's
+    /// seconds when no drain ran (a stop).
     pub duration_seconds: f64,
     pub transactions: u64,
     pub batches: u64,

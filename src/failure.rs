@@ -195,6 +195,23 @@ fn redact_data_message(message: &str) -> String {
     }
 }
 
+/// An error and its causes as one line, `outer: cause: cause`, leaving out a cause whose text
+/// the line already holds (many messages embed their source, which a plain chain then printed
+/// twice: "... (os error 98); choose a free address: Address already in use (os error 98)").
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = e.source();
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,4 +276,29 @@ pub struct Unreachable {
     /// The DSN without its password.
     pub dsn: String,
     pub failure: DbFailure,
+}
+
+#[cfg(test)]
+mod describe_tests {
+    #[test]
+    fn describe_prints_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot listen on {addr}: {source}; choose a free address")]
+        struct Listen {
+            addr: &'static str,
+            source: std::io::Error,
+        }
+        #[derive(Debug, thiserror::Error)]
+        #[error("starting the sidecar")]
+        struct Outer(#[source] Listen);
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let e = Outer(Listen {
+            addr: "127.0.0.1:7187",
+            source: io,
+        });
+        assert_eq!(
+            super::describe(&e),
+            "starting the sidecar: cannot listen on 127.0.0.1:7187: Address already in use; choose a free address"
+        );
+    }
 }

@@ -46,6 +46,7 @@ pub mod shutdown;
 pub mod snapshot;
 pub mod source;
 pub mod statement;
+pub mod status_line;
 pub mod store;
 pub mod streamer;
 pub mod tls;

@@ -40,6 +40,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the running sidecar's (same config) /status for a person.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Ask a running sidecar (same config) to drain, wait for it, print its report.
     Drain {
         #[arg(long, short)]
@@ -180,7 +185,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", shadowsync::failure::describe(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -222,6 +227,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 println!("FAIL {p}");
             }
             anyhow::ensure!(report.ok(), "the configuration has problems (listed above)");
+        }
+        Command::Status { config } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            let text = shadowsync::status_line::command(cfg.listen_addr()?).await?;
+            println!("{text}");
         }
         Command::Drain { config, timeout } => {
             let cfg = shadowsync::config::Config::load(&config)?;

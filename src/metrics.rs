@@ -1,8 +1,11 @@
 //! Metrics and the state shared between stages: what `/metrics`, `/readyz` and the drain report
 //! read.
 //!
-//! Names follow Prometheus conventions (`shadowsync_` prefix, base units, `_total` counters).
-//! Labels carry table and operation names only, never row values.
+//! Names follow Prometheus conventions (`shadowsync_` prefix, base units, `_total` counters),
+//! each with HELP (and UNIT where it has one); the process metrics keep the standard
+//! unprefixed `process_` names. Labels carry table and operation names only, never row
+//! values. Every counter of a known table exists at 0 from the start (see
+//! [`Shared::known_tables`]), so `increase()` sees its first change.
 //!
 //! Invariants: lag in seconds is the age of the oldest blue commit received but not yet
 //! committed in green (0 when caught up); lag in bytes is blue's current WAL position minus the
@@ -18,10 +21,32 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
 use serde::Serialize;
 
 use crate::lsn::Lsn;
+
+mod process;
+pub mod text;
+
+/// Row operations counted per table.
+pub const OPS: [&str; 4] = ["insert", "update", "delete", "truncate"];
+
+/// The planned switches of how a table is written (`apply::Switch::kind`).
+pub const SWITCHES: [&str; 2] = ["blue_order", "upserts_only"];
+
+/// The (kind, resolution) pairs the apply statements record (src/statement/conflict.rs and
+/// keyless.rs), created at 0 for every known table.
+pub const CONFLICT_KINDS: [(&str, &str); 7] = [
+    ("insert_exists", "apply"),
+    ("insert_older", "keep"),
+    ("update_missing", "apply"),
+    ("update_missing", "skip"),
+    ("update_older", "keep"),
+    ("delete_missing", "apply"),
+    ("delete_older", "keep"),
+];
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -53,6 +78,11 @@ pub struct StateLabels {
 pub struct ErrorLabels {
     pub stage: String,
     pub retryable: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatabaseLabels {
+    pub database: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +139,11 @@ pub struct Applied {
 /// Everything the stages publish and the HTTP endpoints read.
 pub struct Shared {
     registry: Registry,
+    /// The unprefixed `process_*` metrics.
+    process_registry: Registry,
+    process: process::Process,
+    connected: Family<DatabaseLabels, Gauge>,
+    slot_retained: Gauge,
     lag_bytes: Gauge,
     lag_seconds: Gauge<f64, AtomicU64>,
     rows: Family<RowLabels, Counter>,
@@ -149,7 +184,6 @@ pub struct Shared {
     /// Blue's own count of the lag (`pg_current_wal_lsn() - confirmed_flush_lsn`) at the
     /// monitor's last reading; -1: never read.
     lag_seen: AtomicI64,
-    slot_retained_bytes: Gauge,
     slot_safe_wal_bytes: Gauge,
     stall_gauge: Family<SideLabels, Gauge>,
     /// A stalled side, as the monitor declared it (see `monitor`).
@@ -181,16 +215,36 @@ impl Default for Shared {
 impl Shared {
     pub fn new() -> Shared {
         let mut registry = Registry::with_prefix("shadowsync");
-        let lag_bytes = Gauge::default();
         registry.register(
-            "replication_lag_bytes",
-            "Blue's current WAL position minus the LSN confirmed to blue, in bytes",
+            "build",
+            "The running shadowsync's version",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        let connected = Family::<DatabaseLabels, Gauge>::default();
+        registry.register(
+            "database_connected",
+            "1 while the database (blue, green) answers the monitor's question of every second and a session is connected, 0 otherwise",
+            connected.clone(),
+        );
+        let slot_retained = Gauge::default();
+        registry.register_with_unit(
+            "slot_wal_retained",
+            "WAL blue keeps for the replication slot: blue's current WAL position minus the slot's restart_lsn, in bytes (read every second, also between sessions)",
+            Unit::Bytes,
+            slot_retained.clone(),
+        );
+        let lag_bytes = Gauge::default();
+        registry.register_with_unit(
+            "replication_lag",
+            "Blue's WAL not yet confirmed by shadowsync, as blue counts it (pg_current_wal_lsn() - the slot's confirmed_flush_lsn, read every second, also during outages), in bytes",
+            Unit::Bytes,
             lag_bytes.clone(),
         );
         let lag_seconds = Gauge::<f64, AtomicU64>::default();
-        registry.register(
-            "replication_lag_seconds",
-            "Age of the oldest blue commit received but not yet applied in green, in seconds (0 when caught up)",
+        registry.register_with_unit(
+            "replication_lag",
+            "Age of the oldest blue transaction received (from its Begin) but not yet applied in green, in seconds (0 when caught up); between sessions, the age of the last applied commit while blue has unconfirmed WAL",
+            Unit::Seconds,
             lag_seconds.clone(),
         );
         let rows = Family::<RowLabels, Counter>::default();
@@ -236,21 +290,17 @@ impl Shared {
             batch_rows.clone(),
         );
         let apply_seconds = Histogram::new(exponential_buckets(0.0005, 2.5, 12));
-        registry.register(
-            "apply_duration_seconds",
+        registry.register_with_unit(
+            "apply_duration",
             "Time to write and commit one batch in green, in seconds",
+            Unit::Seconds,
             apply_seconds.clone(),
         );
-        let slot_retained_bytes = Gauge::default();
-        registry.register(
-            "slot_retained_wal_bytes",
-            "WAL blue keeps for the slot (pg_current_wal_lsn() - restart_lsn), in bytes",
-            slot_retained_bytes.clone(),
-        );
         let slot_safe_wal_bytes = Gauge::default();
-        registry.register(
-            "slot_safe_wal_bytes",
+        registry.register_with_unit(
+            "slot_safe_wal",
             "WAL blue can still write before it invalidates the slot (pg_replication_slots.safe_wal_size), in bytes; -1 when max_slot_wal_keep_size sets no limit",
+            Unit::Bytes,
             slot_safe_wal_bytes.clone(),
         );
         let stall_gauge = Family::<SideLabels, Gauge>::default();
@@ -289,8 +339,14 @@ impl Shared {
             "Planned changes of how a table is written (blue_order: a stretch replayed change by change for a secondary unique constraint; upserts_only: a writer on green inserted keys), each ending a session on purpose; not errors",
             switches.clone(),
         );
+        let mut process_registry = Registry::default();
+        let process = process::Process::register(&mut process_registry);
         let shared = Shared {
             registry,
+            process_registry,
+            process,
+            connected,
+            slot_retained,
             lag_bytes,
             lag_seconds,
             rows,
@@ -320,7 +376,6 @@ impl Shared {
             applied: Mutex::new(Applied::default()),
             last_applied_commit: AtomicI64::new(0),
             lag_seen: AtomicI64::new(-1),
-            slot_retained_bytes,
             slot_safe_wal_bytes,
             stall_gauge,
             stall: Mutex::new(None),
@@ -336,7 +391,49 @@ impl Shared {
                 .set(0);
         }
         shared.set_state(State::Starting);
+        for stage in ["source", "apply", "snapshot", "pipeline"] {
+            for retryable in [false, true] {
+                let _ = shared.errors.get_or_create(&ErrorLabels {
+                    stage: stage.to_string(),
+                    retryable: retryable.to_string(),
+                });
+            }
+        }
         shared
+    }
+
+    /// Creates every counter of these target tables at 0 (rows per operation, conflicts per
+    /// kind, initial-copy rows, switches): a series that first appears at 1 shows no `increase()`.
+    pub fn known_tables<'a>(&self, tables: impl IntoIterator<Item = &'a str>) {
+        for table in tables {
+            for op in OPS {
+                let _ = self.rows.get_or_create(&RowLabels {
+                    table: table.to_string(),
+                    op: op.to_string(),
+                });
+            }
+            for (kind, resolution) in CONFLICT_KINDS {
+                let _ = self.conflicts.get_or_create(&ConflictLabels {
+                    table: table.to_string(),
+                    kind: kind.to_string(),
+                    resolution: resolution.to_string(),
+                });
+            }
+            let _ = self.snapshot_rows.get_or_create(&TableLabels {
+                table: table.to_string(),
+            });
+            for switch in SWITCHES {
+                let _ = self.switches.get_or_create(&SwitchLabels {
+                    table: table.to_string(),
+                    switch: switch.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Blue keeps `bytes` of WAL for the slot.
+    pub fn set_slot_retained(&self, bytes: i64) {
+        self.slot_retained.set(bytes.max(0));
     }
 
     pub fn set_state(&self, state: State) {
@@ -422,7 +519,9 @@ impl Shared {
         if let Some(lag) = lag {
             self.lag_seen.store(lag as i64, Ordering::Relaxed);
         }
-        self.slot_retained_bytes.set(retained.unwrap_or(0));
+        if let Some(bytes) = retained {
+            self.set_slot_retained(bytes);
+        }
         self.slot_safe_wal_bytes.set(safe.unwrap_or(-1));
     }
 
@@ -536,6 +635,9 @@ impl Shared {
     pub fn set_confirmed(&self, lsn: Lsn) {
         self.confirmed_lsn
             .fetch_max(lsn.as_u64(), Ordering::Relaxed);
+        // Blue's WAL has reached anything confirmed: between two polls of its position,
+        // `/status` would otherwise show the WAL position behind the confirmed one.
+        self.blue_wal_lsn.fetch_max(lsn.as_u64(), Ordering::Relaxed);
     }
 
     /// Asks the apply stage for a hold (replacing one not taken yet, whose asker then hears
@@ -634,7 +736,7 @@ impl Shared {
             .saturating_sub(self.confirmed_lsn.load(Ordering::Relaxed))
     }
 
-    /// Prometheus text exposition, with gauges derived from state refreshed first.
+    /// OpenMetrics exposition, with gauges derived from state refreshed first.
     pub fn encode(&self) -> String {
         let confirmed = self.confirmed_lsn.load(Ordering::Relaxed);
         let wal = self.blue_wal_lsn.load(Ordering::Relaxed);
@@ -642,10 +744,29 @@ impl Shared {
         self.blue_wal_lsn_gauge.set(wal as i64);
         self.lag_bytes.set(self.lag_bytes() as i64);
         self.lag_seconds.set(self.lag_seconds());
+        for (database, flag) in [
+            ("blue", &self.blue_connected),
+            ("green", &self.green_connected),
+        ] {
+            self.connected
+                .get_or_create(&DatabaseLabels {
+                    database: database.to_string(),
+                })
+                .set(i64::from(flag.load(Ordering::Relaxed)));
+        }
+        self.process.refresh();
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        encode_registry(&mut out, &self.registry)
+            .and_then(|()| encode_registry(&mut out, &self.process_registry))
+            .and_then(|()| encode_eof(&mut out))
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// The Prometheus text exposition (0.0.4), for scrapers that do not ask for OpenMetrics.
+    pub fn encode_text(&self) -> String {
+        text::to_text(&self.encode())
     }
 }
 
@@ -673,6 +794,41 @@ mod tests {
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
+    }
+
+    #[test]
+    fn known_tables_have_every_counter_at_zero() {
+        let s = Shared::new();
+        s.known_tables(["public.vms"]);
+        let text = s.encode_text();
+        for line in [
+            "shadowsync_rows_applied_total{table=\"public.vms\",op=\"insert\"} 0",
+            "shadowsync_rows_applied_total{table=\"public.vms\",op=\"truncate\"} 0",
+            "shadowsync_conflicts_total{table=\"public.vms\",kind=\"update_older\",resolution=\"keep\"} 0",
+            "shadowsync_snapshot_rows_total{table=\"public.vms\"} 0",
+            "shadowsync_errors_total{stage=\"apply\",retryable=\"false\"} 0",
+            "shadowsync_database_connected{database=\"blue\"} 0",
+            "shadowsync_build_info{version=\"",
+            "# TYPE shadowsync_build_info gauge",
+            "# HELP shadowsync_conflicts_total ",
+            "process_resident_memory_bytes ",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(
+            !text.contains("# EOF") && !text.contains("# UNIT"),
+            "{text}"
+        );
+        assert!(s.encode().ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn blue_wal_is_never_behind_confirmed() {
+        let s = Shared::new();
+        s.set_blue_wal(Lsn::from_u64(100));
+        s.set_confirmed(Lsn::from_u64(150));
+        assert_eq!(s.blue_wal_lsn(), Lsn::from_u64(150));
+        assert_eq!(s.lag_bytes(), 0);
     }
 
     #[test]

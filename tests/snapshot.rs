@@ -268,3 +268,52 @@ async fn sigterm_during_the_copy_stops_promptly_and_the_next_run_finishes() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert_same(&pair, &["items", "events"]).await;
 }
+
+/// `shadowsync_snapshot_rows_total` counts the rows written to green: for vms, what the rule's
+/// filter kept of blue's virtual_machines (not blue's rows); for api_keys, copied as is in
+/// binary, its rows (not one more for binary COPY's trailer). Every table's counter exists.
+/// Then the drain report's duration counts from the drain's start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_row_counters_count_the_rows_written_to_green() {
+    init_logging();
+    let (pair, config) = novacron();
+    let mut blue = pair.blue().await;
+    let mut rng = StdRng::seed_from_u64(seed("snapshot_counts"));
+    novacron_workload(&mut blue, &mut rng, 600).await;
+    let handle = start_streaming(config).await;
+    let green = pair.green().await;
+    let metrics = handle.shared.encode_text();
+    for table in [
+        "public.users",
+        "public.compute_nodes",
+        "public.vms",
+        "public.api_keys",
+    ] {
+        let prefix = format!("shadowsync_snapshot_rows_total{{table=\"{table}\"}} ");
+        let counted: i64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{metrics}"))
+            .parse()
+            .expect("a count");
+        assert_eq!(counted, count(&green, table).await, "{table}");
+    }
+    let (blue_vms, green_vms) = (
+        count(&blue, "virtual_machines").await,
+        count(&green, "public.vms").await,
+    );
+    assert!(
+        blue_vms > green_vms,
+        "the workload should leave deleted vms out of green ({blue_vms} on blue, {green_vms} on green)"
+    );
+    // The drain report's duration is the drain's, not the process's (which includes the copy).
+    let asked = std::time::Instant::now();
+    let report = handle.drain().await.expect("drain");
+    assert!(
+        report.duration_seconds <= asked.elapsed().as_secs_f64(),
+        "the drain took {} s by its report, but was asked {:?} ago",
+        report.duration_seconds,
+        asked.elapsed()
+    );
+    handle.wait().await.expect("pipeline ends");
+}

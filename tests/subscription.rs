@@ -100,14 +100,8 @@ impl Shadow {
     /// The error counters so far (retryable errors keep the pipeline reconnecting, so a
     /// timeout says what it kept meeting; the log above the panic has the messages).
     fn errors(&self) -> String {
-        let lines: Vec<String> = self
-            .handle()
-            .shared
-            .encode()
-            .lines()
-            .filter(|l| l.starts_with("shadowsync_errors_total{"))
-            .map(str::to_string)
-            .collect();
+        let metrics = self.handle().shared.encode();
+        let lines: Vec<&str> = errors_counted(&metrics);
         if lines.is_empty() {
             String::new()
         } else {

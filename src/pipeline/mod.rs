@@ -256,6 +256,7 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
         config,
         shared: shared.clone(),
         started: Instant::now(),
+        drain_started: None,
         start_lsn: None,
         drain_lsn: None,
         waiters: Vec::new(),
@@ -280,6 +281,8 @@ pub async fn run(
     shutdown_signal: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<Report, PipelineError> {
     let handle = start(config, opts).await?;
+    // On a terminal, the live status line the demo shows (logs alone go quiet once streaming).
+    let status_line = crate::status_line::spawn_if_terminal(handle.shared.clone());
     let shutdown = handle.shutdown.clone();
     let watcher = tokio::spawn(async move {
         shutdown_signal.await;
@@ -288,6 +291,10 @@ pub async fn run(
     });
     let result = handle.wait().await;
     watcher.abort();
+    if let Some(s) = status_line {
+        s.abort();
+        eprint!("\r\x1b[2K");
+    }
     result
 }
 
@@ -320,6 +327,8 @@ struct Supervisor {
     config: Config,
     shared: Arc<Shared>,
     started: Instant,
+    /// When the current drain began (its target was asked of blue): the report's duration.
+    drain_started: Option<Instant>,
     start_lsn: Option<Lsn>,
     drain_lsn: Option<Lsn>,
     waiters: Vec<ReportWaiter>,
@@ -421,6 +430,7 @@ impl Supervisor {
                                 } else {
                                     drain_requested = false;
                                     target_read = None;
+                                    self.drain_started = None;
                                     Ok(drain_cancelled(&mut self.drain_lsn, &mut self.waiters))
                                 };
                                 let _ = reply.send(cancelled);
@@ -436,6 +446,7 @@ impl Supervisor {
                             if drain_requested && self.drain_lsn.is_none() && target_read.is_none()
                                 && self.shared.streaming.load(Ordering::Relaxed) {
                                 target_read = Some(Box::pin(blue_wal_lsn(self.config.clone())));
+                                self.drain_started.get_or_insert_with(Instant::now);
                             }
                             if let Some(target) = self.drain_lsn
                                 && self.shared.confirmed_lsn() >= target {
@@ -645,7 +656,13 @@ impl Supervisor {
             changed_after_drain: None,
             warnings: Vec::new(),
             confirmed_by_blue: false,
-            duration_seconds: self.started.elapsed().as_secs_f64(),
+            // The drain's own time (not the process's, which includes the initial copy and
+            // every hour streamed before the drain); the run's when no drain ran.
+            duration_seconds: self
+                .drain_started
+                .unwrap_or(self.started)
+                .elapsed()
+                .as_secs_f64(),
             transactions: applied.transactions,
             batches: applied.batches,
             rows: applied.rows,

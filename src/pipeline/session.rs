@@ -39,6 +39,8 @@ pub async fn run(
     snapshot_truncate: bool,
     on_start: impl FnOnce(Lsn),
 ) -> Result<Option<Switch>, PipelineError> {
+    // The session's connections end with it, whichever way it returns.
+    let _disconnect = Disconnect(shared.clone());
     let green_dsn = config.green_dsn()?;
     let rules = Arc::new(config.rules()?);
     let blue_dsn = config.blue_dsn()?;
@@ -51,6 +53,7 @@ pub async fn run(
     let applier = session.connect_green(&green_dsn).await?;
     let (blue, _abort_blue) = session.connect_blue().await?;
     let (progress, state) = session.preflight(&blue, &applier, &rules).await?;
+    shared.known_tables(state.maps.iter().map(|m| m.label.as_str()));
     let Some(prepared) = session
         .initial_copy(&stop, &blue, &applier, &state, snapshot_truncate)
         .await?
@@ -344,6 +347,17 @@ async fn check_foreign_keys(
         .into());
     }
     Ok(())
+}
+
+/// Marks both databases disconnected when dropped (`shadowsync_database_connected`) until the
+/// monitor's next answer (see `monitor`).
+struct Disconnect(Arc<Shared>);
+
+impl Drop for Disconnect {
+    fn drop(&mut self) {
+        self.0.blue_connected.store(false, Ordering::Relaxed);
+        self.0.green_connected.store(false, Ordering::Relaxed);
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -202,6 +202,16 @@ async fn plan_tables(
     Ok((tables, jobs_by_level))
 }
 
+/// One table's initial copy.
+pub(crate) struct Copied {
+    /// Blue's table.
+    pub source: String,
+    /// Rows read from blue.
+    pub read: u64,
+    /// Rows written to green (a rule's filter leaves some out).
+    pub written: u64,
+}
+
 /// What one level's workers share.
 struct Shareds {
     tables: Arc<Vec<Table>>,
@@ -213,14 +223,14 @@ struct Shareds {
 }
 
 /// Copies `maps` under the snapshot `snapshot_name` (exported by `exporter`, dropped once every
-/// worker imported it). Returns (source table, rows) per table copied.
+/// worker imported it). Returns what was copied of each table.
 pub(crate) async fn run(
     config: &Config,
     maps: &[Arc<TableMap>],
     snapshot_name: &str,
     exporter: pgwire_replication::ReplicationClient,
     shared: &Arc<Shared>,
-) -> Result<Vec<(String, u64)>, SnapshotError> {
+) -> Result<Vec<Copied>, SnapshotError> {
     let n = config.snapshot.worker_count().max(1);
     let mut workers = connect_workers(config, n, snapshot_name).await?;
     // Every worker holds the snapshot now: the exporting session may end (a permanent slot
@@ -256,7 +266,11 @@ pub(crate) async fn run(
     result?;
     Ok(finished
         .into_iter()
-        .map(|i| (s.tables[i].map.source.to_string(), progress.rows(i)))
+        .map(|i| Copied {
+            source: s.tables[i].map.source.to_string(),
+            read: progress.rows(i),
+            written: progress.written(i),
+        })
         .collect())
 }
 
@@ -324,6 +338,7 @@ async fn work(
             Err(e) => return (w, Err(e), completed),
         };
         s.shared.add_snapshot_rows(&t.map.label, rows);
+        s.progress.wrote(job.table, rows);
         debug!(table = %t.map.source, part = %t.parts[job.part], range = job.range_no, rows, "range copied");
         let all_done = {
             let mut d = s.done.lock().expect("done ranges");
@@ -425,9 +440,13 @@ async fn write_range(
     })
     .await?;
     let source = map.source.to_string();
+    // Rows written to green: those of the COPY into the target, or those the rules' INSERT
+    // wrote from the staging table (its filter leaves some of blue's rows out).
+    let mut written = rows;
     if !t.direct {
         w.staged.push(job.table);
-        tx.execute(&insert_from_staging(map, &staging, None), &[])
+        written = tx
+            .execute(&insert_from_staging(map, &staging, None), &[])
             .await
             .map_err(green_err(format!(
                 "transforming the copied rows of {source} into {}",
@@ -443,7 +462,7 @@ async fn write_range(
     tx.commit()
         .await
         .map_err(green_err(format!("committing a range of {}", map.label)))?;
-    Ok(rows)
+    Ok(written)
 }
 
 /// Streams blue's `COPY ... TO STDOUT` (`select`) into green's `sink` without buffering more
@@ -476,7 +495,7 @@ pub(super) async fn relay(
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(blue_err(reading.clone()))?;
         block.extend_from_slice(&chunk);
-        block_rows += 1;
+        block_rows += copy_message_rows(&chunk, t.binary);
         if block.len() >= RELAY_BYTES {
             counted(block_rows, block.len() as u64);
             block_rows = 0;
@@ -488,6 +507,13 @@ pub(super) async fn relay(
         sink.send(block.split().freeze()).await.map_err(writing())?;
     }
     sink.as_mut().finish().await.map_err(writing())
+}
+
+/// Rows in one message of blue's `COPY ... TO STDOUT`: one, except binary COPY's trailer (a
+/// field count of -1, sent as a message of its own), which is none (it made a table of 3,000
+/// rows count 3,001).
+pub(super) fn copy_message_rows(message: &[u8], binary: bool) -> u64 {
+    u64::from(!(binary && message == [0xff, 0xff]))
 }
 
 /// `INSERT INTO target (...) SELECT <rule expressions> FROM (<staging cast to source types>)
@@ -530,4 +556,21 @@ pub(super) fn staging_source(map: &TableMap, cols: &[usize]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_message_rows;
+
+    #[test]
+    fn binary_trailer_is_not_a_row() {
+        // A binary row of one field (count 1, length 4, value) and the trailer (count -1).
+        let row = [0u8, 1, 0, 0, 0, 4, 0, 0, 0, 7];
+        assert_eq!(copy_message_rows(&row, true), 1);
+        assert_eq!(copy_message_rows(&[0xff, 0xff], true), 0);
+        // A row of no columns is a field count of 0, still a row.
+        assert_eq!(copy_message_rows(&[0, 0], true), 1);
+        // Text COPY has no trailer message: every message is a row.
+        assert_eq!(copy_message_rows(b"1\tx\n", false), 1);
+    }
 }

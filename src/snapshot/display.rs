@@ -18,7 +18,10 @@ const LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Progress {
     tables: Vec<String>,
+    /// Rows read from blue (what the bar and its ETA count, against blue's estimate).
     rows: Vec<AtomicU64>,
+    /// Rows written to green (fewer than read where a rule's filter leaves rows out).
+    written: Vec<AtomicU64>,
     bytes: Vec<AtomicU64>,
     estimate: Vec<AtomicU64>,
     started: Instant,
@@ -31,6 +34,7 @@ impl Progress {
         Progress {
             tables,
             rows: zeros(),
+            written: zeros(),
             bytes: zeros(),
             estimate: zeros(),
             started: Instant::now(),
@@ -48,6 +52,15 @@ impl Progress {
 
     pub fn rows(&self, table: usize) -> u64 {
         self.rows[table].load(Ordering::Relaxed)
+    }
+
+    /// Green committed `rows` more rows of `table`.
+    pub fn wrote(&self, table: usize, rows: u64) {
+        self.written[table].fetch_add(rows, Ordering::Relaxed);
+    }
+
+    pub fn written(&self, table: usize) -> u64 {
+        self.written[table].load(Ordering::Relaxed)
     }
 
     /// One line per table: `table  rows/estimate  MiB  rows/s  ETA`.

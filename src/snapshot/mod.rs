@@ -261,9 +261,9 @@ pub async fn prepare(
     }
     start_copy(config, &plan, consistent).await?;
     let copied = copy::run(config, &plan.todo, &snapshot_name, exporter, shared).await?;
-    for (table, rows) in &copied {
-        copied_at.insert(table.clone(), consistent);
-        info!(table = %table, rows, "initial copy: table done");
+    for c in copied {
+        info!(table = %c.source, rows = c.written, blue_rows = c.read, "initial copy: table done");
+        copied_at.insert(c.source, consistent);
     }
     Ok(Prepared {
         slot_confirmed: slot_confirmed.unwrap_or(consistent),

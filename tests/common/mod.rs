@@ -338,6 +338,15 @@ impl Drop for Sidecar {
     }
 }
 
+/// The `shadowsync_errors_total` series of an exposition that counted an error (every series
+/// exists at 0 from the start).
+pub fn errors_counted(metrics: &str) -> Vec<&str> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("shadowsync_errors_total{") && !l.ends_with(" 0"))
+        .collect()
+}
+
 /// A minimal HTTP/1.1 GET over a fresh TCP connection: (status code, body).
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     shadowsync::admin::http_call(addr, "GET", path, Duration::from_secs(10))
