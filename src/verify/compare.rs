@@ -244,6 +244,7 @@ pub async fn compare(
         blue,
         green,
         shape: &shape,
+        statements: Default::default(),
     };
     let mut sources = Vec::with_capacity(mapped.len());
     let mut temp = Vec::new();
@@ -281,7 +282,8 @@ pub async fn compare(
     if shape.key.is_empty() {
         keyless::run(&cx, &sources, &target, &mut tally, progress).await?;
     } else {
-        keyed::Keyed::new(&cx, &sources, &target)
+        let unique = maps.len() == 1 && plan::unique_on_blue(first);
+        keyed::Keyed::new(&cx, &sources, &target, unique)
             .run(opts.chunk_rows, &mut tally, progress)
             .await?;
     }

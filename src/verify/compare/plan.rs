@@ -54,6 +54,8 @@ pub(super) struct Ctx<'a> {
     pub blue: &'a Client,
     pub green: &'a Client,
     pub shape: &'a Shape,
+    /// Statements prepared so far on either side (see `keyed::run_all`).
+    pub statements: super::keyed::Statements,
 }
 
 /// A mapping's columns in the shape's order: `cols[i]` is the mapping's column of shape column
@@ -440,6 +442,19 @@ pub(super) fn shape(maps: &[std::sync::Arc<TableMap>]) -> Result<(Shape, Vec<Map
         })
         .collect();
     Ok((shape, mapped))
+}
+
+/// Whether blue holds each key of the mapping's target at most once: the key is blue's primary
+/// key or replica identity index (unique, NOT NULL), copied as it is into green's single key
+/// column. (Under `REPLICA IDENTITY FULL`, or with no identity, blue may hold a key twice.)
+pub(super) fn unique_on_blue(map: &TableMap) -> bool {
+    use crate::decode::ReplicaIdentity;
+    !map.awaits_identity
+        && matches!(
+            map.replica_identity,
+            ReplicaIdentity::Default | ReplicaIdentity::Index
+        )
+        && map.plain_key.is_some_and(|j| map.row_key == [j])
 }
 
 /// Green's target table, as every comparison reads it.
