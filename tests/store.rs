@@ -65,7 +65,9 @@ async fn a_green_from_before_versioning_upgrades_in_place_and_resumes() {
     let before = layout(&green).await;
     let progress = progress_lsn(&green, "test_slot").await.unwrap();
     green
-        .batch_execute("DROP TABLE shadowsync.schema_version, shadowsync.cutover")
+        .batch_execute(
+            "DROP TABLE shadowsync.schema_version, shadowsync.cutover, shadowsync.verify_points",
+        )
         .await
         .unwrap();
     insert_items(&pair, 100..200).await;

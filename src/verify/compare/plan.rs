@@ -168,7 +168,7 @@ const EXPRESSION_WORDS: [&str; 13] = [
 ];
 
 /// The source column `c` copies as it is (`src."col"`, `"col"`, or a bare lower-case name).
-fn copy_of(map: &TableMap, c: &TargetColumn) -> Option<usize> {
+pub(super) fn copy_of(map: &TableMap, c: &TargetColumn) -> Option<usize> {
     let names: Vec<&str> = map.source_columns.iter().map(|s| s.name.as_str()).collect();
     if let Some(j) = c.copied_from(&names) {
         return Some(j);
@@ -426,6 +426,7 @@ pub(super) fn shape(maps: &[std::sync::Arc<TableMap>]) -> Result<(Shape, Vec<Map
         kinds: columns.iter().map(|c| sql::kind(&c.base_type)).collect(),
         base_types: columns.iter().map(|c| c.base_type.clone()).collect(),
         key,
+        only: None,
     };
     let mapped = maps
         .iter()
@@ -442,6 +443,29 @@ pub(super) fn shape(maps: &[std::sync::Arc<TableMap>]) -> Result<(Shape, Vec<Map
         })
         .collect();
     Ok((shape, mapped))
+}
+
+/// The shape and mappings narrowed to the key columns: comparing them compares the sets of
+/// keys (rows missing or extra in green), at the cost of hashing the key alone.
+pub(super) fn keys_only<'a>(shape: &Shape, mapped: &[Mapped<'a>]) -> (Shape, Vec<Mapped<'a>>) {
+    let pick = |v: &[String]| shape.key.iter().map(|&k| v[k].clone()).collect::<Vec<_>>();
+    let keys = Shape {
+        names: pick(&shape.names),
+        kinds: shape.key.iter().map(|&k| shape.kinds[k]).collect(),
+        base_types: pick(&shape.base_types),
+        key: (0..shape.key.len()).collect(),
+        only: None,
+    };
+    let mapped = mapped
+        .iter()
+        .map(|m| Mapped {
+            map: m.map,
+            cols: shape.key.iter().map(|&k| m.cols[k]).collect(),
+            n: m.n,
+            key: keys.key.clone(),
+        })
+        .collect();
+    (keys, mapped)
 }
 
 /// Whether blue holds each key of the mapping's target at most once: the key is blue's primary

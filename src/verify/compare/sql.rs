@@ -84,6 +84,9 @@ pub(super) struct Shape {
     pub base_types: Vec<String>,
     /// The key: indices into `names`.
     pub key: Vec<usize>,
+    /// Only these keys (an incremental comparison's changed rows): one array literal of key
+    /// texts per key column, row `n` of each together one key.
+    pub only: Option<Vec<String>>,
 }
 
 impl Shape {
@@ -209,6 +212,23 @@ impl Shape {
                     .collect();
                 conds.push(format!("({}) {op} ({})", ord.join(", "), b.join(", ")));
             }
+        }
+        if let Some(arrays) = &self.only {
+            let arrays: Vec<String> = arrays
+                .iter()
+                .map(|a| format!("({})::text[]", params.push(a)))
+                .collect();
+            let names: Vec<String> = (0..self.key.len()).map(|k| format!("k{k}")).collect();
+            let keys: Vec<String> = (0..self.key.len())
+                .map(|k| self.bound_expr(k, &format!("u.k{k}")))
+                .collect();
+            conds.push(format!(
+                "({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+                self.order_exprs(rel).join(", "),
+                keys.join(", "),
+                arrays.join(", "),
+                names.join(", ")
+            ));
         }
         if conds.is_empty() {
             "true".into()
@@ -355,6 +375,15 @@ impl Shape {
     }
 }
 
+/// A PostgreSQL array literal of `values` (each quoted, `"` and `\\` escaped): a text array as
+/// one text parameter.
+pub(super) fn array_literal<'a>(values: impl Iterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> = values
+        .map(|v| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
 /// One relation in the target's shape, on one server.
 #[derive(Debug, Clone)]
 pub(super) struct Rel {
@@ -459,6 +488,7 @@ mod tests {
             kinds: vec![Kind::Int, Kind::Text, Kind::Other],
             base_types: vec!["bigint".into(), "text".into(), "jsonb".into()],
             key: vec![0, 1],
+            only: None,
         };
         let rel = Rel {
             side: Side::Green,
@@ -522,6 +552,19 @@ mod tests {
         );
         assert!(h.contains(" # t.\"~h2\")"), "{h}");
         assert_ne!(null_mark(1), null_mark(2));
+    }
+
+    #[test]
+    fn key_subsets_travel_as_array_parameters() {
+        let (mut shape, rel) = shape();
+        shape.only = Some(vec![
+            array_literal(["1", "2"].into_iter()),
+            array_literal(["a\"b", "c\\d"].into_iter()),
+        ]);
+        let mut p = Params::numbered();
+        let cond = shape.conditions(&rel, &Range::default(), &mut p);
+        assert!(cond.contains("IN (SELECT (u.k0)::bigint, (u.k1) COLLATE \"C\" FROM unnest(($1::text)::text[], ($2::text)::text[]) AS u(k0, k1))"), "{cond}");
+        assert_eq!(p.values, vec!["{\"1\",\"2\"}", r#"{"a\"b","c\\d"}"#]);
     }
 
     #[test]
