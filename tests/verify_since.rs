@@ -86,7 +86,10 @@ async fn since_lsn_compares_only_what_changed_and_finds_exactly_the_corruptions(
     let any = shadowsync::lsn::Lsn::parse("FF/0").unwrap();
     let e = verify(&config, Some(any)).await.unwrap_err();
     assert!(matches!(e, VerifyError::NoBase { .. }), "{e}");
-    assert!(e.to_string().contains("run a full shadowsync verify"), "{e}");
+    assert!(
+        e.to_string().contains("run a full shadowsync verify"),
+        "{e}"
+    );
 
     let full = verify(&config, None).await.unwrap();
     assert!(full.equal, "{}", full.text());
@@ -168,7 +171,11 @@ async fn since_lsn_compares_only_what_changed_and_finds_exactly_the_corruptions(
     let next = verify(&config, Some(again.lsn)).await.unwrap();
     assert!(next.equal, "{}", next.text());
     assert_eq!(next.incremental_since, Some(again.lsn));
-    assert!(mapping(&next, "public.items").changed_rows < 20, "{}", next.text());
+    assert!(
+        mapping(&next, "public.items").changed_rows < 20,
+        "{}",
+        next.text()
+    );
 
     // A point before the first one is not a start.
     let early = shadowsync::lsn::Lsn::parse("0/1").unwrap();

@@ -300,7 +300,10 @@ async fn compare_scoped(
     match since {
         Some(since) if reason.is_none() => {
             diff.incremental = true;
-            changed::run(&sides, &shape, &mapped, unique, opts, since, &mut diff, progress).await?;
+            changed::run(
+                &sides, &shape, &mapped, unique, opts, since, &mut diff, progress,
+            )
+            .await?;
         }
         _ => {
             diff.in_full = reason;

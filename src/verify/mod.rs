@@ -183,7 +183,16 @@ pub async fn run(
         progress,
     )
     .await?;
-    finish(&point.green, config, point.lsn, &xmins, base.as_ref(), &groups, &compared).await;
+    finish(
+        &point.green,
+        config,
+        point.lsn,
+        &xmins,
+        base.as_ref(),
+        &groups,
+        &compared,
+    )
+    .await;
     Ok(Report {
         equal: compared.equal(),
         lsn: point.lsn,

@@ -40,7 +40,10 @@ pub async fn snapshot_xmin(client: &Client, side: &'static str) -> Result<String
     Ok(client
         .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
         .await
-        .map_err(crate::failure::on(side, "reading the snapshot's oldest transaction"))?
+        .map_err(crate::failure::on(
+            side,
+            "reading the snapshot's oldest transaction",
+        ))?
         .get(0))
 }
 
@@ -166,9 +169,9 @@ async fn try_record(
     groups: &BTreeMap<String, Vec<Arc<TableMap>>>,
     mappings: &[MappingDiff],
 ) -> Result<(), VerifyError> {
-    crate::store::migrate(green).await.map_err(|e| {
-        VerifyError::Record(e.to_string())
-    })?;
+    crate::store::migrate(green)
+        .await
+        .map_err(|e| VerifyError::Record(e.to_string()))?;
     for m in mappings {
         let Some(maps) = groups.get(&m.target) else {
             continue;

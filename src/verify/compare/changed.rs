@@ -27,7 +27,7 @@ use tokio_postgres::types::ToSql;
 use super::keyed::Keyed;
 use super::plan::{self, Ctx, Source};
 use super::sql::{Rel, Shape, Side, array_literal};
-use super::{CompareError, MappingDiff, Options, Since, Sides, Tally, db};
+use super::{CompareError, MappingDiff, Options, Sides, Since, Tally, db};
 use crate::transform::TableMap;
 
 /// Chunks of keys written since the point held at most; past it the mapping is compared in full.
@@ -38,11 +38,15 @@ pub(super) fn unsupported(shape: &Shape, maps: &[Arc<TableMap>]) -> Option<Strin
     if shape.key.is_empty() {
         return Some("keyless target (compared as a multiset)".into());
     }
-    if let Some(m) = maps
-        .iter()
-        .find(|m| m.key.iter().any(|&k| plan::copy_of(m, &m.columns[k]).is_none()))
-    {
-        return Some(format!("the key of {}'s rows is computed by the rule", m.source));
+    if let Some(m) = maps.iter().find(|m| {
+        m.key
+            .iter()
+            .any(|&k| plan::copy_of(m, &m.columns[k]).is_none())
+    }) {
+        return Some(format!(
+            "the key of {}'s rows is computed by the rule",
+            m.source
+        ));
     }
     if let Some(m) = maps.iter().find(|m| !m.reads.is_empty()) {
         return Some(format!(
@@ -234,7 +238,11 @@ async fn in_key_order(
         .green
         .query(&cx.shape.key_order(), &values)
         .await
-        .map_err(db(Side::Green, &target.label, "ordering the keys written since"))?
+        .map_err(db(
+            Side::Green,
+            &target.label,
+            "ordering the keys written since",
+        ))?
         .iter()
         .map(|r| r.get(0))
         .collect();
