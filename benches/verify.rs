@@ -10,7 +10,10 @@
 //! tables are written by SQL directly (no stream: the bench measures the comparison, not the
 //! sync) and analyzed. Then, each inside one REPEATABLE READ snapshot per side:
 //! 1. `w` equal, 2. `r` equal, 3. `w` with 10 rows changed on green: the time over the equal
-//!    run is the bisection's cost; the 10 keys must be reported.
+//!    run is the bisection's cost; the 10 keys must be reported; 4. `w` incremental (`verify
+//!    --since-lsn`): a point is taken (each side's snapshot xmin), 1,000 rows are then updated
+//!    alike on both sides (as the stream would), and `w` is compared since the point: the
+//!    keys as sets, the 1,000 rows in full.
 //!
 //! Run: `cargo bench --bench verify -- [--rows N] [--chunk-rows N]` (default 1,000,000 rows;
 //! the README reports 5,000,000).
@@ -158,6 +161,31 @@ async fn run(rows: u64, chunk_rows: u64) {
         "bisection of 10 differing rows added {:.2} s",
         started.elapsed().as_secs_f64() - w.seconds
     );
+    g.batch_execute(&format!(
+        "UPDATE w SET descr = CASE WHEN id % 5 = 0 THEN NULL ELSE 'row number ' || id END WHERE id IN (SELECT g * {step} FROM generate_series(1, 10) g)"
+    ))
+    .await
+    .unwrap();
+    let since = point(&b, &g).await;
+    let step = (rows / 1000).max(1);
+    let change = format!("UPDATE w SET n = n + 1 WHERE id % {step} = 0 AND id <= {step} * 1000");
+    b.batch_execute(&change).await.unwrap();
+    g.batch_execute(&change).await.unwrap();
+    let i = timed_since(
+        "identity (w), since a point",
+        &b,
+        &g,
+        &maps["public.w"],
+        &opts,
+        rows,
+        &since,
+    )
+    .await;
+    assert!(i.equal() && i.incremental, "{i:?}");
+    println!(
+        "  {} rows written since the point compared in full",
+        i.changed_rows
+    );
     let _ = std::fs::remove_file(&rules);
 }
 
@@ -184,6 +212,15 @@ async fn mappings(
     by_target
 }
 
+/// A point, as `verify` records it: each side's oldest running transaction in a snapshot.
+async fn point(blue: &Client, green: &Client) -> compare::Since {
+    let q = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text";
+    compare::Since {
+        blue_xmin: blue.query_one(q, &[]).await.unwrap().get(0),
+        green_xmin: green.query_one(q, &[]).await.unwrap().get(0),
+    }
+}
+
 /// One comparison in fresh snapshots; prints rows/s.
 async fn timed(
     what: &str,
@@ -193,6 +230,30 @@ async fn timed(
     opts: &compare::Options,
     rows: u64,
 ) -> MappingDiff {
+    timed_scoped(what, blue, green, maps, opts, rows, None).await
+}
+
+async fn timed_since(
+    what: &str,
+    blue: &Client,
+    green: &Client,
+    maps: &[Arc<TableMap>],
+    opts: &compare::Options,
+    rows: u64,
+    since: &compare::Since,
+) -> MappingDiff {
+    timed_scoped(what, blue, green, maps, opts, rows, Some(since)).await
+}
+
+async fn timed_scoped(
+    what: &str,
+    blue: &Client,
+    green: &Client,
+    maps: &[Arc<TableMap>],
+    opts: &compare::Options,
+    rows: u64,
+    since: Option<&compare::Since>,
+) -> MappingDiff {
     blue.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .unwrap();
@@ -201,9 +262,11 @@ async fn timed(
         .await
         .unwrap();
     let started = Instant::now();
-    let diff = compare::compare(blue, green, maps, opts, &|_| {})
-        .await
-        .unwrap();
+    let diff = match since {
+        Some(s) => compare::compare_since(blue, green, maps, opts, s, &|_| {}).await,
+        None => compare::compare(blue, green, maps, opts, &|_| {}).await,
+    }
+    .unwrap();
     let seconds = started.elapsed().as_secs_f64();
     blue.batch_execute("COMMIT").await.unwrap();
     green.batch_execute("COMMIT").await.unwrap();

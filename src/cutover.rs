@@ -42,6 +42,9 @@ pub struct Options {
     /// `verify`); a difference aborts the cutover unless `accept_differences`.
     pub verify: bool,
     pub accept_differences: bool,
+    /// With `verify`: incremental, from the latest verify point at or before this LSN (see
+    /// `verify::since`); checked before the fence.
+    pub verify_since: Option<crate::lsn::Lsn>,
 }
 
 impl Default for Options {
@@ -55,6 +58,7 @@ impl Default for Options {
             fence_lock_timeout: Duration::from_secs(5),
             verify: false,
             accept_differences: false,
+            verify_since: None,
         }
     }
 }
@@ -255,6 +259,15 @@ async fn cut_over(
     };
     let (tables, maps) = mappings(config, blue, green).await?;
     static_checks(config, opts, blue, green, &tables, &mut report).await?;
+    if let (true, Some(since)) = (opts.verify, opts.verify_since) {
+        // Refused here rather than behind the fence.
+        let groups = crate::verify::by_target(maps.clone());
+        let base = crate::verify::since::choose(green, &config.blue.slot, since, &groups).await?;
+        report.checks.push(format!(
+            "verify is incremental, from the verify point at {}",
+            base.lsn
+        ));
+    }
     let streamer = Streamer::find(config).await?;
     if let Err(e) = wait_streaming(&streamer, opts, &mut report).await {
         streamer.stop().await;
@@ -495,7 +508,14 @@ async fn verify_fenced(
     fence: &Fence,
     report: &mut Report,
 ) -> Result<(), CutoverError> {
-    let verified = crate::verify::fenced(config, maps, fence.lsn, &Default::default()).await?;
+    let verified = crate::verify::fenced(
+        config,
+        maps,
+        fence.lsn,
+        &Default::default(),
+        opts.verify_since,
+    )
+    .await?;
     let equal = verified.equal;
     let text = verified.text();
     report.verify = Some(verified);

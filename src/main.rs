@@ -118,6 +118,9 @@ enum Command {
         /// With --verify: cut over even though green differs (the report lists the keys).
         #[arg(long, requires = "verify")]
         accept_differences: bool,
+        /// With --verify: incremental, as `verify --since-lsn` (checked before the fence).
+        #[arg(long, requires = "verify", value_parser = parse_lsn)]
+        since_lsn: Option<shadowsync::lsn::Lsn>,
         /// Remove a fence left on blue by a killed cutover (blue's writes resume).
         #[arg(long)]
         abort: bool,
@@ -154,6 +157,11 @@ enum Command {
         /// Longest wait for a stream started here to be streaming.
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         timeout: Duration,
+        /// Incremental: from the latest point at or before this LSN at which a verify found
+        /// the selected targets equal, compare the keys as sets and in full only the rows
+        /// written since on either side.
+        #[arg(long, value_parser = parse_lsn)]
+        since_lsn: Option<shadowsync::lsn::Lsn>,
     },
     /// Throwaway blue and green clusters, a workload, live progress, drain and a report.
     Demo {
@@ -161,6 +169,10 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+}
+
+fn parse_lsn(text: &str) -> Result<shadowsync::lsn::Lsn, String> {
+    shadowsync::lsn::Lsn::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -289,6 +301,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             headroom,
             verify,
             accept_differences,
+            since_lsn,
             abort,
         } => {
             let cfg = shadowsync::config::Config::load(&config)?;
@@ -306,6 +319,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 fence_lock_timeout: fence_timeout,
                 verify,
                 accept_differences,
+                verify_since: since_lsn,
             };
             let report = shadowsync::cutover::run(&cfg, &opts).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -331,6 +345,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             chunk_rows,
             max_keys,
             timeout,
+            since_lsn,
         } => {
             let cfg = shadowsync::config::Config::load(&config)?;
             let opts = shadowsync::verify::Options {
@@ -340,6 +355,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     max_keys,
                 },
                 timeout,
+                since_lsn,
             };
             let report = shadowsync::verify::command(&cfg, &opts).await?;
             if json {

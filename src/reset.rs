@@ -124,6 +124,7 @@ async fn clear_green(
         ("shadowsync.copy_ranges", "initial-copy ranges"),
         ("shadowsync.copy_state", "initial-copy state"),
         ("shadowsync.cutover", "cutover mark"),
+        ("shadowsync.verify_points", "verify points"),
     ] {
         let n = tx
             .execute(&format!("DELETE FROM {table} WHERE slot = $1"), &[&slot])

@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "cutover state per slot",
         sql: V2,
     },
+    Migration {
+        version: 3,
+        name: "verify points per slot and target",
+        sql: V3,
+    },
 ];
 
 /// The schema of the releases before versioning, verbatim (hence `IF NOT EXISTS`).
@@ -104,6 +109,25 @@ CREATE TABLE shadowsync.cutover (
 );
 COMMENT ON TABLE shadowsync.cutover IS
     'shadowsync: slots cut over to green (blue fenced at fence_lsn, everything before it applied, sequences set); shadowsync run refuses to write for them; shadowsync reset clears the row';
+";
+
+/// Each target a completed `verify` compared, at its consistent point: what `verify
+/// --since-lsn` starts from (only rows written after the point need comparing in full).
+const V3: &str = "
+CREATE TABLE shadowsync.verify_points (
+    slot        text NOT NULL,
+    lsn         pg_lsn NOT NULL,
+    target      text NOT NULL,
+    mapping     text NOT NULL,
+    blue_xmin   xid8 NOT NULL,
+    green_xmin  xid8 NOT NULL,
+    matched     boolean NOT NULL,
+    since_lsn   pg_lsn,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (slot, lsn, target)
+);
+COMMENT ON TABLE shadowsync.verify_points IS
+    'shadowsync: targets compared by a completed verify at blue LSN lsn (matched: green equalled the transform of blue); mapping fingerprints the rule compared; blue_xmin and green_xmin are the oldest transactions still running in each side''s snapshot (a row version with an older xmin existed at the point); since_lsn is the point an incremental verify started from';
 ";
 
 /// The version table itself, outside the numbered history (it records it).

@@ -63,9 +63,17 @@ async fn a_green_from_before_versioning_upgrades_in_place_and_resumes() {
     // (and none of the later versions' tables).
     let green = pair.green().await;
     let before = layout(&green).await;
+    assert!(
+        before
+            .iter()
+            .any(|c| c.starts_with("verify_points.blue_xmin xid8")),
+        "version 3 adds verify's points: {before:?}"
+    );
     let progress = progress_lsn(&green, "test_slot").await.unwrap();
     green
-        .batch_execute("DROP TABLE shadowsync.schema_version, shadowsync.cutover")
+        .batch_execute(
+            "DROP TABLE shadowsync.schema_version, shadowsync.cutover, shadowsync.verify_points",
+        )
         .await
         .unwrap();
     insert_items(&pair, 100..200).await;

@@ -20,6 +20,7 @@
 //! - Text forms are those of shadowsync's sessions (ISO dates, UTC, exact floats, hex bytea),
 //!   set for the transaction on both connections, so that equal values hash equal.
 
+mod changed;
 mod keyed;
 mod keyless;
 mod plan;
@@ -34,7 +35,17 @@ use tokio_postgres::Client;
 use crate::failure::DbFailure;
 use crate::transform::TableMap;
 use plan::Source;
-use sql::Side;
+use sql::{Shape, Side};
+
+/// An earlier point at which the mappings compared matched: the oldest transaction still
+/// running in each side's snapshot then (`xid8` text). A row version whose `xmin` is older
+/// existed at the point (its transaction had ended; had it aborted, the version would not be
+/// seen), so a key whose versions on both sides are older still matches.
+#[derive(Debug, Clone)]
+pub struct Since {
+    pub blue_xmin: String,
+    pub green_xmin: String,
+}
 
 /// How to compare.
 #[derive(Debug, Clone)]
@@ -83,6 +94,15 @@ pub struct MappingDiff {
     pub differing_count: u64,
     pub chunks: u64,
     pub seconds: f64,
+    /// Compared incrementally (see [`compare_since`]): the keys as sets, in full only the rows
+    /// written since the earlier point.
+    pub incremental: bool,
+    /// Incremental only: the keys whose rows were compared in full (written since the point
+    /// on either side).
+    pub changed_rows: u64,
+    /// Asked to compare incrementally but compared in full, and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_full: Option<String>,
 }
 
 impl MappingDiff {
@@ -225,6 +245,32 @@ pub async fn compare(
     opts: &Options,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<MappingDiff, CompareError> {
+    compare_scoped(blue, green, maps, opts, None, progress).await
+}
+
+/// [`compare`] after an earlier point at which the same mappings matched (see [`Since`]): the
+/// keys as sets, and in full only the rows written on either side since that point. Mappings
+/// that cannot be narrowed that way are compared in full (see `changed::unsupported`); the
+/// diff says which ([`MappingDiff::in_full`]).
+pub async fn compare_since(
+    blue: &Client,
+    green: &Client,
+    maps: &[Arc<TableMap>],
+    opts: &Options,
+    since: &Since,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<MappingDiff, CompareError> {
+    compare_scoped(blue, green, maps, opts, Some(since), progress).await
+}
+
+async fn compare_scoped(
+    blue: &Client,
+    green: &Client,
+    maps: &[Arc<TableMap>],
+    opts: &Options,
+    since: Option<&Since>,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<MappingDiff, CompareError> {
     let started = Instant::now();
     let first = maps
         .first()
@@ -235,27 +281,10 @@ pub async fn compare(
             first.target, other.target
         )));
     }
-    let label = first.label.as_str();
     for (side, client) in [(Side::Blue, blue), (Side::Green, green)] {
-        in_snapshot(side, client, label).await?;
+        in_snapshot(side, client, &first.label).await?;
     }
     let (shape, mapped) = plan::shape(maps).map_err(CompareError::Mappings)?;
-    let cx = plan::Ctx {
-        blue,
-        green,
-        shape: &shape,
-    };
-    let mut sources = Vec::with_capacity(mapped.len());
-    let mut temp = Vec::new();
-    for m in &mapped {
-        let s = plan::source(&cx, m).await?;
-        if !matches!(s, Source::Blue(_)) {
-            temp.push(plan::staging_name(m.n));
-            temp.push(plan::expected_name(m.n));
-        }
-        sources.push(s);
-    }
-    let target = plan::target(&shape, first);
     let mut diff = MappingDiff {
         source: maps
             .iter()
@@ -265,8 +294,71 @@ pub async fn compare(
         target: first.target.to_string(),
         ..MappingDiff::default()
     };
+    let sides = Sides { blue, green };
+    let unique = maps.len() == 1 && plan::unique_on_blue(first);
+    let reason = since.and_then(|_| changed::unsupported(&shape, maps));
+    match since {
+        Some(since) if reason.is_none() => {
+            diff.incremental = true;
+            changed::run(
+                &sides, &shape, &mapped, unique, opts, since, &mut diff, progress,
+            )
+            .await?;
+        }
+        _ => {
+            diff.in_full = reason;
+            full(&sides, &shape, &mapped, unique, opts, &mut diff, progress).await?;
+        }
+    }
+    diff.seconds = started.elapsed().as_secs_f64();
+    Ok(diff)
+}
+
+/// Both connections, inside their snapshots.
+struct Sides<'a> {
+    blue: &'a Client,
+    green: &'a Client,
+}
+
+/// Builds each mapping's source (see `plan::source`); also returns the temporary tables made.
+async fn sources(
+    cx: &plan::Ctx<'_>,
+    mapped: &[plan::Mapped<'_>],
+) -> Result<(Vec<Source>, Vec<String>), CompareError> {
+    let mut sources = Vec::with_capacity(mapped.len());
+    let mut temp = Vec::new();
+    for m in mapped {
+        let s = plan::source(cx, m).await?;
+        if !matches!(s, Source::Blue(_)) {
+            temp.push(plan::staging_name(m.n));
+            temp.push(plan::expected_name(m.n));
+        }
+        sources.push(s);
+    }
+    Ok((sources, temp))
+}
+
+/// Compares every row of `shape`'s columns, adding what it finds to `diff`.
+async fn full(
+    sides: &Sides<'_>,
+    shape: &Shape,
+    mapped: &[plan::Mapped<'_>],
+    unique: bool,
+    opts: &Options,
+    diff: &mut MappingDiff,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(), CompareError> {
+    let first = mapped[0].map;
+    let cx = plan::Ctx {
+        blue: sides.blue,
+        green: sides.green,
+        shape,
+        statements: Default::default(),
+    };
+    let (sources, temp) = sources(&cx, mapped).await?;
+    let target = plan::target(shape, first);
     let mut tally = Tally {
-        diff: &mut diff,
+        diff,
         max: opts.max_keys,
     };
     for s in &sources {
@@ -281,11 +373,9 @@ pub async fn compare(
     if shape.key.is_empty() {
         keyless::run(&cx, &sources, &target, &mut tally, progress).await?;
     } else {
-        keyed::Keyed::new(&cx, &sources, &target)
+        keyed::Keyed::new(&cx, &sources, &target, unique)
             .run(opts.chunk_rows, &mut tally, progress)
             .await?;
     }
-    stage::drop_all(green, &temp, label).await?;
-    diff.seconds = started.elapsed().as_secs_f64();
-    Ok(diff)
+    stage::drop_all(sides.green, &temp, &first.label).await
 }

@@ -5,13 +5,19 @@
 //! every mapping is compared inside the two snapshots (see `compare`: chunk checksums computed
 //! by the databases, rule mappings evaluated by green, differing chunks bisected down to keys).
 //!
+//! With `--since-lsn` the comparison is incremental: from the point of an earlier verify that
+//! found the same targets equal, the keys are compared as sets and only rows written since in
+//! full (see `since` and `compare::compare_since`).
+//!
 //! Invariants: nothing is written to either database but a temporary slot on blue (gone with
-//! its session) and the flush marker a drain also writes; keys and column names are reported,
+//! its session), the flush marker a drain also writes, and, once a comparison completed, its
+//! point in green's `shadowsync.verify_points`; keys and column names are reported,
 //! never other values; the report says `equal` only when every compared mapping matched; an
 //! interrupted verify says how far it got and is never `equal`.
 
 pub mod compare;
 pub mod point;
+pub mod since;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +39,9 @@ pub struct Options {
     pub compare: compare::Options,
     /// Longest wait for a stream started here to be streaming.
     pub timeout: Duration,
+    /// Incremental: only what may have changed since the latest point at or before this LSN
+    /// at which an earlier verify found every selected target equal (see `since`).
+    pub since_lsn: Option<crate::lsn::Lsn>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +70,24 @@ pub enum VerifyError {
     )]
     NoSuchTable(String),
     #[error(
+        "no verify recorded on green found {targets} equal at or before {since} (with the mappings as they are now): run a full shadowsync verify --config F first, then --since-lsn with the LSN it reports"
+    )]
+    NoBase {
+        since: crate::lsn::Lsn,
+        targets: String,
+    },
+    #[error(
+        "the verify point at {lsn} is {age} transactions old on {side} (at most {max}, or the point is not of this {side}): run a full shadowsync verify --config F instead",
+        max = since::MAX_AGE
+    )]
+    BaseTooOld {
+        lsn: crate::lsn::Lsn,
+        side: &'static str,
+        age: i64,
+    },
+    #[error("recording the verify point: {0}")]
+    Record(String),
+    #[error(
         "the stream was not streaming within {0:?} (initial copy not done, or blue or green unreachable); nothing was compared"
     )]
     NotStreaming(Duration),
@@ -75,6 +102,8 @@ pub struct Report {
     pub lsn: crate::lsn::Lsn,
     /// Green's progress inside its snapshot.
     pub green_progress: Option<crate::lsn::Lsn>,
+    /// Incremental (`--since-lsn`): the earlier point compared from (see [`since`]).
+    pub incremental_since: Option<crate::lsn::Lsn>,
     /// How long the stream held for green's snapshot (seconds).
     pub hold_seconds: Option<f64>,
     /// Time to take both snapshots.
@@ -99,6 +128,11 @@ impl Report {
                 .map(|s| format!("{:.0}", s * 1000.0))
                 .unwrap_or("?".into()),
         );
+        if let Some(since) = self.incremental_since {
+            out.push_str(&format!(
+                "incremental: keys compared as sets, in full only rows written since the verify at {since}\n"
+            ));
+        }
         for m in &self.mappings {
             out.push_str(&line(m));
             out.push('\n');
@@ -128,6 +162,8 @@ pub async fn run(
     let started = Instant::now();
     let sides = point::connect(config).await?;
     let groups = selected(&sides, config, opts).await?;
+    // Refused before any point is taken when there is nothing to start from.
+    let base = base(&sides.green, config, opts.since_lsn, &groups).await?;
     let streamer = Streamer::find(config).await?;
     let point = match wait_streaming(&streamer, opts.timeout).await {
         Ok(()) => point::take(config, &streamer, sides).await,
@@ -136,19 +172,32 @@ pub async fn run(
     // A stream started here has served its purpose once green's snapshot exists.
     streamer.stop().await;
     let point = point?;
+    let xmins = snapshot_xmins(&point.blue, &point.green, base.as_ref()).await?;
     let compared = compare_all(
         &point.blue,
         &point.green,
-        groups,
+        &groups,
         &opts.compare,
+        base.as_ref().map(|b| &b.since),
         stop,
         progress,
     )
     .await?;
+    finish(
+        &point.green,
+        config,
+        point.lsn,
+        &xmins,
+        base.as_ref(),
+        &groups,
+        &compared,
+    )
+    .await;
     Ok(Report {
         equal: compared.equal(),
         lsn: point.lsn,
         green_progress: point.green_progress,
+        incremental_since: base.map(|b| b.lsn),
         hold_seconds: point.hold_seconds,
         point_seconds: point.seconds,
         mappings: compared.mappings,
@@ -159,15 +208,19 @@ pub async fn run(
 }
 
 /// `cutover --verify`: behind the fence, after the drain, nothing moves on either side, so a
-/// plain snapshot of each is one consistent point (`fence_lsn`). Compares `maps`.
+/// plain snapshot of each is one consistent point (`fence_lsn`). Compares `maps`, incrementally
+/// with `since_lsn` (see [`Options::since_lsn`]).
 pub async fn fenced(
     config: &Config,
     maps: &[Arc<TableMap>],
     fence_lsn: crate::lsn::Lsn,
     opts: &compare::Options,
+    since_lsn: Option<crate::lsn::Lsn>,
 ) -> Result<Report, VerifyError> {
     let started = Instant::now();
     let sides = point::connect(config).await?;
+    let groups = by_target(maps.to_vec());
+    let base = base(&sides.green, config, since_lsn, &groups).await?;
     let (blue, green) = (&sides.blue, &sides.green);
     blue.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
@@ -180,14 +233,20 @@ pub async fn fenced(
         .await
         .map_err(crate::failure::on("green", "reading green's progress"))?
         .map(|p| p.end_lsn);
+    let xmins = snapshot_xmins(blue, green, base.as_ref()).await?;
     let (_never, stop) = crate::shutdown::channel();
-    let compared = compare_all(blue, green, by_target(maps.to_vec()), opts, stop, &|_| {}).await;
+    let since = base.as_ref().map(|b| &b.since);
+    let compared = compare_all(blue, green, &groups, opts, since, stop, &|_| {}).await;
+    if let Ok(c) = &compared {
+        finish(green, config, fence_lsn, &xmins, base.as_ref(), &groups, c).await;
+    }
     sides.close().await;
     let compared = compared?;
     Ok(Report {
         equal: compared.equal(),
         lsn: fence_lsn,
         green_progress,
+        incremental_since: base.map(|b| b.lsn),
         hold_seconds: None,
         point_seconds: 0.0,
         mappings: compared.mappings,
@@ -195,6 +254,66 @@ pub async fn fenced(
         interrupted: compared.interrupted,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The point `--since-lsn` starts from (`green` outside any transaction), when asked.
+async fn base(
+    green: &tokio_postgres::Client,
+    config: &Config,
+    since_lsn: Option<crate::lsn::Lsn>,
+    groups: &BTreeMap<String, Vec<Arc<TableMap>>>,
+) -> Result<Option<since::Base>, VerifyError> {
+    match since_lsn {
+        Some(l) => Ok(Some(
+            since::choose(green, &config.blue.slot, l, groups).await?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Each side's oldest running transaction in its snapshot (recorded with the point), after
+/// checking that `base`'s are not too old on either side.
+async fn snapshot_xmins(
+    blue: &tokio_postgres::Client,
+    green: &tokio_postgres::Client,
+    base: Option<&since::Base>,
+) -> Result<(String, String), VerifyError> {
+    if let Some(b) = base {
+        since::check_age(blue, "blue", b, &b.since.blue_xmin).await?;
+        since::check_age(green, "green", b, &b.since.green_xmin).await?;
+    }
+    Ok((
+        since::snapshot_xmin(blue, "blue").await?,
+        since::snapshot_xmin(green, "green").await?,
+    ))
+}
+
+/// Ends green's snapshot and records the point of a completed comparison (see `since`).
+async fn finish(
+    green: &tokio_postgres::Client,
+    config: &Config,
+    lsn: crate::lsn::Lsn,
+    (blue_xmin, green_xmin): &(String, String),
+    base: Option<&since::Base>,
+    groups: &BTreeMap<String, Vec<Arc<TableMap>>>,
+    compared: &Compared,
+) {
+    if compared.interrupted {
+        return;
+    }
+    // The comparison's temporary tables go with its transaction.
+    if let Err(e) = green.batch_execute("ROLLBACK").await {
+        tracing::warn!(error = %e, "verify: ending green's snapshot failed; the point is not recorded");
+        return;
+    }
+    let point = since::Recorded {
+        slot: &config.blue.slot,
+        lsn,
+        blue_xmin,
+        green_xmin,
+        since: base.map(|b| b.lsn),
+    };
+    since::record(green, &point, groups, &compared.mappings).await;
 }
 
 /// Where a comparison is, for the progress line.
@@ -239,8 +358,9 @@ impl Compared {
 async fn compare_all(
     blue: &tokio_postgres::Client,
     green: &tokio_postgres::Client,
-    groups: BTreeMap<String, Vec<Arc<TableMap>>>,
+    groups: &BTreeMap<String, Vec<Arc<TableMap>>>,
     opts: &compare::Options,
+    since: Option<&compare::Since>,
     mut stop: Shutdown,
     progress: &(dyn Fn(&Progress) + Sync),
 ) -> Result<Compared, VerifyError> {
@@ -250,7 +370,8 @@ async fn compare_all(
         interrupted: false,
     };
     let total = groups.len();
-    for (i, (target, maps)) in groups.into_iter().enumerate() {
+    for (i, (target, maps)) in groups.iter().enumerate() {
+        let target = target.clone();
         if out.interrupted {
             out.not_compared.push(target);
             continue;
@@ -270,7 +391,12 @@ async fn compare_all(
             biased;
             // An interrupt first: the run ends with what it has.
             () = stop.recv() => None,
-            diff = compare::compare(blue, green, &maps, opts, &tick) => Some(diff),
+            diff = async {
+                match since {
+                    Some(s) => compare::compare_since(blue, green, maps, opts, s, &tick).await,
+                    None => compare::compare(blue, green, maps, opts, &tick).await,
+                }
+            } => Some(diff),
         };
         match compared {
             Some(diff) => out
@@ -391,7 +517,7 @@ impl ProgressLine {
 }
 
 /// Mappings grouped by target (several blue tables may write one), in target order.
-fn by_target(maps: Vec<Arc<TableMap>>) -> BTreeMap<String, Vec<Arc<TableMap>>> {
+pub fn by_target(maps: Vec<Arc<TableMap>>) -> BTreeMap<String, Vec<Arc<TableMap>>> {
     let mut groups: BTreeMap<String, Vec<Arc<TableMap>>> = BTreeMap::new();
     for m in maps {
         groups.entry(m.target.to_string()).or_default().push(m);
@@ -413,6 +539,15 @@ fn line(m: &compare::MappingDiff) -> String {
         "{verdict}  {} -> {}: {} blue rows, {} green rows, {} chunks, {:.1} s",
         m.source, m.target, m.rows_blue, m.rows_green, m.chunks, m.seconds
     );
+    if m.incremental {
+        out.push_str(&format!(
+            "; incremental, {} rows written since compared in full",
+            m.changed_rows
+        ));
+    }
+    if let Some(why) = &m.in_full {
+        out.push_str(&format!("; compared in full: {why}"));
+    }
     if !m.equal() {
         out.push_str(&format!(
             "; missing in green {}, extra in green {}, differing {}",

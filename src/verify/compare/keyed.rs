@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 
-use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::{Row, Statement};
 
 use super::plan::{Ctx, Source};
 use super::sql::{Params, Range, Rel, Side};
@@ -102,10 +102,41 @@ async fn run_one(
     };
     let values: Vec<&(dyn ToSql + Sync)> =
         params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+    let statement = cx
+        .statements
+        .get(client, rel.side, sql)
+        .await
+        .map_err(db(rel.side, &rel.label, context))?;
     client
-        .query(sql.as_str(), &values)
+        .query(&statement, &values)
         .await
         .map_err(db(rel.side, &rel.label, context))
+}
+
+/// Statements prepared on each side, by text: a comparison's statements differ from chunk to
+/// chunk only in their parameters, so each is parsed once and then costs one round trip (a
+/// text statement costs two, a parse and a plan each time).
+#[derive(Default)]
+pub(super) struct Statements(std::sync::Mutex<HashMap<(Side, String), Statement>>);
+
+impl Statements {
+    async fn get(
+        &self,
+        client: &tokio_postgres::Client,
+        side: Side,
+        sql: &str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        let key = (side, sql.to_string());
+        if let Some(s) = self.0.lock().expect("statements lock").get(&key) {
+            return Ok(s.clone());
+        }
+        let prepared = client.prepare(sql).await?;
+        self.0
+            .lock()
+            .expect("statements lock")
+            .insert(key, prepared.clone());
+        Ok(prepared)
+    }
 }
 
 pub(super) struct Keyed<'a> {
@@ -121,10 +152,13 @@ pub(super) struct Keyed<'a> {
     /// only the sums to do (green's rows beyond the chunk size then, like blue's otherwise,
     /// only cost bisection, never memory).
     bounding: Vec<&'a Rel>,
+    /// Blue's rows have one key each (see [`super::plan::unique_on_blue`]): a chunk of the
+    /// first `n` rows then ends at a key, with no row of the same key left for the next.
+    unique: bool,
 }
 
 impl<'a> Keyed<'a> {
-    pub fn new(cx: &'a Ctx<'a>, sources: &'a [Source], target: &'a Rel) -> Keyed<'a> {
+    pub fn new(cx: &'a Ctx<'a>, sources: &'a [Source], target: &'a Rel, unique: bool) -> Keyed<'a> {
         let mut rels = Vec::new();
         let mut companions = Vec::new();
         let mut bounding = vec![target];
@@ -157,6 +191,7 @@ impl<'a> Keyed<'a> {
             rels,
             companions,
             bounding,
+            unique,
         }
     }
 
@@ -168,6 +203,13 @@ impl<'a> Keyed<'a> {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<(), CompareError> {
         let n = chunk_rows.max(1);
+        if self.unique
+            && self.rels.len() == 2
+            && self.bounding.len() == 1
+            && self.cx.shape.max_key()
+        {
+            return self.run_led(n, diff, progress).await;
+        }
         let mut lo: Option<Vec<String>> = None;
         let mut hi = self.boundary(&lo, n).await?;
         let mut ahead = self.read_ahead(&Range {
@@ -207,6 +249,82 @@ impl<'a> Keyed<'a> {
                 _ => return Ok(()),
             }
         }
+    }
+
+    /// [`Self::run`] for one relation hashed on blue with a simple key: blue reads each chunk
+    /// once, finding its end and summing it at once ([`super::sql::Shape::lead`]), and sums
+    /// the next chunk while green sums this one (green a chunk behind): each server reads its
+    /// rows once, and both work all the time.
+    async fn run_led(
+        &self,
+        n: u64,
+        diff: &mut Tally<'_>,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<(), CompareError> {
+        let (blue, target) = (self.rels[0], self.rels[1]);
+        let mut lo: Option<Vec<String>> = None;
+        let mut led = self.lead(blue, &lo, n).await?;
+        loop {
+            let range = Range {
+                lo: lo.clone(),
+                hi: led.1.clone(),
+            };
+            let next = async {
+                match &range.hi {
+                    Some(h) => Ok(Some(self.lead(blue, &Some(h.clone()), n).await?)),
+                    None => Ok::<_, CompareError>(None),
+                }
+            };
+            let actual = async {
+                let mut p = Params::numbered();
+                let sql = self.cx.shape.checksum(target, &range, &mut p);
+                let rows = run_all(
+                    self.cx,
+                    &[(target, sql, p.values)],
+                    "summing a range's row hashes",
+                )
+                .await?;
+                Ok::<_, CompareError>(Sum::from_row(&rows[0][0]))
+            };
+            let (next, actual) = tokio::join!(next, actual);
+            let sums = Sums(vec![led.0, actual?]);
+            let (e, a) = (sums.expected(), sums.actual());
+            diff.diff.rows_blue += e.rows;
+            diff.diff.rows_green += a.rows;
+            diff.diff.chunks += 1;
+            if !sums.equal() {
+                self.bisect(range.clone(), sums, diff).await?;
+            }
+            progress(e.rows.max(a.rows));
+            match next? {
+                Some(l) => {
+                    lo = range.hi;
+                    led = l;
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Blue's sum of the first `n` rows after `lo`, and their last key: the chunk's end, or
+    /// `None` when fewer than `n` are left (the last chunk is open-ended).
+    async fn lead(
+        &self,
+        rel: &Rel,
+        lo: &Option<Vec<String>>,
+        n: u64,
+    ) -> Result<(Sum, Option<Vec<String>>), CompareError> {
+        let range = Range {
+            lo: lo.clone(),
+            hi: None,
+        };
+        let mut p = Params::numbered();
+        let sql = self.cx.shape.lead(rel, &range, &mut p, n);
+        let rows = run_all(self.cx, &[(rel, sql, p.values)], "summing a chunk").await?;
+        let row = &rows[0][0];
+        let sum = Sum::from_row(row);
+        let last: Option<String> = row.get(2);
+        Ok((sum, last.filter(|_| sum.rows >= n).map(|k| vec![k])))
     }
 
     /// The upper bound of the chunk after `lo`: the least `chunk_rows`-th key of the bounding

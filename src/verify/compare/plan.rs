@@ -54,6 +54,8 @@ pub(super) struct Ctx<'a> {
     pub blue: &'a Client,
     pub green: &'a Client,
     pub shape: &'a Shape,
+    /// Statements prepared so far on either side (see `keyed::run_all`).
+    pub statements: super::keyed::Statements,
 }
 
 /// A mapping's columns in the shape's order: `cols[i]` is the mapping's column of shape column
@@ -166,7 +168,7 @@ const EXPRESSION_WORDS: [&str; 13] = [
 ];
 
 /// The source column `c` copies as it is (`src."col"`, `"col"`, or a bare lower-case name).
-fn copy_of(map: &TableMap, c: &TargetColumn) -> Option<usize> {
+pub(super) fn copy_of(map: &TableMap, c: &TargetColumn) -> Option<usize> {
     let names: Vec<&str> = map.source_columns.iter().map(|s| s.name.as_str()).collect();
     if let Some(j) = c.copied_from(&names) {
         return Some(j);
@@ -424,6 +426,7 @@ pub(super) fn shape(maps: &[std::sync::Arc<TableMap>]) -> Result<(Shape, Vec<Map
         kinds: columns.iter().map(|c| sql::kind(&c.base_type)).collect(),
         base_types: columns.iter().map(|c| c.base_type.clone()).collect(),
         key,
+        only: None,
     };
     let mapped = maps
         .iter()
@@ -440,6 +443,42 @@ pub(super) fn shape(maps: &[std::sync::Arc<TableMap>]) -> Result<(Shape, Vec<Map
         })
         .collect();
     Ok((shape, mapped))
+}
+
+/// The shape and mappings narrowed to the key columns: comparing them compares the sets of
+/// keys (rows missing or extra in green), at the cost of hashing the key alone.
+pub(super) fn keys_only<'a>(shape: &Shape, mapped: &[Mapped<'a>]) -> (Shape, Vec<Mapped<'a>>) {
+    let pick = |v: &[String]| shape.key.iter().map(|&k| v[k].clone()).collect::<Vec<_>>();
+    let keys = Shape {
+        names: pick(&shape.names),
+        kinds: shape.key.iter().map(|&k| shape.kinds[k]).collect(),
+        base_types: pick(&shape.base_types),
+        key: (0..shape.key.len()).collect(),
+        only: None,
+    };
+    let mapped = mapped
+        .iter()
+        .map(|m| Mapped {
+            map: m.map,
+            cols: shape.key.iter().map(|&k| m.cols[k]).collect(),
+            n: m.n,
+            key: keys.key.clone(),
+        })
+        .collect();
+    (keys, mapped)
+}
+
+/// Whether blue holds each key of the mapping's target at most once: the key is blue's primary
+/// key or replica identity index (unique, NOT NULL), copied as it is into green's single key
+/// column. (Under `REPLICA IDENTITY FULL`, or with no identity, blue may hold a key twice.)
+pub(super) fn unique_on_blue(map: &TableMap) -> bool {
+    use crate::decode::ReplicaIdentity;
+    !map.awaits_identity
+        && matches!(
+            map.replica_identity,
+            ReplicaIdentity::Default | ReplicaIdentity::Index
+        )
+        && map.plain_key.is_some_and(|j| map.row_key == [j])
 }
 
 /// Green's target table, as every comparison reads it.

@@ -19,6 +19,15 @@ pub(super) enum Kind {
     /// Built-in types whose order is the same on any server: hashed by their text, ordered
     /// natively.
     Native,
+    /// real, double precision: hashed as the number (`hashfloat8extended`, a third of the
+    /// cost of the text form), zeros by their text (`-0` and `0` are equal numbers but
+    /// different text); ordered natively. With the sessions' exact float text, two floats
+    /// have the same text exactly when they are equal numbers, zeros aside, so this finds
+    /// what the text would.
+    Float,
+    /// boolean: hashed as 0 or 1 (its text form costs a call of the output function per row),
+    /// ordered natively.
+    Bool,
     /// timestamp, timestamptz: hashed as the instant (no text form needed; with the session's
     /// UTC a timestamptz is the timestamp of the same microseconds), ordered natively.
     Stamp,
@@ -31,14 +40,9 @@ pub(super) fn kind(base_type: &str) -> Kind {
     match base_type {
         "smallint" | "integer" | "bigint" => Kind::Int,
         "text" | "character varying" => Kind::Text,
-        "numeric"
-        | "real"
-        | "double precision"
-        | "uuid"
-        | "date"
-        | "boolean"
-        | "bytea"
-        | "time without time zone" => Kind::Native,
+        "real" | "double precision" => Kind::Float,
+        "boolean" => Kind::Bool,
+        "numeric" | "uuid" | "date" | "bytea" | "time without time zone" => Kind::Native,
         "timestamp with time zone" | "timestamp without time zone" => Kind::Stamp,
         _ => Kind::Other,
     }
@@ -80,6 +84,9 @@ pub(super) struct Shape {
     pub base_types: Vec<String>,
     /// The key: indices into `names`.
     pub key: Vec<usize>,
+    /// Only these keys (an incremental comparison's changed rows): one array literal of key
+    /// texts per key column, row `n` of each together one key.
+    pub only: Option<Vec<String>>,
 }
 
 impl Shape {
@@ -96,6 +103,11 @@ impl Shape {
             Kind::Stamp => {
                 format!("coalesce(timestamp_hash_extended(({value})::timestamp, {seed}), {null})")
             }
+            Kind::Float => format!(
+                "coalesce(CASE WHEN ({value}) = 0 THEN hashtextextended(({value})::text, {seed}) \
+                 ELSE hashfloat8extended(({value})::float8, {seed}) END, {null})"
+            ),
+            Kind::Bool => format!("coalesce(hashint4extended(({value})::int4, {seed}), {null})"),
             Kind::Native | Kind::Other => {
                 format!("coalesce(hashtextextended(({value})::text, {seed}), {null})")
             }
@@ -146,7 +158,7 @@ impl Shape {
     fn order_expr(&self, rel: &Rel, k: usize) -> String {
         let e = &rel.keys[k];
         match self.kinds[self.key[k]] {
-            Kind::Int | Kind::Native | Kind::Stamp => e.clone(),
+            Kind::Int | Kind::Native | Kind::Stamp | Kind::Float | Kind::Bool => e.clone(),
             Kind::Text | Kind::Other => format!("({e})::text COLLATE \"C\""),
         }
     }
@@ -156,7 +168,9 @@ impl Shape {
         let c = self.key[k];
         match self.kinds[c] {
             Kind::Int => format!("({p})::bigint"),
-            Kind::Native | Kind::Stamp => format!("({p})::{}", self.base_types[c]),
+            Kind::Native | Kind::Stamp | Kind::Float | Kind::Bool => {
+                format!("({p})::{}", self.base_types[c])
+            }
             Kind::Text | Kind::Other => format!("({p}) COLLATE \"C\""),
         }
     }
@@ -199,6 +213,23 @@ impl Shape {
                 conds.push(format!("({}) {op} ({})", ord.join(", "), b.join(", ")));
             }
         }
+        if let Some(arrays) = &self.only {
+            let arrays: Vec<String> = arrays
+                .iter()
+                .map(|a| format!("({})::text[]", params.push(a)))
+                .collect();
+            let names: Vec<String> = (0..self.key.len()).map(|k| format!("k{k}")).collect();
+            let keys: Vec<String> = (0..self.key.len())
+                .map(|k| self.bound_expr(k, &format!("u.k{k}")))
+                .collect();
+            conds.push(format!(
+                "({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+                self.order_exprs(rel).join(", "),
+                keys.join(", "),
+                arrays.join(", "),
+                names.join(", ")
+            ));
+        }
         if conds.is_empty() {
             "true".into()
         } else {
@@ -206,7 +237,36 @@ impl Shape {
         }
     }
 
+    /// Whether the greatest key of a set of rows is the `max()` of the key's order expression:
+    /// a single key column ordered as an aggregate orders it (integers, timestamps, text forms
+    /// in "C").
+    pub fn max_key(&self) -> bool {
+        matches!(self.key.as_slice(), [k] if matches!(self.kinds[*k], Kind::Int | Kind::Stamp | Kind::Text | Kind::Other))
+    }
+
+    /// The first `limit` rows of `rel` in `range` in key order: their number, the sum of their
+    /// row hashes (see [`Self::checksum`]) and their greatest key's text, in one pass (a
+    /// chunk's end and its checksum at once). Only for [`Self::max_key`] shapes.
+    pub fn lead(&self, rel: &Rel, range: &Range, params: &mut Params, limit: u64) -> String {
+        let cond = self.conditions(rel, range, params);
+        let limit = params.push(&limit.to_string());
+        format!(
+            "SELECT count(*), coalesce(sum(s.h), 0)::text, (max(s.o))::text
+               FROM (SELECT {} AS h, {} AS o FROM {} WHERE {cond} ORDER BY 2 LIMIT ({limit})::bigint) AS s",
+            self.row_hash(rel),
+            self.order_by(rel),
+            rel.from,
+        )
+    }
+
     /// Rows and the sum of row hashes (as text: a numeric) in `range`.
+    ///
+    /// A row hash is 64 bits (the XOR of 64-bit column hashes); a chunk's checksum is its row
+    /// count and the exact sum of its row hashes. Chunks that differ in some rows but have the
+    /// same count agree on the sum only if the differing rows' hashes happen to sum alike:
+    /// about 2^-64 per differing chunk for hashes spread evenly (a billion differing chunks
+    /// would give a 5 in 10^11 chance of one missed); equal rows always sum alike. A leaf
+    /// compares every column's 64-bit hash key by key.
     pub fn checksum(&self, rel: &Rel, range: &Range, params: &mut Params) -> String {
         format!(
             "SELECT count(*), coalesce(sum({}), 0)::text FROM {} WHERE {}",
@@ -315,6 +375,15 @@ impl Shape {
     }
 }
 
+/// A PostgreSQL array literal of `values` (each quoted, `"` and `\\` escaped): a text array as
+/// one text parameter.
+pub(super) fn array_literal<'a>(values: impl Iterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> = values
+        .map(|v| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("{{{}}}", quoted.join(","))
+}
+
 /// One relation in the target's shape, on one server.
 #[derive(Debug, Clone)]
 pub(super) struct Rel {
@@ -344,7 +413,7 @@ pub(super) enum Col {
     Elsewhere,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Side {
     Blue,
     Green,
@@ -419,6 +488,7 @@ mod tests {
             kinds: vec![Kind::Int, Kind::Text, Kind::Other],
             base_types: vec!["bigint".into(), "text".into(), "jsonb".into()],
             key: vec![0, 1],
+            only: None,
         };
         let rel = Rel {
             side: Side::Green,
@@ -482,6 +552,19 @@ mod tests {
         );
         assert!(h.contains(" # t.\"~h2\")"), "{h}");
         assert_ne!(null_mark(1), null_mark(2));
+    }
+
+    #[test]
+    fn key_subsets_travel_as_array_parameters() {
+        let (mut shape, rel) = shape();
+        shape.only = Some(vec![
+            array_literal(["1", "2"].into_iter()),
+            array_literal(["a\"b", "c\\d"].into_iter()),
+        ]);
+        let mut p = Params::numbered();
+        let cond = shape.conditions(&rel, &Range::default(), &mut p);
+        assert!(cond.contains("IN (SELECT (u.k0)::bigint, (u.k1) COLLATE \"C\" FROM unnest(($1::text)::text[], ($2::text)::text[]) AS u(k0, k1))"), "{cond}");
+        assert_eq!(p.values, vec!["{\"1\",\"2\"}", r#"{"a\"b","c\\d"}"#]);
     }
 
     #[test]
