@@ -12,6 +12,15 @@ use crate::transform::MapError;
 use super::batch::BatchError;
 use super::recovery::Switch;
 
+/// " for table T", or nothing for a statement of no table (BEGIN, COMMIT).
+fn for_table(table: &str) -> String {
+    if table.is_empty() {
+        String::new()
+    } else {
+        format!(" for table {table}")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error(
@@ -19,7 +28,8 @@ pub enum ApplyError {
     )]
     Connect { dsn: String, failure: DbFailure },
     #[error(
-        "green rejected {what} for table {table} (blue LSN {}): {failure}{hint}",
+        "green rejected {what}{} (blue LSN {}): {failure}{hint}",
+        for_table(table),
         *.lsn
     )]
     Statement {

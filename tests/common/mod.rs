@@ -10,6 +10,7 @@ use shadowsync::config::Config;
 use tokio_postgres::{Client, NoTls};
 
 pub mod novacron;
+pub mod proxy;
 
 pub const DB: &str = "app";
 
