@@ -6,10 +6,17 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the tracing subscriber: `RUST_LOG` filters (default `info`), text or JSON lines.
 pub fn init(json: bool) {
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
         // tokio-postgres logs statement parameters (row values) at debug level.
         .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
+    // The replication transport logs every lost connection at ERROR ("replication worker
+    // terminated with error: io error: EOF ..."), expected on each reconnect; its errors reach
+    // the session as values and are logged once there, with their context. RUST_LOG naming it
+    // still shows them.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("pgwire_replication")) {
+        filter = filter.add_directive("pgwire_replication=off".parse().expect("a valid directive"));
+    }
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -576,7 +576,13 @@ impl Supervisor {
             }
             return Next::Done(Err(e));
         }
-        warn!(error = %e, streamed, "session lost; resuming from green's progress");
+        if e.is_contention() {
+            warn!(error = %e, "another session holds the slot or green's apply lock (a killed predecessor until its database notices, or a second sidecar of this slot): retrying until it lets go");
+        } else if streamed {
+            warn!(error = %e, "session lost; resuming from green's progress");
+        } else {
+            warn!(error = %e, "cannot start a session; retrying");
+        }
         self.shared.set_state(State::Reconnecting);
         Next::Retry
     }
