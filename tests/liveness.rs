@@ -238,3 +238,79 @@ async fn a_slot_blue_invalidated_is_explained_by_check_and_run() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_transaction_does_not_wait_for_the_next_one() {
+    init_logging();
+    let pair = Pair::start(
+        "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL);
+         CREATE TABLE bulk (id bigint PRIMARY KEY, batch int NOT NULL, pad text);",
+    );
+    pair.blue
+        .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE items, bulk")
+        .unwrap();
+    // Green slower than blue (every write of bulk rows waits 0.2 s), so that the stream queues up
+    // behind the apply stage as in a real catch-up.
+    pair.green
+        .psql(
+            DB,
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql
+                AS $$BEGIN PERFORM pg_sleep(0.2); RETURN NULL; END$$;
+             CREATE TRIGGER slow AFTER INSERT ON bulk FOR EACH STATEMENT EXECUTE FUNCTION slow();
+             ALTER TABLE bulk ENABLE ALWAYS TRIGGER slow;",
+        )
+        .unwrap();
+    let mut config = pair.config();
+    config.batch.max_delay_ms = 50;
+    let handle = start_streaming(config.clone()).await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    let blue = pair.blue().await;
+    let green = pair.green().await;
+    // A bulk job's large transactions, with a small one between them, written while the
+    // sidecar is stopped: they reach it back to back, as in a catch-up or a busy stream.
+    let bulk = |n: i32| {
+        format!(
+            "INSERT INTO bulk SELECT g + {n} * 1000000, {n}, repeat('p', 100)
+               FROM generate_series(1, 200000) g"
+        )
+    };
+    blue.batch_execute(&bulk(1)).await.unwrap();
+    blue.batch_execute("INSERT INTO items VALUES (1, 'small')")
+        .await
+        .unwrap();
+    blue.batch_execute(&bulk(2)).await.unwrap();
+    let handle = start_streaming(config).await;
+    // Before, the first job's rows (and the small transaction) became visible only with the
+    // second job's, committed in the same green transaction: the lag of everything grew with
+    // the job. The first must be visible while the second is still being applied.
+    let first_alone = std::sync::atomic::AtomicBool::new(false);
+    wait_for(
+        "both bulk transactions",
+        Duration::from_secs(120),
+        || async {
+            let row = green
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE batch = 1), count(*) FILTER (WHERE batch = 2)
+                   FROM bulk",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let (first, second): (i64, i64) = (row.get(0), row.get(1));
+            if first == 200_000 && second == 0 {
+                first_alone.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            second == 200_000
+        },
+    )
+    .await;
+    assert!(
+        first_alone.load(std::sync::atomic::Ordering::Relaxed),
+        "the first large transaction became visible only with the next one"
+    );
+    assert_eq!(count(&green, "items").await, 1);
+    assert_same(&pair, &["items", "bulk"]).await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+}

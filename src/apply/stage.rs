@@ -245,6 +245,16 @@ impl ApplyStage {
         match event.msg {
             Message::Begin(b) => {
                 self.hold_before(b.final_lsn).await?;
+                // Complete transactions that have waited max_delay go before the next one
+                // joins their green transaction: it may be large (a bulk job's), and would hold
+                // them back until its end. Younger ones keep growing the group commit.
+                if self.last_commit.is_some()
+                    && self
+                        .batch_started
+                        .is_some_and(|s| s.elapsed() >= self.limits.max_delay)
+                {
+                    self.commit().await?;
+                }
                 self.begin(b)
             }
             Message::Commit(c) => self.end(c),
