@@ -273,6 +273,12 @@ impl Endpoint {
         Endpoint { addr, token }
     }
 
+    /// The endpoint of the sidecar of `config`, as its clients (`drain`, `cutover`, `verify`)
+    /// call it.
+    pub fn of(config: &crate::config::Config) -> Result<Endpoint, crate::config::ConfigError> {
+        Ok(Endpoint::new(config.listen_addr()?, config.admin_token()?))
+    }
+
     /// One call, with the token when there is one.
     pub async fn call(
         &self,

@@ -476,14 +476,6 @@ impl Config {
         Ok(Some(token))
     }
 
-    /// The sidecar's admin endpoint, as a client of it (`drain`, `cutover`, `verify`) calls it.
-    pub fn admin_endpoint(&self) -> Result<crate::admin::Endpoint, ConfigError> {
-        Ok(crate::admin::Endpoint::new(
-            self.listen_addr()?,
-            self.admin_token()?,
-        ))
-    }
-
     pub fn batch_max_delay(&self) -> Duration {
         Duration::from_millis(self.batch.max_delay_ms)
     }

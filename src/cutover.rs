@@ -201,7 +201,7 @@ pub async fn abort(config: &Config) -> Result<Aborted, CutoverError> {
     let removed = fence::remove(&blue).await;
     conn.abort();
     let removed = removed?;
-    let endpoint = config.admin_endpoint()?;
+    let endpoint = crate::admin::Endpoint::of(config)?;
     let addr = endpoint.addr;
     let sidecar = match crate::admin::cancel_drain(&endpoint, Duration::from_secs(5)).await {
         Ok(()) => {

@@ -247,8 +247,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Drain { config, timeout } => {
             let cfg = shadowsync::config::Config::load(&config)?;
-            let report = match shadowsync::admin::request_drain(&cfg.admin_endpoint()?, timeout)
-                .await
+            let report = match shadowsync::admin::request_drain(
+                &shadowsync::admin::Endpoint::of(&cfg)?,
+                timeout,
+            )
+            .await
             {
                 Err(e @ shadowsync::admin::AdminError::DrainTimeout(_)) => anyhow::bail!(
                     "drain: {e}; the sidecar keeps draining: check /status and lag, then call drain again (or cancel it: curl -X DELETE http://{}/drain)",

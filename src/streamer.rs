@@ -46,7 +46,7 @@ pub enum Streamer {
 impl Streamer {
     /// The running sidecar if one answers, else a pipeline started here.
     pub async fn find(config: &Config) -> Result<Streamer, StreamerError> {
-        let sidecar = config.admin_endpoint()?;
+        let sidecar = crate::admin::Endpoint::of(config)?;
         match sidecar.call("GET", "/status", Duration::from_secs(2)).await {
             Ok(_) => Ok(Streamer::Sidecar(sidecar)),
             Err(crate::admin::AdminError::Connect { .. }) => {
