@@ -6,6 +6,12 @@
 //!   inside one green transaction (memory bounded by the limits, not by the transaction). One
 //!   chunk may be written in the background while the next is received (two chunks in memory);
 //!   whatever else talks to green waits for it first, so statements keep blue's order.
+//! - A transaction that begins while complete ones wait in the batch is held back (its row
+//!   changes buffered, up to the batch limits) until it commits, or until the complete ones
+//!   commit on their own (`max_delay`, green free) or the buffer is full (a large transaction):
+//!   its rows never share a green transaction with the complete ones unless it completes too,
+//!   so complete transactions never wait for a large one behind them. Memory: the batch, the
+//!   held-back changes and one write in flight, each bounded by the limits.
 //! - Transactions whose commit precedes green's progress row are skipped: they are in green.
 //! - The LSN published on `committed` is the end of a blue commit that green has committed.
 
@@ -29,6 +35,24 @@ use crate::source::SourceEvent;
 use crate::source::slot::DRAIN_MESSAGE_PREFIX;
 use crate::transform::rules::RuleSet;
 use crate::transform::{self, TableMap};
+
+/// Column bytes of a row change, as the batch counts them (for the held-back bound).
+fn held_back_size(msg: &Message) -> usize {
+    let size = |t: &crate::decode::Tuple| t.payload_bytes() + 16 * t.0.len();
+    match msg {
+        Message::Insert { new, .. } => size(new),
+        Message::Update { old, new, .. } => {
+            size(new)
+                + old.as_ref().map_or(0, |o| match o {
+                    OldTuple::Key(t) | OldTuple::Full(t) => size(t),
+                })
+        }
+        Message::Delete { old, .. } => match old {
+            OldTuple::Key(t) | OldTuple::Full(t) => size(t),
+        },
+        _ => 0,
+    }
+}
 
 /// A hold the stage has taken (see `hold`).
 struct Hold {
@@ -86,6 +110,11 @@ pub struct ApplyStage {
     serial_until: Lsn,
     /// Commit LSN of the transaction being received (or last received).
     txn_final_lsn: Lsn,
+    /// Row changes of the transaction being received, held back while complete transactions
+    /// wait in the batch (see the module's invariants); `holding_back` says it is being done.
+    held_back: Vec<SourceEvent>,
+    held_back_bytes: usize,
+    holding_back: bool,
     /// Source table (`schema.table`) -> snapshot LSN of its initial copy: its changes from
     /// transactions committing before it are in the copy.
     copied_at: HashMap<String, Lsn>,
@@ -129,6 +158,9 @@ impl ApplyStage {
             last_lsn: skip_before,
             serial_until,
             txn_final_lsn: Lsn::ZERO,
+            held_back: Vec::new(),
+            held_back_bytes: 0,
+            holding_back: false,
             copied_at: HashMap::new(),
             copied_before: HashMap::new(),
             committed,
@@ -173,7 +205,7 @@ impl ApplyStage {
             let deadline = self
                 .batch_started
                 .map(|s| tokio::time::Instant::from_std(s + self.limits.max_delay));
-            let committable = self.last_commit.is_some() && !self.in_txn;
+            let committable = self.complete_waiting();
             let inflight = &mut self.inflight;
             let event = tokio::select! {
                 biased;
@@ -182,14 +214,14 @@ impl ApplyStage {
                 ended = Inflight::ended(inflight), if inflight.is_some() => {
                     self.settle_ended(ended).await?;
                     if committable {
-                        self.commit().await?;
+                        self.commit_complete().await?;
                     }
                     continue;
                 }
                 // 2. A committed blue transaction must not wait longer than max_delay, however
                 //    busy the stream: check the deadline before taking more input.
                 _ = crate::shutdown::sleep_until(deadline), if committable => {
-                    self.commit().await?;
+                    self.commit_complete().await?;
                     continue;
                 }
                 // 3. The stream.
@@ -202,14 +234,16 @@ impl ApplyStage {
                 // Group commit: while green writes the batch in flight, this one grows (up to
                 // the limits); once green is free, whatever is complete goes.
                 let idle = events.peek().is_none() && rx.is_empty() && self.inflight.is_none();
-                if self.last_commit.is_some() && !self.in_txn && (idle || self.full()) {
-                    self.commit().await?;
+                if self.complete_waiting() && (idle || self.full()) {
+                    self.commit_complete().await?;
                 }
             }
         }
-        if self.last_commit.is_some() && !self.in_txn {
+        if self.complete_waiting() {
             self.commit().await?;
         }
+        self.held_back.clear();
+        self.holding_back = false;
         if self.in_txn || !self.tally.is_empty() {
             self.tally = Tally::default();
             info!(
@@ -241,6 +275,17 @@ impl ApplyStage {
     }
 
     async fn handle(&mut self, event: SourceEvent) -> Result<(), ApplyError> {
+        if self.holding_back {
+            if matches!(
+                event.msg,
+                Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. }
+            ) {
+                return self.hold_back(event).await;
+            }
+            // Anything else (its Commit, a relation, a truncate) first takes the held-back
+            // changes into the batch, in order: the transaction then joins the batch as before.
+            self.release_held_back().await?;
+        }
         let lsn = event.lsn;
         match event.msg {
             Message::Begin(b) => {
@@ -255,41 +300,15 @@ impl ApplyStage {
                 {
                     self.commit().await?;
                 }
-                self.begin(b)
+                self.begin(b);
+                self.holding_back = self.last_commit.is_some()
+                    && !self.skipping
+                    && self.txn_final_lsn > self.serial_until;
             }
             Message::Commit(c) => self.end(c),
             Message::Relation(r) => self.relation(r).await?,
-            Message::Insert { relation, .. }
-            | Message::Update { relation, .. }
-            | Message::Delete { relation, .. }
-                if self.in_copy(relation) => {}
-            Message::Insert { relation, new } if !self.skipping => {
-                if let Some(map) = self.map_for_change(relation, lsn, &[Some(&new)])? {
-                    self.batch.insert(&map, new, lsn)?;
-                    self.after_change(lsn).await?;
-                }
-            }
-            Message::Update { relation, old, new } if !self.skipping => {
-                let old_image = old.as_ref().map(|o| match o {
-                    OldTuple::Key(t) | OldTuple::Full(t) => t,
-                });
-                if let Some(map) = self.map_for_change(relation, lsn, &[old_image, Some(&new)])? {
-                    if let Some(mv) = self.batch.update(&map, old, new, lsn)? {
-                        self.flush(lsn).await?;
-                        self.settle().await?;
-                        self.applier().move_row(&mv).await?;
-                    }
-                    self.after_change(lsn).await?;
-                }
-            }
-            Message::Delete { relation, old } if !self.skipping => {
-                let old_image = match &old {
-                    OldTuple::Key(t) | OldTuple::Full(t) => t,
-                };
-                if let Some(map) = self.map_for_change(relation, lsn, &[Some(old_image)])? {
-                    self.batch.delete(&map, old, lsn)?;
-                    self.after_change(lsn).await?;
-                }
+            Message::Insert { .. } | Message::Update { .. } | Message::Delete { .. } => {
+                self.change(event.msg, lsn).await?
             }
             Message::Truncate { options, relations } if !self.skipping => {
                 let mut maps = Vec::with_capacity(relations.len());
@@ -338,13 +357,90 @@ impl ApplyStage {
                 ..
             } if prefix.as_ref() == DRAIN_MESSAGE_PREFIX.as_bytes() => self.drain_marker = true,
             Message::Origin { .. } | Message::Message { .. } => {}
-            // Changes of a transaction green already has.
-            Message::Insert { .. }
-            | Message::Update { .. }
-            | Message::Delete { .. }
-            | Message::Truncate { .. } => {}
+            // A truncate of a transaction green already has.
+            Message::Truncate { .. } => {}
         }
         self.last_lsn = self.last_lsn.max(lsn);
+        Ok(())
+    }
+
+    /// A row change of the transaction being received, into the batch.
+    async fn change(&mut self, msg: Message, lsn: Lsn) -> Result<(), ApplyError> {
+        match msg {
+            Message::Insert { relation, .. }
+            | Message::Update { relation, .. }
+            | Message::Delete { relation, .. }
+                if self.in_copy(relation) => {}
+            Message::Insert { relation, new } if !self.skipping => {
+                if let Some(map) = self.map_for_change(relation, lsn, &[Some(&new)])? {
+                    self.batch.insert(&map, new, lsn)?;
+                    self.after_change(lsn).await?;
+                }
+            }
+            Message::Update { relation, old, new } if !self.skipping => {
+                let old_image = old.as_ref().map(|o| match o {
+                    OldTuple::Key(t) | OldTuple::Full(t) => t,
+                });
+                if let Some(map) = self.map_for_change(relation, lsn, &[old_image, Some(&new)])? {
+                    if let Some(mv) = self.batch.update(&map, old, new, lsn)? {
+                        self.flush(lsn).await?;
+                        self.settle().await?;
+                        self.applier().move_row(&mv).await?;
+                    }
+                    self.after_change(lsn).await?;
+                }
+            }
+            Message::Delete { relation, old } if !self.skipping => {
+                let old_image = match &old {
+                    OldTuple::Key(t) | OldTuple::Full(t) => t,
+                };
+                if let Some(map) = self.map_for_change(relation, lsn, &[Some(old_image)])? {
+                    self.batch.delete(&map, old, lsn)?;
+                    self.after_change(lsn).await?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Complete transactions wait in the batch, and may commit now: none is being received, or
+    /// the one being received is held back.
+    fn complete_waiting(&self) -> bool {
+        self.last_commit.is_some() && (!self.in_txn || self.holding_back)
+    }
+
+    /// Commits the complete transactions (see [`Self::commit`]); the held-back changes of the
+    /// transaction being received then go into the next batch.
+    async fn commit_complete(&mut self) -> Result<(), ApplyError> {
+        self.commit().await?;
+        if self.holding_back {
+            self.release_held_back().await?;
+            self.batch_started = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Holds a change back; a full buffer means a large transaction: the complete ones go first.
+    async fn hold_back(&mut self, event: SourceEvent) -> Result<(), ApplyError> {
+        self.last_lsn = self.last_lsn.max(event.lsn);
+        self.held_back_bytes += held_back_size(&event.msg);
+        self.held_back.push(event);
+        if self.held_back.len() >= self.limits.max_rows
+            || self.held_back_bytes >= self.limits.max_bytes
+        {
+            self.commit_complete().await?;
+        }
+        Ok(())
+    }
+
+    /// Ends holding back: the held-back changes go into the batch, in order.
+    async fn release_held_back(&mut self) -> Result<(), ApplyError> {
+        self.holding_back = false;
+        self.held_back_bytes = 0;
+        for event in std::mem::take(&mut self.held_back) {
+            self.change(event.msg, event.lsn).await?;
+        }
         Ok(())
     }
 
