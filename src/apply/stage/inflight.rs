@@ -29,6 +29,16 @@ pub(super) struct Inflight {
     commit: Option<Committing>,
 }
 
+impl Drop for Inflight {
+    /// Only an unfinished stage drops a write still running (a stalled session the supervisor
+    /// gave up on, see `monitor`): the write ends with it, closing its connection, so green
+    /// rolls back what it had not committed and the slot's green session lock is not held by a
+    /// write nobody waits for. A finished write's task is gone already.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// What a background write hands back: the applier, the tables (to name a rejected row) and
 /// the result.
 type Output = (Applier, Vec<TableOps>, Result<Written, ApplyError>);
@@ -95,13 +105,13 @@ impl ApplyStage {
         let Some(output) = ended else {
             return Ok(());
         };
-        let inflight = self.inflight.take().expect("ended implies in flight");
+        let mut inflight = self.inflight.take().expect("ended implies in flight");
         let (applier, tables, result) = output.map_err(|e| ApplyError::WriteTask(e.to_string()))?;
         self.applier = Some(applier);
         let written = self
             .after_write(result, &tables, inflight.final_lsn)
             .await?;
-        match inflight.commit {
+        match inflight.commit.take() {
             None => self.tally.record(written),
             Some(mut c) => {
                 c.tally.record(written);
