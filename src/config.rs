@@ -515,8 +515,8 @@ fn check_private(path: &Path, field: &'static str) -> Result<(), ConfigError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path)
         .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if !crate::dsn::owner_only(&meta) {
+        let mode = meta.permissions().mode() & 0o777;
         return Err(invalid(
             field,
             format!(

@@ -573,8 +573,13 @@ pub fn read_pgpass() -> Option<String> {
 
 /// libpq's rule: a regular file with no group or other permission bits.
 fn pgpass_private(meta: &std::fs::Metadata) -> bool {
+    meta.is_file() && owner_only(meta)
+}
+
+/// No group or other permission bits: the test for every file holding a secret.
+pub fn owner_only(meta: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    meta.is_file() && meta.permissions().mode() & 0o077 == 0
+    meta.permissions().mode() & 0o077 == 0
 }
 
 /// The password of the first pgpass line matching, as libpq picks it.

@@ -41,7 +41,7 @@ impl DbFailure {
             // Client-side: I/O, closed connection, protocol, TLS; no row data in these.
             let (tls, message) = match crate::tls::Refusal::of(e, field) {
                 Some((refusal, text)) => (Some(refusal), text),
-                None => (None, with_causes(e)),
+                None => (None, describe(e)),
             };
             return DbFailure {
                 code: None,
@@ -114,22 +114,6 @@ impl DbFailure {
     pub fn is_schema_mismatch(&self) -> bool {
         self.code.as_ref().is_some_and(|c| class_of(c) == "42")
     }
-}
-
-/// A client-side error with every cause under it (the OS reason of a refused connection, say),
-/// each once: tokio-postgres prints some causes itself and not others.
-fn with_causes(e: &tokio_postgres::Error) -> String {
-    let mut text = e.to_string();
-    let mut next = std::error::Error::source(e);
-    while let Some(cause) = next {
-        let part = cause.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        next = cause.source();
-    }
-    text
 }
 
 /// A SQLSTATE's class: its first two characters.

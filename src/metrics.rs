@@ -190,8 +190,6 @@ pub struct Shared {
     /// A stalled side, as the monitor declared it (see `monitor`).
     stall: Mutex<Option<Stall>>,
     stall_flag: AtomicBool,
-    /// `retry.stall_timeout_ms`, in seconds (bits of an f64).
-    stall_seconds: AtomicU64,
 }
 
 /// A side the monitor found stalled.
@@ -381,7 +379,6 @@ impl Shared {
             stall_gauge,
             stall: Mutex::new(None),
             stall_flag: AtomicBool::new(false),
-            stall_seconds: AtomicU64::new(30f64.to_bits()),
         };
         for side in ["blue", "green"] {
             shared

@@ -128,7 +128,7 @@ pub async fn run(config: Config, shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let (b, g) = tokio::join!(
-            ask_blue(&mut blue, &slot, &shared, limit),
+            ask_blue(&mut blue, &slot, &shared, limit, stall_after),
             ask_green(&mut green, limit)
         );
         shared.blue_connected.store(b.is_some(), Ordering::Relaxed);
@@ -141,7 +141,13 @@ pub async fn run(config: Config, shared: Arc<Shared>) {
 /// One reading of blue: `None` when blue did not answer, else whether its walsender is deaf to
 /// us (blue answers, but the walsender of our slot has not heard from us for the stall timeout
 /// while we stream: the replication connection itself is stuck).
-async fn ask_blue(side: &mut Side, slot: &str, shared: &Shared, limit: Duration) -> Option<bool> {
+async fn ask_blue(
+    side: &mut Side,
+    slot: &str,
+    shared: &Shared,
+    limit: Duration,
+    stall_after: Duration,
+) -> Option<bool> {
     let client = side.client(limit).await?;
     match tokio::time::timeout(limit, read_blue(client, slot)).await {
         Ok(Ok(r)) => {
@@ -155,7 +161,7 @@ async fn ask_blue(side: &mut Side, slot: &str, shared: &Shared, limit: Duration)
                 );
             }
             let deaf = shared.streaming.load(Ordering::Relaxed)
-                && r.reply_age.is_some_and(|a| a > shared.stall_seconds());
+                && r.reply_age.is_some_and(|a| a > stall_after.as_secs_f64());
             if deaf {
                 if !side.reported {
                     warn!(

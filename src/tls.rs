@@ -1,10 +1,11 @@
 //! TLS for every connection to blue and green, with libpq's `sslmode` semantics, on rustls.
 //!
 //! A DSN's `sslmode`, `sslrootcert`, `sslcert`, `sslkey` and `sslcrl` become one [`Settings`],
-//! read and checked when the config is parsed (files included), so a connection made later
-//! inside a pipeline task never touches the file system and never fails on a typo. The SQL
-//! connections (tokio-postgres) get a rustls `ClientConfig` built here; the replication
-//! connection (pgwire-replication) gets the same settings as its own `TlsConfig`.
+//! read and checked whenever the DSN is parsed (files included: when the config is validated,
+//! and again as each session or command resolves its DSNs), so a typo or an unreadable file is
+//! refused before anything connects. The SQL connections (tokio-postgres) get the rustls
+//! `ClientConfig` built then; the replication connection (pgwire-replication) gets the same
+//! settings as its own `TlsConfig`, whose files that library reads on each connect.
 //!
 //! Invariants:
 //! - The modes mean what they mean in libpq: `disable` never tries TLS; `allow` tries plaintext

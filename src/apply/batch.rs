@@ -393,7 +393,7 @@ fn entry(
 impl Batch {
     fn account(&mut self, t: &Tuple) {
         self.rows += 1;
-        self.bytes += t.payload_bytes() + 16 * t.0.len();
+        self.bytes += tuple_bytes(t);
     }
 
     pub fn insert(&mut self, map: &Arc<TableMap>, new: Tuple, lsn: Lsn) -> Result<(), BatchError> {
@@ -699,6 +699,12 @@ fn order_segment(mut pending: Vec<TableOps>) -> Vec<TableOps> {
 }
 
 /// `(id)=(5)`: a key's columns and values, as PostgreSQL writes keys in its messages.
+/// Memory a row image is counted for against `[batch] max_bytes`: its column payload plus a
+/// per-column overhead.
+pub fn tuple_bytes(t: &Tuple) -> usize {
+    t.payload_bytes() + 16 * t.0.len()
+}
+
 pub fn key_text(map: &TableMap, key: &Key) -> String {
     let names: Vec<&str> = map
         .row_key

@@ -36,9 +36,10 @@ use crate::source::slot::DRAIN_MESSAGE_PREFIX;
 use crate::transform::rules::RuleSet;
 use crate::transform::{self, TableMap};
 
-/// Column bytes of a row change, as the batch counts them (for the held-back bound).
+/// Bytes a held-back row change holds (every image it carries, counted as the batch counts one),
+/// for the held-back bound.
 fn held_back_size(msg: &Message) -> usize {
-    let size = |t: &crate::decode::Tuple| t.payload_bytes() + 16 * t.0.len();
+    let size = super::batch::tuple_bytes;
     match msg {
         Message::Insert { new, .. } => size(new),
         Message::Update { old, new, .. } => {

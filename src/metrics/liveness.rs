@@ -4,7 +4,6 @@
 //! Invariant: a stall stays declared until both sides answer again; readiness is false meanwhile.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use super::{Shared, SideLabels, Stall};
 
@@ -47,15 +46,6 @@ impl Shared {
             return None;
         }
         self.stall.lock().expect("stall lock").clone()
-    }
-
-    pub fn set_stall_timeout(&self, timeout: Duration) {
-        self.stall_seconds
-            .store(timeout.as_secs_f64().to_bits(), Ordering::Relaxed);
-    }
-
-    pub fn stall_seconds(&self) -> f64 {
-        f64::from_bits(self.stall_seconds.load(Ordering::Relaxed))
     }
 
     /// Both sides answered the monitor's last question.

@@ -240,7 +240,6 @@ pub async fn start(config: Config, opts: RunOptions) -> Result<Handle, PipelineE
         })?;
     let token = config.admin_token()?;
     let shared = Arc::new(Shared::new());
-    shared.set_stall_timeout(Duration::from_millis(config.retry.stall_timeout_ms));
     let (shutdown, shutdown_rx) = shutdown::channel();
     let (drain, drain_rx) = mpsc::channel(8);
     let (http_stop, http_stop_rx) = shutdown::channel();
