@@ -222,7 +222,7 @@ impl Shared {
         let connected = Family::<DatabaseLabels, Gauge>::default();
         registry.register(
             "database_connected",
-            "1 while the database (blue, green) answers the monitor's question of every second and a session is connected, 0 otherwise",
+            "1 while the database (blue, green) answers the monitor's question of every second (between sessions too), 0 otherwise",
             connected.clone(),
         );
         let slot_retained = Gauge::default();

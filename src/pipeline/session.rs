@@ -39,8 +39,6 @@ pub async fn run(
     snapshot_truncate: bool,
     on_start: impl FnOnce(Lsn),
 ) -> Result<Option<Switch>, PipelineError> {
-    // The session's connections end with it, whichever way it returns.
-    let _disconnect = Disconnect(shared.clone());
     let green_dsn = config.green_dsn()?;
     let rules = Arc::new(config.rules()?);
     let blue_dsn = config.blue_dsn()?;
@@ -347,17 +345,6 @@ async fn check_foreign_keys(
         .into());
     }
     Ok(())
-}
-
-/// Marks both databases disconnected when dropped (`shadowsync_database_connected`) until the
-/// monitor's next answer (see `monitor`).
-struct Disconnect(Arc<Shared>);
-
-impl Drop for Disconnect {
-    fn drop(&mut self) {
-        self.0.blue_connected.store(false, Ordering::Relaxed);
-        self.0.green_connected.store(false, Ordering::Relaxed);
-    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
