@@ -198,6 +198,14 @@ impl ApplyStage {
                 warn!(error = %later, first = %e, "the write in flight failed too");
             }
         }
+        // A planned switch starts the next session at once: hand the slot's green session lock
+        // back now rather than when green notices the closed connection, which the next
+        // session would meet as `SessionBusy`.
+        if matches!(result, Ok(()) | Err(ApplyError::Switch(_)))
+            && let Some(applier) = self.applier.take()
+        {
+            applier.release().await;
+        }
         result
     }
 

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio_postgres::{Client, Statement};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::batch::{RowMove, TableOps};
 use crate::config::Dsn;
@@ -40,6 +40,8 @@ pub struct Written {
 /// Row changes written to a table before its statements are planned again (then twice as many,
 /// and so on).
 const REPLAN_FIRST: u64 = 10_000;
+/// How long a planned session end waits for green to release its session lock.
+const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One table's prepared statements, planned again as the table grows.
 ///
@@ -436,6 +438,29 @@ impl Applier {
                 .map_err(green_err("rolling back"))?;
         }
         Ok(())
+    }
+
+    /// Ends the session on purpose: rolls back what is open and releases the slot's green
+    /// session lock, so that a session started right after takes it at once. Bounded: green
+    /// answered the statement that ended the session, but a release that does not return within
+    /// `RELEASE_TIMEOUT` is left to the connection's close.
+    pub async fn release(mut self) {
+        let release = async {
+            self.rollback().await?;
+            self.client
+                .execute(
+                    "SELECT pg_advisory_unlock(hashtextextended('shadowsync.apply:' || $1, 0))",
+                    &[&self.slot],
+                )
+                .await
+                .map_err(green_err("releasing the per-slot session lock"))?;
+            Ok::<(), ApplyError>(())
+        };
+        match tokio::time::timeout(RELEASE_TIMEOUT, release).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not release green's session lock; green releases it when the connection closes"),
+            Err(_) => warn!("green did not release its session lock in time; green releases it when the connection closes"),
+        }
     }
 
     /// Moves one row to a new key inside the open transaction (see [`RowMove`]).
