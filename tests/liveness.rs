@@ -277,41 +277,56 @@ async fn complete_transactions_do_not_wait_for_a_large_one_behind_them() {
                FROM generate_series(1, 200000) g"
         )
     };
+    // A first row of items, so that the session knows the table (a Relation message makes the
+    // stage wait for green) before the small transaction arrives.
+    blue.batch_execute("INSERT INTO items VALUES (0, 'first')")
+        .await
+        .unwrap();
     blue.batch_execute(&bulk(1)).await.unwrap();
+    // The second job writes its rows before the small transaction commits and commits right
+    // after it: blue's walsender has decoded the job by then, so its Begin follows the small
+    // transaction's Commit at once (a job committed later would leave a pause in the stream,
+    // and the small one would commit alone in it).
+    let job = pair.blue().await;
+    job.batch_execute(&format!("BEGIN; {}", bulk(2)))
+        .await
+        .unwrap();
     blue.batch_execute("INSERT INTO items VALUES (1, 'small')")
         .await
         .unwrap();
-    blue.batch_execute(&bulk(2)).await.unwrap();
+    job.batch_execute("COMMIT").await.unwrap();
     let handle = start_streaming(config).await;
     // Before, the small transaction (and at times the first job) became visible only with the
     // second job, committed in the same green transaction: the lag of everything grew with the
     // job. Both must be visible while the second is still being applied.
-    let first_alone = std::sync::atomic::AtomicBool::new(false);
+    let small_before_second = std::sync::atomic::AtomicBool::new(false);
     wait_for(
         "both bulk transactions",
         Duration::from_secs(120),
         || async {
+            // One snapshot for the three counts.
             let row = green
                 .query_one(
-                    "SELECT count(*) FILTER (WHERE batch = 1), count(*) FILTER (WHERE batch = 2)
+                    "SELECT count(*) FILTER (WHERE batch = 1), count(*) FILTER (WHERE batch = 2),
+                            (SELECT count(*) FROM items)
                    FROM bulk",
                     &[],
                 )
                 .await
                 .unwrap();
-            let (first, second): (i64, i64) = (row.get(0), row.get(1));
-            if first == 200_000 && second == 0 {
-                first_alone.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (first, second, small): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            if first == 200_000 && small == 2 && second == 0 {
+                small_before_second.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             second == 200_000
         },
     )
     .await;
     assert!(
-        first_alone.load(std::sync::atomic::Ordering::Relaxed),
+        small_before_second.load(std::sync::atomic::Ordering::Relaxed),
         "the small transaction became visible only with the large one behind it"
     );
-    assert_eq!(count(&green, "items").await, 1);
+    assert_eq!(count(&green, "items").await, 2);
     assert_same(&pair, &["items", "bulk"]).await;
     handle.shutdown();
     handle.wait().await.unwrap();

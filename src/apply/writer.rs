@@ -458,8 +458,12 @@ impl Applier {
         };
         match tokio::time::timeout(RELEASE_TIMEOUT, release).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(error = %e, "could not release green's session lock; green releases it when the connection closes"),
-            Err(_) => warn!("green did not release its session lock in time; green releases it when the connection closes"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not release green's session lock; green releases it when the connection closes")
+            }
+            Err(_) => warn!(
+                "green did not release its session lock in time; green releases it when the connection closes"
+            ),
         }
     }
 
