@@ -9,6 +9,7 @@
 //!
 //! Invariant: nothing here writes to either database.
 
+mod lookups;
 mod width;
 
 use tokio_postgres::Client;
@@ -92,6 +93,7 @@ pub async fn check(
     for table in tables {
         mappings.push(check_table(blue, green, table, publication, rules).await?);
     }
+    lookups::annotate(green, &mut mappings).await?;
     let problems = rules
         .rules
         .iter()
