@@ -333,12 +333,24 @@ pub async fn workload_client(
     stop: crate::shutdown::Shutdown,
     written: Arc<AtomicU64>,
 ) -> Result<Ended, DemoError> {
+    workload_client_moving(dsn, worker, stop, written, 0).await
+}
+
+/// [`workload_client`], where `moves_percent` of the transactions also move the owner of an
+/// earlier VM to another email domain (another tenant: green re-derives the owner's VMs).
+pub async fn workload_client_moving(
+    dsn: &str,
+    worker: u64,
+    stop: crate::shutdown::Shutdown,
+    written: Arc<AtomicU64>,
+    moves_percent: u64,
+) -> Result<Ended, DemoError> {
     let (mut client, conn) = tokio_postgres::connect(dsn, NoTls).await?;
     tokio::spawn(conn);
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15 ^ (worker + 1));
     let mut vms: Vec<i64> = Vec::new();
     while !stop.is_shutdown() {
-        match workload_txn(&mut client, worker, &mut rng, &mut vms).await {
+        match workload_txn(&mut client, worker, &mut rng, &mut vms, moves_percent).await {
             Ok(()) => {
                 written.fetch_add(1, Ordering::Relaxed);
             }
@@ -363,8 +375,19 @@ async fn workload_txn(
     worker: u64,
     rng: &mut XorShift,
     vms: &mut Vec<i64>,
+    moves_percent: u64,
 ) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
+    if !vms.is_empty() && rng.below(100) < moves_percent {
+        let vm = vms[rng.below(vms.len() as u64) as usize];
+        let domain = DOMAINS[rng.below(DOMAINS.len() as u64) as usize];
+        tx.execute(
+            "UPDATE users SET email = split_part(email, '@', 1) || '@' || $2, updated_at = now()
+              WHERE id = (SELECT owner_id FROM virtual_machines WHERE id = $1)",
+            &[&vm, &domain],
+        )
+        .await?;
+    }
     let n = vms.len();
     let domain = DOMAINS[rng.below(DOMAINS.len() as u64) as usize];
     let user: i64 = tx

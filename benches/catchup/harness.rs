@@ -28,6 +28,18 @@ pub enum Workload {
     W3,
     /// One transaction of many rows.
     W4,
+    /// W2 where 10% of the transactions also move an earlier VM's owner to another tenant.
+    W2Moves,
+}
+
+/// Share of W2Moves' transactions that move a user to another tenant.
+pub const W2_MOVES_PERCENT: u64 = 10;
+
+impl Workload {
+    /// The NovaCron workloads (W2 and W2Moves).
+    pub fn is_novacron(self) -> bool {
+        matches!(self, Workload::W2 | Workload::W2Moves)
+    }
 }
 
 impl Workload {
@@ -35,6 +47,7 @@ impl Workload {
         match s {
             "w1" => Some(Workload::W1),
             "w2" => Some(Workload::W2),
+            "w2-moves" => Some(Workload::W2Moves),
             "w3" => Some(Workload::W3),
             "w4" => Some(Workload::W4),
             _ => None,
@@ -395,6 +408,11 @@ BEGIN
           NEW.created_at, NEW.updated_at)
   ON CONFLICT (id) DO UPDATE SET email = EXCLUDED.email, name = EXCLUDED.name,
      tenant_id = EXCLUDED.tenant_id, created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at;
+  -- The owner's VMs follow a tenant move (what shadowsync's re-derivation does).
+  IF TG_OP = 'UPDATE' THEN
+    UPDATE app.vms v SET tenant_id = u.tenant_id FROM app.users u
+     WHERE u.id = NEW.id AND v.owner_id = NEW.id AND v.tenant_id IS DISTINCT FROM u.tenant_id;
+  END IF;
   RETURN NULL;
 END $$;
 CREATE FUNCTION app_nodes() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -467,7 +485,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path, blind_first: boo
         }
     }
     let publication = match workload {
-        Workload::W2 => {
+        Workload::W2 | Workload::W2Moves => {
             blue.psql(DB, shadowsync::demo::BLUE_SCHEMA).unwrap();
             // Native: blue-shaped tables receiving the subscription, new tables in schema app.
             let blue_tables = shadowsync::demo::BLUE_SCHEMA
@@ -626,7 +644,7 @@ pub async fn run(workload: Workload, size: Size, binary: &Path, blind_first: boo
         rows,
         ceiling: timing("ceiling (pg_recvlogical)", ceiling, ceiling_cpu),
         native: timing(
-            if workload == Workload::W2 {
+            if workload.is_novacron() {
                 "native subscription + triggers"
             } else {
                 "native subscription"
@@ -685,7 +703,7 @@ fn run_shadowsync(
         blue.dsn(DB),
         green.dsn(db)
     );
-    if workload == Workload::W2 {
+    if workload.is_novacron() {
         let rules = dir.join("novacron.toml");
         std::fs::write(&rules, shadowsync::demo::RULES).unwrap();
         text.push_str(&format!(
@@ -726,7 +744,7 @@ fn run_shadowsync(
 /// Both greens equal blue (W2: equal each other, and hold every filtered row).
 async fn verify(workload: Workload, blue: &Cluster, green: &Cluster) {
     match workload {
-        Workload::W2 => {
+        Workload::W2 | Workload::W2Moves => {
             for table in ["users", "compute_nodes", "vms"] {
                 let native = digest(&green.dsn("native"), &format!("app.{table}")).await;
                 let ours = digest(&green.dsn(DB), &format!("public.{table}")).await;
@@ -791,14 +809,19 @@ async fn write_backlog(workload: Workload, size: Size, dsn: &str) -> i64 {
                 .unwrap();
             n
         }
-        Workload::W2 => {
+        Workload::W2 | Workload::W2Moves => {
+            let moves = if workload == Workload::W2Moves {
+                W2_MOVES_PERCENT
+            } else {
+                0
+            };
             let (stop, stopped) = shadowsync::shutdown::channel();
             let written = Arc::new(AtomicU64::new(0));
             let mut writers = Vec::new();
             for w in 0..4u64 {
                 let (stop, written, dsn) = (stopped.clone(), written.clone(), dsn.to_string());
                 writers.push(tokio::spawn(async move {
-                    shadowsync::demo::workload_client(&dsn, w, stop, written)
+                    shadowsync::demo::workload_client_moving(&dsn, w, stop, written, moves)
                         .await
                         .unwrap()
                 }));

@@ -1,6 +1,6 @@
 //! Catch-up benchmark against PostgreSQL's own logical replication (see `harness.rs`).
 //!
-//! Run: `cargo build --release && cargo bench --bench catchup -- [w1|w2|w3|w4|copy|all] [--smoke]
+//! Run: `cargo build --release && cargo bench --bench catchup -- [w1|w2|w2-moves|w3|w4|copy|all] [--smoke]
 //! [--repeat N]`. Prints one Markdown table per workload run (seconds, rows/s, ratio to native
 //! and to the ceiling, shadowsync's peak RSS and CPU time); with `--repeat N` each workload runs
 //! N times on fresh clusters, followed by the median and range of each ratio (single runs of a
@@ -24,7 +24,13 @@ fn main() {
     let all = args.iter().any(|a| a == "all");
     let with_copy = all || args.iter().any(|a| a == "copy");
     if all || (workloads.is_empty() && !with_copy) {
-        workloads = vec![Workload::W1, Workload::W2, Workload::W3, Workload::W4];
+        workloads = vec![
+            Workload::W1,
+            Workload::W2,
+            Workload::W2Moves,
+            Workload::W3,
+            Workload::W4,
+        ];
     }
     if args.iter().any(|a| a == "--list") {
         for w in workloads {
