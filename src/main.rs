@@ -39,6 +39,18 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also the round trip through the inverse rules of this (reverse stream's) config: which
+        /// blue columns survive forward then inverse unchanged, which are lossy, which green
+        /// columns the inverse ignores, on rows sampled from blue (no values shown, nothing
+        /// written). Fails when a key column is lossy or an expression fails.
+        #[arg(long, value_name = "REVERSE_CONFIG")]
+        round_trip: Option<PathBuf>,
+        /// With --round-trip: rows sampled per blue table, at most.
+        #[arg(long, requires = "round_trip", default_value_t = shadowsync::check::round_trip::DEFAULT_SAMPLE)]
+        sample: u32,
+        /// With --round-trip: print the JSON report (the check and the round trip) instead of text.
+        #[arg(long, requires = "round_trip")]
+        json: bool,
     },
     /// Print the running sidecar's (same config) /status for a person.
     Status {
@@ -203,6 +215,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// `check`'s report for a person.
+fn print_check(report: &shadowsync::check::Report) {
+    for m in &report.mappings {
+        println!("{}", m.line());
+        for p in &m.problems {
+            println!("     {p}");
+        }
+        for w in &m.warnings {
+            println!("     warning: {w}");
+        }
+        for n in &m.notes {
+            println!("     note: {n}");
+        }
+    }
+    for p in &report.problems {
+        println!("FAIL {p}");
+    }
+}
+
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
@@ -220,24 +251,43 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     .await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Check { config } => {
+        Command::Check {
+            config,
+            round_trip: Some(inverse),
+            sample,
+            json,
+        } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            let inverse = shadowsync::config::Config::load(&inverse)?;
+            let (report, trip) =
+                shadowsync::check::round_trip::command(&cfg, &inverse, sample).await?;
+            if json {
+                let problems: Vec<&String> = report
+                    .mappings
+                    .iter()
+                    .flat_map(|m| &m.problems)
+                    .chain(&report.problems)
+                    .collect();
+                let value = serde_json::json!({
+                    "check": { "ok": report.ok(), "problems": problems },
+                    "round_trip": trip,
+                    "ok": report.ok() && trip.ok(),
+                });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print_check(&report);
+                print!("{}", trip.text());
+            }
+            anyhow::ensure!(report.ok(), "the configuration has problems (listed above)");
+            anyhow::ensure!(
+                trip.ok(),
+                "the round trip fails: a key column is lossy or an expression fails (listed above)"
+            );
+        }
+        Command::Check { config, .. } => {
             let cfg = shadowsync::config::Config::load(&config)?;
             let report = shadowsync::check::command(&cfg).await?;
-            for m in &report.mappings {
-                println!("{}", m.line());
-                for p in &m.problems {
-                    println!("     {p}");
-                }
-                for w in &m.warnings {
-                    println!("     warning: {w}");
-                }
-                for n in &m.notes {
-                    println!("     note: {n}");
-                }
-            }
-            for p in &report.problems {
-                println!("FAIL {p}");
-            }
+            print_check(&report);
             anyhow::ensure!(report.ok(), "the configuration has problems (listed above)");
         }
         Command::Status { config } => {

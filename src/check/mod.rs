@@ -9,6 +9,7 @@
 //!
 //! Invariant: nothing here writes to either database.
 
+pub mod round_trip;
 mod width;
 
 use tokio_postgres::Client;
