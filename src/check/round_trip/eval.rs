@@ -19,7 +19,6 @@ use tokio_postgres::types::ToSql;
 
 use crate::transform::rules::Rule;
 use crate::transform::{QualifiedName, SourceColumn, TableMap, quote_ident};
-use crate::validate::db_message;
 
 /// One column's values over the sampled rows, as text (`None`: NULL).
 pub(super) type Column = Vec<Option<String>>;
@@ -47,6 +46,12 @@ fn rule_failure(e: &tokio_postgres::Error) -> bool {
             "08" | "53" | "57" | "58" | "XX"
         )
     })
+}
+
+/// The server's message, with any row value it quotes replaced (see `failure::DbFailure`):
+/// these statements run on production rows.
+fn redacted(e: &tokio_postgres::Error) -> String {
+    crate::failure::DbFailure::from_pg(e).message
 }
 
 /// Runs `sql` with `params` in a read-only transaction, always rolled back.
@@ -266,7 +271,7 @@ async fn alone(
                 "{origin}: {direction} {what} of {} -> {} fails on rows sampled from blue: {}",
                 map.source,
                 map.target,
-                db_message(&e)
+                redacted(&e)
             )))
         }
         Err(e) => Err(e),
@@ -287,7 +292,7 @@ fn whole_failed(
         "the {direction} mapping {} -> {} fails on rows sampled from blue: {}",
         map.source,
         map.target,
-        db_message(e)
+        redacted(e)
     )]
 }
 
