@@ -215,25 +215,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// `check`'s report for a person.
-fn print_check(report: &shadowsync::check::Report) {
-    for m in &report.mappings {
-        println!("{}", m.line());
-        for p in &m.problems {
-            println!("     {p}");
-        }
-        for w in &m.warnings {
-            println!("     warning: {w}");
-        }
-        for n in &m.notes {
-            println!("     note: {n}");
-        }
-    }
-    for p in &report.problems {
-        println!("FAIL {p}");
-    }
-}
-
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
@@ -253,42 +234,51 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Check {
             config,
-            round_trip: Some(inverse),
+            round_trip,
             sample,
             json,
         } => {
             let cfg = shadowsync::config::Config::load(&config)?;
-            let inverse = shadowsync::config::Config::load(&inverse)?;
-            let (report, trip) =
-                shadowsync::check::round_trip::command(&cfg, &inverse, sample).await?;
-            if json {
-                let problems: Vec<&String> = report
-                    .mappings
-                    .iter()
-                    .flat_map(|m| &m.problems)
-                    .chain(&report.problems)
-                    .collect();
-                let value = serde_json::json!({
-                    "check": { "ok": report.ok(), "problems": problems },
-                    "round_trip": trip,
-                    "ok": report.ok() && trip.ok(),
-                });
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            } else {
-                print_check(&report);
+            let (report, trip) = match round_trip {
+                Some(path) => {
+                    let inverse = shadowsync::config::Config::load(&path)?;
+                    let (report, trip) =
+                        shadowsync::check::round_trip::command(&cfg, &inverse, sample).await?;
+                    (report, Some(trip))
+                }
+                None => (shadowsync::check::command(&cfg).await?, None),
+            };
+            if let (true, Some(trip)) = (json, &trip) {
+                println!("{}", serde_json::to_string_pretty(&trip.json(&report))?);
+                anyhow::ensure!(
+                    report.ok() && trip.ok(),
+                    "the check or the round trip fails"
+                );
+                return Ok(());
+            }
+            for m in &report.mappings {
+                println!("{}", m.line());
+                for p in &m.problems {
+                    println!("     {p}");
+                }
+                for w in &m.warnings {
+                    println!("     warning: {w}");
+                }
+                for n in &m.notes {
+                    println!("     note: {n}");
+                }
+            }
+            for p in &report.problems {
+                println!("FAIL {p}");
+            }
+            if let Some(trip) = &trip {
                 print!("{}", trip.text());
             }
             anyhow::ensure!(report.ok(), "the configuration has problems (listed above)");
             anyhow::ensure!(
-                trip.ok(),
+                trip.is_none_or(|t| t.ok()),
                 "the round trip fails: a key column is lossy or an expression fails (listed above)"
             );
-        }
-        Command::Check { config, .. } => {
-            let cfg = shadowsync::config::Config::load(&config)?;
-            let report = shadowsync::check::command(&cfg).await?;
-            print_check(&report);
-            anyhow::ensure!(report.ok(), "the configuration has problems (listed above)");
         }
         Command::Status { config } => {
             let cfg = shadowsync::config::Config::load(&config)?;

@@ -53,6 +53,21 @@ impl RoundTrip {
         self.tables.iter().all(|t| t.problems.is_empty())
     }
 
+    /// The JSON report: `check`'s verdict (its problems), the round trip, and `ok` for both.
+    pub fn json(&self, check: &super::Report) -> serde_json::Value {
+        let problems: Vec<&String> = check
+            .mappings
+            .iter()
+            .flat_map(|m| &m.problems)
+            .chain(&check.problems)
+            .collect();
+        serde_json::json!({
+            "check": { "ok": check.ok(), "problems": problems },
+            "round_trip": self,
+            "ok": check.ok() && self.ok(),
+        })
+    }
+
     /// The report for a person, in the style of `check`'s.
     pub fn text(&self) -> String {
         let mut out = format!(
@@ -210,7 +225,7 @@ pub enum RoundTripError {
         side: &'static str,
         context: &'static str,
         table: String,
-        failure: crate::failure::DbFailure,
+        failure: Box<crate::failure::DbFailure>,
     },
 }
 
@@ -224,7 +239,7 @@ fn db(
         side,
         context,
         table,
-        failure: crate::failure::DbFailure::from_pg(&e),
+        failure: Box::new(crate::failure::DbFailure::from_pg(&e)),
     }
 }
 
