@@ -268,11 +268,11 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     println!("     note: {n}");
                 }
             }
-            for p in &report.problems {
-                println!("FAIL {p}");
-            }
             if let Some(trip) = &trip {
                 print!("{}", trip.text());
+            }
+            for p in &report.problems {
+                println!("FAIL {p}");
             }
             anyhow::ensure!(report.ok(), "the configuration has problems (listed above)");
             anyhow::ensure!(
