@@ -519,14 +519,16 @@ fn verdicts(inv: &TableMap, compared: &[eval::Comparison<'_>], changed: &[u64], 
     }
 }
 
-/// `shadowsync check --round-trip`: `check` of `config`, then the round trip through the
-/// inverse rules of `inverse` (the reverse stream's config: its rules, and its publication on
-/// green). Connects with `config`'s DSNs only: blue and green are the forward stream's.
+/// `shadowsync check --round-trip`: `check` of `config` (all of it, as `shadowsync check`
+/// runs it), then the round trip through the inverse rules of `inverse` (the reverse stream's
+/// config: its rules, and its publication on green). Connects with `config`'s DSNs only: blue
+/// and green are the forward stream's.
 pub async fn command(
     config: &crate::config::Config,
     inverse: &crate::config::Config,
     sample: u32,
 ) -> Result<(super::Report, RoundTrip), RoundTripError> {
+    let report = super::command(config).await?;
     let rules = config.rules().map_err(super::CheckError::from)?;
     let inverse_rules = inverse.rules().map_err(super::CheckError::from)?;
     let blue_dsn = config.blue_dsn().map_err(super::CheckError::from)?;
@@ -543,31 +545,17 @@ pub async fn command(
             failure: crate::failure::DbFailure::from_pg(&e),
         })
     })?;
-    let result = async {
-        let publication = &config.blue.publication;
-        let tables = crate::source::catalog::check_blue(&blue, publication)
-            .await
-            .map_err(super::CheckError::from)?;
-        crate::source::slot::refuse_lost(&blue, &config.blue.slot)
-            .await
-            .map_err(super::CheckError::from)?;
-        let report = super::check(&blue, &green, &tables, publication, &rules)
-            .await
-            .map_err(db("blue", "checking the mappings", publication))?;
-        let cx = Ctx {
-            blue: &blue,
-            green: &green,
-            rules: &rules,
-            inverse_rules: &inverse_rules,
-            publication,
-            inverse_publication: &inverse.blue.publication,
-            sample,
-        };
-        let trip = run(&cx, &report.mappings).await?;
-        Ok((report, trip))
-    }
-    .await;
+    let cx = Ctx {
+        blue: &blue,
+        green: &green,
+        rules: &rules,
+        inverse_rules: &inverse_rules,
+        publication: &config.blue.publication,
+        inverse_publication: &inverse.blue.publication,
+        sample,
+    };
+    let trip = run(&cx, &report.mappings).await;
     blue_conn.abort();
     green_conn.abort();
-    result
+    Ok((report, trip?))
 }
