@@ -289,4 +289,33 @@ async fn a_failing_inverse_or_a_lossy_key_fails_naming_the_column() {
     assert!(problems.contains("could not match"), "{problems}");
     // The other pairs are still reported.
     assert_eq!(table(&report, "public.users")["status"], "unchanged");
+
+    // A blue value the forward rule cannot convert: the forward column is named, the server's
+    // message is given with the value redacted.
+    pair.blue
+        .psql(
+            DB,
+            "INSERT INTO hypervisors (id, hostname, capacity) VALUES (99, 'h99', '{\"cpu_cores\": \"SECRET-many\"}')",
+        )
+        .unwrap();
+    let (forward, reverse) = configs(&pair, &dir, INVERSE);
+    let (code, out, err) = round_trip(&forward, &reverse, &[]).await;
+    assert_ne!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        !out.contains("SECRET") && !err.contains("SECRET"),
+        "{out}\n{err}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("forward column cpu_cores"))
+        .unwrap_or_else(|| panic!("the failing forward column is named:\n{out}"));
+    assert!(line.contains("novacron.toml:"), "{line}");
+    assert!(
+        line.contains("public.hypervisors -> public.compute_nodes"),
+        "{line}"
+    );
+    assert!(
+        line.contains("invalid input syntax for type integer"),
+        "{line}"
+    );
 }
