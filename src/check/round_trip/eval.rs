@@ -74,11 +74,18 @@ pub(super) struct Sample {
     pub columns: Vec<Column>,
 }
 
+/// A table is sampled through `TABLESAMPLE` when it holds more than this many times the rows
+/// asked for (by `reltuples`): page sampling of a small table would return its few pages or none.
+const LARGE: f64 = 100.0;
+/// With `TABLESAMPLE`, the pages of about this many times the rows asked for are read.
+const OVERSAMPLE: f64 = 10.0;
+
 /// Up to `n` random rows of blue's table `map.source`, as the stream reads it (`ONLY` unless
-/// partitioned, the publication's row filter applied). A table much larger than the sample is
-/// read through `TABLESAMPLE SYSTEM` (about four times `n` rows' worth of pages, by
-/// `reltuples`) before `ORDER BY random()`, so that the whole table is never scanned; a table
-/// never analyzed (`reltuples` unknown) is scanned once.
+/// partitioned, the publication's row filter applied), by `ORDER BY random() LIMIT n`. A table
+/// more than [`LARGE`] times the sample is read through `TABLESAMPLE SYSTEM` first (random
+/// pages, [`OVERSAMPLE`] times the sample's worth), so that it is never scanned whole; rows of a
+/// page come together, which a sample of many pages tolerates. A table never analyzed
+/// (`reltuples` unknown) is scanned once.
 pub(super) async fn sample(
     blue: &Client,
     map: &TableMap,
@@ -100,11 +107,12 @@ pub(super) async fn sample(
         None
     };
     let only = if kind == "p" { "" } else { "ONLY " };
-    let percent = 100.0 * 4.0 * f64::from(n) / reltuples;
-    let tablesample = if reltuples > 0.0 && percent < 100.0 {
-        format!(" TABLESAMPLE SYSTEM ({percent})")
+    let n = f64::from(n);
+    let percent = 100.0 * OVERSAMPLE * n / reltuples;
+    let tablesample = if reltuples > LARGE * n {
+        " TABLESAMPLE SYSTEM ($2::float8)"
     } else {
-        String::new()
+        ""
     };
     let select: Vec<String> = map
         .source_columns
@@ -112,12 +120,16 @@ pub(super) async fn sample(
         .map(|c| format!("t.{}::text", quote_ident(&c.name)))
         .collect();
     let sql = format!(
-        "SELECT {} FROM {only}{} AS t{tablesample} WHERE {} ORDER BY random() LIMIT {n}",
+        "SELECT {} FROM {only}{} AS t{tablesample} WHERE {} ORDER BY random() LIMIT $1::float8::int8",
         select.join(", "),
         source.quoted(),
         filter.map(|f| format!("({f})")).unwrap_or("true".into())
     );
-    let rows = read_only(blue, &sql, &[]).await?;
+    let rows = if tablesample.is_empty() {
+        read_only(blue, &sql, &[&n]).await?
+    } else {
+        read_only(blue, &sql, &[&n, &percent]).await?
+    };
     let columns = (0..map.source_columns.len())
         .map(|i| rows.iter().map(|r| r.get(i)).collect())
         .collect();
@@ -164,6 +176,20 @@ fn from_src(cols: &[SourceColumn], extra: usize) -> String {
     )
 }
 
+/// The value column `c` would store of `expr`: cast to the base type as the apply statements
+/// write it, then to the column's own type (its modifier: numeric scale, timestamp precision, a
+/// domain's checks) as the INSERT's assignment applies it. One difference: a value too long for
+/// a `varchar(n)` is truncated here where the INSERT would fail (`check` warns of narrower
+/// columns).
+fn stored(c: &crate::transform::TargetColumn, expr: &str) -> String {
+    let base = format!("CAST(({expr}) AS {})", c.base_type);
+    if c.sql_type == c.base_type {
+        base
+    } else {
+        format!("CAST({base} AS {})", c.sql_type)
+    }
+}
+
 fn as_params(columns: &[Column]) -> Vec<&(dyn ToSql + Sync)> {
     columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect()
 }
@@ -177,8 +203,8 @@ pub(super) struct Forward {
     pub columns: Vec<Column>,
 }
 
-/// The forward mapping evaluated by green over the sample, as the apply statements compute
-/// the written values (`CAST((expr) AS base_type)`, the filter in `WHERE`).
+/// The forward mapping evaluated by green over the sample, each value as green would store it
+/// (see [`stored`]), the filter in `WHERE` as in the apply statements.
 pub(super) async fn forward(
     green: &Client,
     map: &TableMap,
@@ -188,10 +214,7 @@ pub(super) async fn forward(
     let exprs: Vec<(String, String)> = map
         .columns
         .iter()
-        .map(|c| {
-            let e = format!("CAST(({}) AS {})::text", c.expr, c.base_type);
-            (c.name.clone(), e)
-        })
+        .map(|c| (c.name.clone(), format!("{}::text", stored(c, &c.expr))))
         .collect();
     let filter = map.filter.as_ref().map(|f| f.expr.as_str());
     let sql = |exprs: &[&str], filter: Option<&str>| {
@@ -328,10 +351,11 @@ pub(super) async fn inverse(
         .enumerate()
         .map(|(i, c)| {
             let t = &inverse.columns[c.target];
-            let (ty, text) = (&t.base_type, if c.equality { "" } else { "::text" });
+            let text = if c.equality { "" } else { "::text" };
             let e = format!(
-                "count(*) FILTER (WHERE NOT (CAST(u.\"~o{i}\" AS {ty}){text} IS NOT DISTINCT FROM CAST(({}) AS {ty}){text}))",
-                t.expr
+                "count(*) FILTER (WHERE NOT (CAST(u.\"~o{i}\" AS {}){text} IS NOT DISTINCT FROM {}{text}))",
+                t.sql_type,
+                stored(t, &t.expr)
             );
             (t.name.clone(), e)
         })
