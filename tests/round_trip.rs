@@ -290,6 +290,24 @@ async fn a_failing_inverse_or_a_lossy_key_fails_naming_the_column() {
     // The other pairs are still reported.
     assert_eq!(table(&report, "public.users")["status"], "unchanged");
 
+    // A rule that would write (here: advance a sequence) is refused by the read-only
+    // transaction, and nothing moves.
+    let seq = "SELECT last_value::text FROM hypervisors_id_seq";
+    let before = pair.blue.psql(DB, seq).unwrap();
+    let writing = INVERSE.replace(
+        "type = \"hypervisor_type\"",
+        "type = \"nextval('hypervisors_id_seq')::text\"",
+    );
+    let (forward, reverse) = configs(&pair, &dir, &writing);
+    let (code, out, err) = round_trip(&forward, &reverse, &[]).await;
+    assert_ne!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("inverse column type"))
+        .unwrap_or_else(|| panic!("the writing column is named:\n{out}"));
+    assert!(line.contains("read-only transaction"), "{line}");
+    assert_eq!(pair.blue.psql(DB, seq).unwrap(), before);
+
     // A blue value the forward rule cannot convert: the forward column is named, the server's
     // message is given with the value redacted.
     pair.blue

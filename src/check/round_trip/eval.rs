@@ -421,3 +421,35 @@ pub(super) async fn inverse(
         Err(e) => Err(EvalError::Db(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transform::QualifiedName;
+
+    #[test]
+    fn src_is_built_from_numbered_text_arrays_with_helper_names_rules_cannot_capture() {
+        let map = crate::statement::fixture(
+            QualifiedName::new("public", "t"),
+            &[("id", "bigint"), ("na\"me", "text")],
+        );
+        let sql = from_src(&map.source_columns, 2);
+        assert_eq!(
+            sql,
+            "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS u(\"~c0\", \"~c1\", \"~o0\", \"~o1\", \"~n\") CROSS JOIN LATERAL (SELECT u.\"~c0\"::bigint AS \"id\", u.\"~c1\"::text AS \"na\"\"me\") AS src"
+        );
+    }
+
+    #[test]
+    fn stored_values_take_the_column_modifier_after_the_base_type() {
+        let mut map =
+            crate::statement::fixture(QualifiedName::new("public", "t"), &[("p", "numeric")]);
+        let c = &mut map.columns[0];
+        assert_eq!(stored(c, "src.p"), "CAST((src.p) AS numeric)");
+        c.sql_type = "numeric(10,2)".into();
+        assert_eq!(
+            stored(c, "src.p"),
+            "CAST(CAST((src.p) AS numeric) AS numeric(10,2))"
+        );
+    }
+}
