@@ -239,30 +239,71 @@ pub(super) async fn forward(
                 .map(|i| rows.iter().map(|r| r.get(i + 1)).collect())
                 .collect(),
         }),
-        Err(e) if rule_failure(&e) => {
-            let mut problems = Vec::new();
-            for (name, e) in &exprs {
-                problems.extend(
-                    alone(
-                        green,
-                        &sql(&[e], filter),
-                        &params,
-                        map,
-                        rule,
-                        name,
-                        "forward",
-                    )
-                    .await?,
-                );
-            }
-            if let Some(f) = filter {
-                problems.extend(
-                    alone(green, &sql(&[], Some(f)), &params, map, rule, "", "forward").await?,
-                );
-            }
-            Err(EvalError::Rule(whole_failed(problems, &e, map, "forward")))
+        Err(e) => Err(Narrowing {
+            client: green,
+            map,
+            rule,
+            direction: "forward",
+            params: &params,
+            exprs: &exprs,
+            filter,
         }
-        Err(e) => Err(EvalError::Db(e)),
+        .failure(sql, e)
+        .await),
+    }
+}
+
+/// A failed statement of one direction, to be narrowed down: run again with each column alone,
+/// then the filter alone.
+struct Narrowing<'a> {
+    client: &'a Client,
+    map: &'a TableMap,
+    rule: Option<&'a Rule>,
+    direction: &'static str,
+    params: &'a [&'a (dyn ToSql + Sync)],
+    /// Each column's name and its part of the select list.
+    exprs: &'a [(String, String)],
+    filter: Option<&'a str>,
+}
+
+impl Narrowing<'_> {
+    /// `e` (of the statement `sql` builds from all of `exprs`) as the rule's failures, narrowed
+    /// to the columns and filter at fault; a failure of the database as it is.
+    async fn failure(
+        &self,
+        sql: impl Fn(&[&str], Option<&str>) -> String,
+        e: tokio_postgres::Error,
+    ) -> EvalError {
+        if !rule_failure(&e) {
+            return EvalError::Db(e);
+        }
+        let mut tries: Vec<(&str, String)> = self
+            .exprs
+            .iter()
+            .map(|(name, x)| (name.as_str(), sql(&[x], self.filter)))
+            .collect();
+        if let Some(f) = self.filter {
+            tries.push(("", sql(&[], Some(f))));
+        }
+        let mut problems = Vec::new();
+        for (column, text) in tries {
+            let (map, rule, direction) = (self.map, self.rule, self.direction);
+            match alone(
+                self.client,
+                &text,
+                self.params,
+                map,
+                rule,
+                column,
+                direction,
+            )
+            .await
+            {
+                Ok(p) => problems.extend(p),
+                Err(e) => return EvalError::Db(e),
+            }
+        }
+        EvalError::Rule(whole_failed(problems, &e, self.map, self.direction))
     }
 }
 
@@ -384,41 +425,17 @@ pub(super) async fn inverse(
                 changed: (0..exprs.len()).map(|i| count(i + 1)).collect(),
             })
         }
-        Err(e) if rule_failure(&e) => {
-            let mut problems = Vec::new();
-            for (name, e) in &exprs {
-                problems.extend(
-                    alone(
-                        blue,
-                        &sql(&[e], filter),
-                        &params,
-                        inverse,
-                        rule,
-                        name,
-                        "inverse",
-                    )
-                    .await?,
-                );
-            }
-            if let Some(f) = filter {
-                problems.extend(
-                    alone(
-                        blue,
-                        &sql(&[], Some(f)),
-                        &params,
-                        inverse,
-                        rule,
-                        "",
-                        "inverse",
-                    )
-                    .await?,
-                );
-            }
-            Err(EvalError::Rule(whole_failed(
-                problems, &e, inverse, "inverse",
-            )))
+        Err(e) => Err(Narrowing {
+            client: blue,
+            map: inverse,
+            rule,
+            direction: "inverse",
+            params: &params,
+            exprs: &exprs,
+            filter,
         }
-        Err(e) => Err(EvalError::Db(e)),
+        .failure(sql, e)
+        .await),
     }
 }
 
