@@ -163,6 +163,7 @@ async fn novacron_round_trip_reports_what_survives() {
     assert_eq!(hv["status"], "lossy");
     assert_eq!(hv["sampled"], 50);
     assert_eq!(hv["compared"], 50);
+    assert_eq!(hv["evaluated"], true);
     // 'retired' comes back as 'maintenance'; the gpu key has no green column.
     assert_eq!(lossy(hv, "status"), Some(5), "{hv:#}");
     assert_eq!(lossy(hv, "capacity"), Some(2), "{hv:#}");
@@ -265,6 +266,7 @@ async fn a_failing_inverse_or_a_lossy_key_fails_naming_the_column() {
     );
     assert!(line.contains("integer out of range"), "{line}");
     assert!(out.contains("FAIL public.hypervisors"), "{out}");
+    assert!(out.contains("50 rows sampled, not compared"), "{out}");
     assert!(err.contains("the round trip fails"), "{err}");
 
     // A key that does not come back: the reverse stream could not match rows.

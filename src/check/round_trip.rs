@@ -94,6 +94,9 @@ pub struct Pair {
     pub inverse_rule: Option<String>,
     /// `unchanged`, `lossy`, `failed` or `skipped`.
     pub status: &'static str,
+    /// Both directions ran over the sample: the counts and column verdicts below are the
+    /// sample's (`false`: skipped, or failed before the comparison).
+    pub evaluated: bool,
     /// Rows sampled from blue.
     pub sampled: u64,
     /// Sampled rows the forward filter keeps out of green.
@@ -135,6 +138,7 @@ impl Pair {
             rule: forward.rule.as_ref().map(|o| o.to_string()),
             inverse_rule: None,
             status: "skipped",
+            evaluated: false,
             sampled: 0,
             not_in_green: 0,
             dropped_by_inverse: 0,
@@ -171,7 +175,12 @@ impl Pair {
             None => format!("{tag} {} ({})", self.source, how(&self.rule)),
         };
         out.push_str(&head);
-        if self.status != "skipped" {
+        if !self.evaluated && self.sampled > 0 {
+            out.push_str(&format!(
+                ": {} rows sampled, not compared (see below)",
+                self.sampled
+            ));
+        } else if self.evaluated {
             out.push_str(&format!(
                 ": {} rows sampled, {} not in green (forward filter), {} dropped by the inverse filter, {} compared",
                 self.sampled, self.not_in_green, self.dropped_by_inverse, self.compared
@@ -437,6 +446,7 @@ async fn evaluate(
         Ok(c) => c,
         Err(e) => return rule_failed(e, out, "blue", "evaluating the inverse rules", &label),
     };
+    out.evaluated = true;
     out.compared = counts.kept;
     out.dropped_by_inverse = fwd.rows.len() as u64 - counts.kept;
     verdicts(inv, &compared, &counts.changed, out);
