@@ -10,8 +10,9 @@
 //!    blue): see [`super::check_table`].
 //! 2. Up to `--sample` rows of blue's table are read as text (see [`eval::sample`]).
 //! 3. Green evaluates the forward expressions and filter over them, `src` built from text arrays
-//!    as the apply statements build it; lookups read green's current rows, which is what the
-//!    stream would read for these rows too (fine for a sample).
+//!    as the apply statements build it, each value as green would store it (see
+//!    `eval::stored`). Lookups (`users`, `tenants`) read green's current rows, not the rows the
+//!    stream saw when it wrote each row: fine for a sample.
 //! 4. Blue evaluates the inverse expressions and filter over green's results, `src` cast to
 //!    blue's spelling of green's types (`text` where blue lacks a type, such as green's enums),
 //!    exactly as the reverse stream will on blue; lookups read blue's tables. The inverse is
@@ -24,7 +25,8 @@
 //!
 //! Invariants: nothing is written anywhere: every statement runs in a `READ ONLY` transaction
 //! that is rolled back (see [`eval`]); no sampled value is ever printed, logged or put in an
-//! error: only column names and counts leave this module. A lossy key column or a failing
+//! error: only column names and counts leave this module (a server's message is redacted of
+//! the values it quotes, as `failure::DbFailure` does for the stream). A lossy key column or a failing
 //! expression makes the pair (and the command) fail; lossy columns are information.
 
 mod eval;
