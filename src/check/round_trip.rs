@@ -7,8 +7,8 @@
 //! 1. The forward mapping is `check`'s (its problems are reported by `check` itself); the
 //!    inverse mapping is checked the same way with the roles swapped (green's table described
 //!    as the reverse stream's source, blue's as its target, the inverse's statements prepared on
-//!    blue): see [`super::check_table`].
-//! 2. Up to `--sample` rows of blue's table are read as text (see [`eval::sample`]).
+//!    blue): see `check_table`.
+//! 2. Up to `--sample` rows of blue's table are read as text (see `eval::sample`).
 //! 3. Green evaluates the forward expressions and filter over them, `src` built from text arrays
 //!    as the apply statements build it, each value as green would store it (see
 //!    `eval::stored`). Lookups (`users`, `tenants`) read green's current rows, not the rows the
@@ -24,7 +24,7 @@
 //!    in the column's type (by text for types without equality), and counts the changed rows.
 //!
 //! Invariants: nothing is written anywhere: every statement runs in a `READ ONLY` transaction
-//! that is rolled back (see [`eval`]); no sampled value is ever printed, logged or put in an
+//! that is rolled back (see `eval`); no sampled value is ever printed, logged or put in an
 //! error: only column names and counts leave this module (a server's message is redacted of
 //! the values it quotes, as `failure::DbFailure` does for the stream). A lossy key column or a failing
 //! expression makes the pair (and the command) fail; lossy columns are information.
