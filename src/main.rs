@@ -46,7 +46,8 @@ enum Command {
         #[arg(long, value_name = "REVERSE_CONFIG")]
         round_trip: Option<PathBuf>,
         /// With --round-trip: rows sampled per blue table, at most.
-        #[arg(long, requires = "round_trip", default_value_t = shadowsync::check::round_trip::DEFAULT_SAMPLE)]
+        #[arg(long, requires = "round_trip", default_value_t = shadowsync::check::round_trip::DEFAULT_SAMPLE,
+              value_parser = clap::value_parser!(u32).range(1..))]
         sample: u32,
         /// With --round-trip: print the JSON report (the check and the round trip) instead of text.
         #[arg(long, requires = "round_trip")]

@@ -225,6 +225,29 @@ async fn novacron_round_trip_reports_what_survives() {
     );
     assert!(text.contains("20 rows sampled"), "{text}");
 
+    // An inverse that leaves a blue column out: listed as not produced (blue's default on
+    // insert); a table emptied on blue: nothing compared, no column claimed unchanged.
+    let partial = INVERSE.replace(
+        "resources = \"jsonb_build_object('cpu_cores', cpu_cores, 'memory_mb', memory_mb, 'disk_gb', disk_size_gb)\"",
+        "",
+    );
+    assert_ne!(partial, INVERSE);
+    pair.blue.psql(DB, "DELETE FROM api_keys").unwrap();
+    let (_, reverse_partial) = configs(&pair, &dir, &partial);
+    let (code, out, err) = round_trip(&forward, &reverse_partial, &["--json"]).await;
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let vms = table(&report, "public.virtual_machines");
+    assert_eq!(names(&vms["not_produced"]), ["resources"], "{vms:#}");
+    assert!(!names(&vms["unchanged"]).contains(&"resources"), "{vms:#}");
+    let keys = table(&report, "public.api_keys");
+    assert_eq!(keys["sampled"], 0);
+    assert_eq!(keys["status"], "skipped");
+    assert!(names(&keys["unchanged"]).is_empty(), "{keys:#}");
+    assert!(keys["notes"].to_string().contains("empty"), "{keys:#}");
+    let (code, _, err) = round_trip(&forward, &reverse, &["--sample", "0"]).await;
+    assert_eq!(code, Some(2), "--sample 0 is refused: {err}");
+
     // Nothing was left behind on either side.
     let after = (
         rows(&blue, "hypervisors").await,

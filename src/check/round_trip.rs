@@ -94,7 +94,8 @@ pub struct Pair {
     pub rule: Option<String>,
     /// Where the inverse rule was written (`None`: identity).
     pub inverse_rule: Option<String>,
-    /// `unchanged`, `lossy`, `failed` or `skipped`.
+    /// `unchanged`, `lossy`, `failed`, or `skipped` (not streamed, the forward mapping has
+    /// problems, or no sampled row to compare).
     pub status: &'static str,
     /// Both directions ran over the sample: the counts and column verdicts below are the
     /// sample's (`false`: skipped, or failed before the comparison).
@@ -316,6 +317,8 @@ async fn pair(cx: &Ctx<'_>, forward: &MappingCheck) -> Result<Pair, RoundTripErr
     evaluate(cx, map, &inv, inv_rule, &mut out).await?;
     out.status = if !out.problems.is_empty() {
         "failed"
+    } else if out.compared == 0 && out.dropped_by_inverse == 0 {
+        "skipped"
     } else if out.lossy.is_empty() && out.dropped_by_inverse == 0 {
         "unchanged"
     } else {
@@ -498,7 +501,16 @@ async fn equality(
 
 /// Unchanged and lossy columns from blue's counts; a lossy key column is a problem.
 fn verdicts(inv: &TableMap, compared: &[eval::Comparison<'_>], changed: &[u64], out: &mut Pair) {
-    for (c, &n) in compared.iter().zip(changed) {
+    // No row came back: every column would be "unchanged" on no rows, which says nothing.
+    let vacuous = out.compared == 0;
+    if vacuous {
+        out.notes.push(if out.sampled == 0 {
+            "blue's table is empty: nothing to compare".to_string()
+        } else {
+            "no sampled row comes back to blue (filters): nothing compared".to_string()
+        });
+    }
+    for (c, &n) in compared.iter().zip(changed).filter(|_| !vacuous) {
         let name = inv.columns[c.target].name.clone();
         let key = inv.key.contains(&c.target);
         if n == 0 {
