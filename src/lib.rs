@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod pipeline;
 pub mod progress;
+pub mod remap;
 pub mod reset;
 pub mod sequence;
 pub mod session_role;

@@ -85,6 +85,19 @@ enum Command {
         #[arg(long, num_args = 1..)]
         replay: Vec<i64>,
     },
+    /// Re-derive a green table's lookup columns (those whose rule reads another table) from
+    /// the rows green holds: after a change of a green-only table (tenants) the stream cannot
+    /// see, or of a rule. One key range per transaction; only changed values are written.
+    Remap {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Green table (schema.table; public by default); repeat for several, in order.
+        #[arg(long, required = true)]
+        table: Vec<String>,
+        /// Rows per chunk (one transaction each).
+        #[arg(long, default_value_t = shadowsync::remap::DEFAULT_CHUNK_ROWS)]
+        chunk_rows: i64,
+    },
     /// Set green's sequences from blue's (cutover): those behind every copied column, and
     /// those [[sequence]] entries name. Without --apply, only shows what it would set.
     Sequences {
@@ -319,6 +332,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                 "{}",
                 shadowsync::conflicts::command(&cfg, &opts, &replay).await?
             );
+        }
+        Command::Remap {
+            config,
+            table,
+            chunk_rows,
+        } => {
+            let cfg = shadowsync::config::Config::load(&config)?;
+            for done in shadowsync::remap::command(&cfg, &table, chunk_rows).await? {
+                println!("{done}");
+            }
         }
         Command::Sequences {
             config,

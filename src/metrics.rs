@@ -39,7 +39,7 @@ pub const SWITCHES: [&str; 2] = ["blue_order", "upserts_only"];
 
 /// The (kind, resolution) pairs the apply statements record (src/statement/conflict.rs and
 /// keyless.rs), created at 0 for every known table.
-pub const CONFLICT_KINDS: [(&str, &str); 7] = [
+pub const CONFLICT_KINDS: [(&str, &str); 8] = [
     ("insert_exists", "apply"),
     ("insert_older", "keep"),
     ("update_missing", "apply"),
@@ -47,6 +47,7 @@ pub const CONFLICT_KINDS: [(&str, &str); 7] = [
     ("update_older", "keep"),
     ("delete_missing", "apply"),
     ("delete_older", "keep"),
+    (crate::statement::remap::REMAP_OLDER, "keep"),
 ];
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).

@@ -22,4 +22,4 @@ mod writer;
 pub(crate) use error::NEW_KEYS;
 pub use error::{ApplyError, retryable_pg};
 pub use recovery::{Recovery, Switch};
-pub use writer::{Applier, WriteCounts, Written};
+pub use writer::{Applier, Remaps, WriteCounts, Written};

@@ -616,6 +616,7 @@ impl ApplyStage {
             }
         };
         debug!(table = %map.label, oid = r.oid, "relation mapped");
+        self.applier().remaps.update(map.clone());
         self.maps.insert(r.oid, Mapped::Table(map));
         let readers = self
             .maps

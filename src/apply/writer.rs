@@ -25,6 +25,9 @@ use crate::transform::TableMap;
 use super::error::{ApplyError, green_err, statement_error};
 
 mod plan;
+mod remap;
+
+pub use remap::Remaps;
 
 /// Rows written by one `write`, per target table and operation.
 pub type WriteCounts = Vec<(String, [u64; 3])>;
@@ -79,6 +82,8 @@ pub struct Applier {
     pub insert_new_keys: bool,
     /// Tables never written with the plain insert ([`Recovery::upsert_only`]).
     pub upsert_only: BTreeSet<String>,
+    /// Readers re-derived after their looked-up tables' writes ([`Remaps`]).
+    pub remaps: Remaps,
 }
 
 type Pending<'a> = Pin<
@@ -256,6 +261,7 @@ impl Applier {
             keep_failed_transaction: false,
             insert_new_keys: true,
             upsert_only: BTreeSet::new(),
+            remaps: Remaps::default(),
         })
     }
 
@@ -368,6 +374,11 @@ impl Applier {
                 .await
                 .map_err(|source| {
                     statement_error("preparing a statement", &ops.map.label, lsn, source)
+                })?;
+            self.plan_remaps(ops, lsn, &mut plans)
+                .await
+                .map_err(|source| {
+                    statement_error("preparing a re-derivation", &ops.map.label, lsn, source)
                 })?;
         }
         Ok(plans)

@@ -9,6 +9,7 @@
 //!
 //! Invariant: nothing here writes to either database.
 
+mod lookups;
 pub mod round_trip;
 mod width;
 
@@ -93,6 +94,7 @@ pub async fn check(
     for table in tables {
         mappings.push(check_table(blue, green, table, publication, rules).await?);
     }
+    lookups::annotate(green, &mut mappings).await?;
     let problems = rules
         .rules
         .iter()

@@ -52,6 +52,10 @@ pub async fn run(
     let (blue, _abort_blue) = session.connect_blue().await?;
     let (progress, state) = session.preflight(&blue, &applier, &rules).await?;
     shared.known_tables(state.maps.iter().map(|m| m.label.as_str()));
+    // Every mapping, before the stream describes any: a change of a looked-up table re-derives
+    // its readers whether or not they have changed in this session.
+    let mut applier = applier;
+    applier.remaps = crate::apply::Remaps::new(state.maps.iter().cloned());
     let Some(prepared) = session
         .initial_copy(&stop, &blue, &applier, &state, snapshot_truncate)
         .await?

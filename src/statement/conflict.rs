@@ -214,7 +214,7 @@ fn absent(map: &TableMap, alias: &str) -> String {
 }
 
 /// Whether a last-writer-wins timestamp is a point in time (so blue's commit time bounds it).
-fn is_time(base_type: &str) -> bool {
+pub(super) fn is_time(base_type: &str) -> bool {
     matches!(
         base_type,
         "timestamp with time zone" | "timestamp without time zone" | "date"

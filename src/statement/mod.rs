@@ -14,6 +14,7 @@ use crate::transform::{TableMap, quote_ident};
 pub mod conflict;
 pub mod keyless;
 pub mod params;
+pub mod remap;
 
 pub use params::{TextArray, WordArray, copy_row};
 
@@ -65,7 +66,7 @@ pub(crate) enum Cast {
     Match,
 }
 
-fn target_expr(map: &TableMap, i: usize, cast: Cast) -> String {
+pub(super) fn target_expr(map: &TableMap, i: usize, cast: Cast) -> String {
     let c = &map.columns[i];
     let ty = match cast {
         Cast::Write => &c.base_type,

@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod expr;
 pub mod lww;
 mod map;
+pub mod remap;
 pub mod rules;
 
 use crate::decode::{Relation, ReplicaIdentity};
@@ -22,7 +23,7 @@ pub use map::{build, identity};
 use rules::Origin;
 
 /// Whether a relation chain as written in SQL (`name` or `schema.name`) names `label`.
-fn chain_names(chain: &[String], label: &str) -> bool {
+pub(crate) fn chain_names(chain: &[String], label: &str) -> bool {
     let (schema, name) = label.split_once('.').unwrap_or(("public", label));
     match chain {
         [n] => n == name,
