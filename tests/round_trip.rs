@@ -365,3 +365,68 @@ async fn a_failing_inverse_or_a_lossy_key_fails_naming_the_column() {
         "{line}"
     );
 }
+
+/// The inverse is evaluated on blue, in blue's types: a blue-only enum named by the inverse
+/// rule works (green has no such type), and green's enum arrives on blue as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inverse_is_evaluated_in_blues_types() {
+    init_logging();
+    let pair = Pair::start("");
+    pair.blue
+        .psql(
+            DB,
+            "CREATE TYPE hv_state AS ENUM ('up', 'down', 'retired');
+             CREATE TABLE nodes (id int PRIMARY KEY, state hv_state NOT NULL);
+             INSERT INTO nodes SELECT i, (ARRAY['up', 'down', 'retired'])[1 + i % 3]::hv_state
+               FROM generate_series(1, 30) i;
+             CREATE PUBLICATION test_pub FOR TABLE nodes;",
+        )
+        .unwrap();
+    pair.green
+        .psql(
+            DB,
+            "CREATE TYPE node_state AS ENUM ('online', 'offline');
+             CREATE TABLE nodes (id int PRIMARY KEY, state node_state NOT NULL);",
+        )
+        .unwrap();
+    let dir = TestDir::new("round-trip-types");
+    let forward_rules = dir.join("forward-rules.toml");
+    std::fs::write(
+        &forward_rules,
+        "[[table]]\nsource = \"public.nodes\"\n[table.columns]\nstate = \"(CASE state WHEN 'up' THEN 'online' ELSE 'offline' END)::node_state\"\n",
+    )
+    .unwrap();
+    let forward = write_config(
+        &pair,
+        &dir,
+        free_addr(),
+        &format!("[transforms]\nfiles = [\"{}\"]", forward_rules.display()),
+    );
+    let inverse_rules = dir.join("inverse-rules.toml");
+    std::fs::write(
+        &inverse_rules,
+        "[[table]]\nsource = \"public.nodes\"\n[table.columns]\nstate = \"(CASE state WHEN 'online' THEN 'up' ELSE 'down' END)::hv_state\"\n",
+    )
+    .unwrap();
+    let reverse = dir.join("reverse.toml");
+    std::fs::write(
+        &reverse,
+        format!(
+            "[blue]\ndsn = \"{}\"\nslot = \"back\"\npublication = \"back\"\n[green]\ndsn = \"{}\"\n[metrics]\nlisten = \"{}\"\n[transforms]\nfiles = [\"{}\"]\n",
+            pair.green.dsn(DB),
+            pair.blue.dsn(DB),
+            free_addr(),
+            inverse_rules.display()
+        ),
+    )
+    .unwrap();
+    let (forward, reverse) = (forward.display().to_string(), reverse.display().to_string());
+    let (code, out, err) = round_trip(&forward, &reverse, &["--json"]).await;
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let nodes = table(&report, "public.nodes");
+    assert_eq!(nodes["compared"], 30, "{nodes:#}");
+    assert_eq!(names(&nodes["unchanged"]), ["id"], "{nodes:#}");
+    // 'retired' (i % 3 = 2) goes offline and comes back down.
+    assert_eq!(lossy(nodes, "state"), Some(10), "{nodes:#}");
+}
