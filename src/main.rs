@@ -39,6 +39,19 @@ enum Command {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Also the round trip through the inverse rules of this (reverse stream's) config: which
+        /// blue columns survive forward then inverse unchanged, which are lossy, which green
+        /// columns the inverse ignores, on rows sampled from blue (no values shown, nothing
+        /// written). Fails when a key column is lossy or an expression fails.
+        #[arg(long, value_name = "REVERSE_CONFIG")]
+        round_trip: Option<PathBuf>,
+        /// With --round-trip: rows sampled per blue table, at most.
+        #[arg(long, requires = "round_trip", default_value_t = shadowsync::check::round_trip::DEFAULT_SAMPLE,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        sample: u32,
+        /// With --round-trip: print the JSON report (the check and the round trip) instead of text.
+        #[arg(long, requires = "round_trip")]
+        json: bool,
     },
     /// Print the running sidecar's (same config) /status for a person.
     Status {
@@ -233,9 +246,30 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     .await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
-        Command::Check { config } => {
+        Command::Check {
+            config,
+            round_trip,
+            sample,
+            json,
+        } => {
             let cfg = shadowsync::config::Config::load(&config)?;
-            let report = shadowsync::check::command(&cfg).await?;
+            let (report, trip) = match round_trip {
+                Some(path) => {
+                    let inverse = shadowsync::config::Config::load(&path)?;
+                    let (report, trip) =
+                        shadowsync::check::round_trip::command(&cfg, &inverse, sample).await?;
+                    (report, Some(trip))
+                }
+                None => (shadowsync::check::command(&cfg).await?, None),
+            };
+            if let (true, Some(trip)) = (json, &trip) {
+                println!("{}", serde_json::to_string_pretty(&trip.json(&report))?);
+                anyhow::ensure!(
+                    report.ok() && trip.ok(),
+                    "the check or the round trip fails"
+                );
+                return Ok(());
+            }
             for m in &report.mappings {
                 println!("{}", m.line());
                 for p in &m.problems {
@@ -248,10 +282,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
                     println!("     note: {n}");
                 }
             }
+            if let Some(trip) = &trip {
+                print!("{}", trip.text());
+            }
             for p in &report.problems {
                 println!("FAIL {p}");
             }
             anyhow::ensure!(report.ok(), "the configuration has problems (listed above)");
+            anyhow::ensure!(
+                trip.is_none_or(|t| t.ok()),
+                "the round trip fails: a key column is lossy or an expression fails (listed above)"
+            );
         }
         Command::Status { config } => {
             let cfg = shadowsync::config::Config::load(&config)?;

@@ -10,6 +10,7 @@
 //! Invariant: nothing here writes to either database.
 
 mod lookups;
+pub mod round_trip;
 mod width;
 
 use tokio_postgres::Client;

@@ -166,7 +166,7 @@ SELECT ic.relname::text, i.indisprimary, i.indisreplident,
 /// has an `=` operator, comparing areas, but no such class), and for an array, for its element
 /// type too (`array_eq` looks that up only when comparing). PostgreSQL decides, as it will for
 /// the statements: one prepare per distinct type.
-async fn probe_equality(
+pub(crate) async fn probe_equality(
     client: &Client,
     columns: &mut [GreenColumn],
 ) -> Result<(), tokio_postgres::Error> {
