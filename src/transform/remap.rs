@@ -171,3 +171,177 @@ fn reads(expr: &str, label: &str) -> bool {
         .iter()
         .any(|chain| chain_names(chain, label))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::ReplicaIdentity;
+    use crate::transform::{
+        ConflictPolicy, KeyedLookup, QualifiedName, SourceColumn, TargetColumn,
+    };
+
+    /// A keyed mapping of `name` whose target columns copy the source columns, except those in
+    /// `exprs` (name, expression, inputs).
+    fn map(name: &str, cols: &[&str], exprs: &[(&str, &str, Vec<usize>)]) -> TableMap {
+        let mut columns: Vec<TargetColumn> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| TargetColumn {
+                name: c.to_string(),
+                sql_type: "bigint".into(),
+                base_type: "bigint".into(),
+                expr: format!("src.\"{c}\""),
+                inputs: vec![i],
+                collation: None,
+                has_equality: true,
+                not_null: false,
+            })
+            .collect();
+        for (n, e, inputs) in exprs {
+            columns.push(TargetColumn {
+                name: n.to_string(),
+                sql_type: "uuid".into(),
+                base_type: "uuid".into(),
+                expr: e.to_string(),
+                inputs: inputs.clone(),
+                collation: None,
+                has_equality: true,
+                not_null: false,
+            });
+        }
+        let reads: Vec<Vec<String>> = exprs
+            .iter()
+            .flat_map(|(_, e, _)| crate::transform::expr::relations(e))
+            .collect();
+        let names: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
+        let keyed_lookups = reads
+            .iter()
+            .filter_map(|r| {
+                let e = exprs
+                    .iter()
+                    .find(|(_, e, _)| crate::transform::expr::relations(e).contains(r))?;
+                let (key, column) = crate::transform::expr::keyed_lookup(e.1, r, &names)?;
+                Some(KeyedLookup {
+                    relation: r.clone(),
+                    key,
+                    column,
+                })
+            })
+            .collect();
+        TableMap {
+            source: QualifiedName::new("public", name),
+            target: QualifiedName::new("public", name),
+            source_columns: cols
+                .iter()
+                .map(|c| SourceColumn {
+                    name: c.to_string(),
+                    sql_type: "bigint".into(),
+                    blue_type: "bigint".into(),
+                })
+                .collect(),
+            columns,
+            key: vec![0],
+            row_key: vec![0],
+            awaits_identity: false,
+            partitioned: false,
+            replica_identity: ReplicaIdentity::Default,
+            label: format!("public.{name}"),
+            filter: None,
+            reads,
+            origin: None,
+            conflicts: ConflictPolicy::Off,
+            keyed_lookups,
+            plain_key: Some(0),
+            insert_new_keys: None,
+            copy_new_keys: None,
+        }
+    }
+
+    const TENANT: &str = "(SELECT u.tenant_id FROM users u WHERE u.id = src.owner_id)";
+
+    #[test]
+    fn a_keyed_lookup_through_a_stored_column_is_re_derived() {
+        let users = map("users", &["id"], &[]);
+        let vms = map(
+            "vms",
+            &["id", "owner_id"],
+            &[("tenant_id", TENANT, vec![1])],
+        );
+        let plan = plan(&vms, &users).unwrap().unwrap();
+        assert_eq!(
+            plan,
+            Remap {
+                read: "public.users".into(),
+                via: 1,
+                column: 1,
+                derived: vec![2],
+                inputs: vec![(1, 1)],
+            }
+        );
+        assert_eq!(plan(&users, &vms), None, "users reads nothing");
+    }
+
+    #[test]
+    fn other_dependencies_are_evaluated_once_with_the_reason() {
+        let users = map("users", &["id"], &[]);
+        let why = |vms: &TableMap| plan(vms, &users).unwrap().unwrap_err().why;
+        // The owner is not stored in green.
+        let mut vms = map(
+            "vms",
+            &["id", "owner_id"],
+            &[("tenant_id", TENANT, vec![1])],
+        );
+        vms.columns.remove(1);
+        vms.columns[1].inputs = vec![1];
+        assert!(
+            why(&vms).contains("does not store src.owner_id"),
+            "{}",
+            why(&vms)
+        );
+        // Read whole, not by key.
+        let whole = map(
+            "vms",
+            &["id", "owner_id"],
+            &[("n", "(SELECT count(*) FROM users)", vec![])],
+        );
+        assert!(
+            why(&whole).contains("other than by its key"),
+            "{}",
+            why(&whole)
+        );
+        // A filter reading the table.
+        let mut filtered = map(
+            "vms",
+            &["id", "owner_id"],
+            &[("tenant_id", TENANT, vec![1])],
+        );
+        filtered.filter = Some(crate::transform::Filter {
+            expr: "EXISTS (SELECT 1 FROM users u WHERE u.id = src.owner_id)".into(),
+            inputs: vec![1],
+        });
+        assert!(
+            why(&filtered).contains("the filter reads"),
+            "{}",
+            why(&filtered)
+        );
+        // A key of another type.
+        let mut typed = map(
+            "vms",
+            &["id", "owner_id"],
+            &[("tenant_id", TENANT, vec![1])],
+        );
+        typed.source_columns[1].sql_type = "text".into();
+        assert!(why(&typed).contains("different types"), "{}", why(&typed));
+        // A looked-up table without a plain key.
+        let mut composite = users.clone();
+        composite.plain_key = None;
+        let vms = map(
+            "vms",
+            &["id", "owner_id"],
+            &[("tenant_id", TENANT, vec![1])],
+        );
+        assert!(plan(&vms, &composite).unwrap().is_err());
+        // A self-lookup is not a remap.
+        assert_eq!(plan(&vms, &vms), None);
+    }
+}
