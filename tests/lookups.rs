@@ -366,3 +366,44 @@ async fn random_tenant_moves_with_kills_end_as_the_plan_says() {
     handle.wait().await.unwrap();
     assert_matches_plan(&pair).await;
 }
+
+/// Without a foreign key on blue, a VM may name an owner that does not exist yet: when the user
+/// is inserted later, the VM is re-derived (with the key, blue rules that out, and inserted
+/// users re-derive nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_owner_inserted_after_its_vm_re_derives_it_without_a_foreign_key() {
+    init_logging();
+    let (pair, config) = novacron();
+    pair.blue
+        .psql(
+            DB,
+            "ALTER TABLE virtual_machines DROP CONSTRAINT virtual_machines_owner_id_fkey",
+        )
+        .unwrap();
+    let handle = start_streaming(config.clone()).await;
+    let blue = pair.blue().await;
+    blue.batch_execute(
+        "INSERT INTO hypervisors (id, hostname) VALUES (1, 'hv1');
+         INSERT INTO virtual_machines (id, name, owner_id, hypervisor_id) VALUES (1, 'vm1', 77, 1);",
+    )
+    .await
+    .unwrap();
+    handle.drain().await.unwrap();
+    handle.wait().await.unwrap();
+    let green = pair.green().await;
+    let handle = start_streaming(config).await;
+    blue.batch_execute("INSERT INTO users (id, email, name) VALUES (77, 'x@acme.example', 'x')")
+        .await
+        .unwrap();
+    handle.drain().await.unwrap();
+    handle.wait().await.unwrap();
+    let slug: String = green
+        .query_one(
+            "SELECT t.slug FROM vms v JOIN tenants t ON t.id = v.tenant_id WHERE v.id = 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slug, "acme.example");
+}

@@ -55,7 +55,8 @@ pub async fn run(
     // Every mapping, before the stream describes any: a change of a looked-up table re-derives
     // its readers whether or not they have changed in this session.
     let mut applier = applier;
-    applier.remaps = crate::apply::Remaps::new(state.maps.iter().cloned());
+    let fks = crate::source::catalog::foreign_keys(&blue).await?;
+    applier.remaps = crate::apply::Remaps::new(state.maps.iter().cloned(), fks);
     let Some(prepared) = session
         .initial_copy(&stop, &blue, &applier, &state, snapshot_truncate)
         .await?

@@ -63,3 +63,36 @@ pub async fn check_blue(
         .collect();
     Ok(tables)
 }
+
+/// Blue's validated, not deferrable single-column foreign keys (see
+/// `transform::remap::Remap::inserted_keys_unread`).
+pub async fn foreign_keys(
+    blue: &Client,
+) -> Result<Vec<crate::transform::remap::ForeignKey>, SourceError> {
+    let rows = blue
+        .query(
+            "SELECT n.nspname::text, r.relname::text, a.attname::text,
+                    fn.nspname::text, fr.relname::text, fa.attname::text
+               FROM pg_constraint c
+               JOIN pg_class r ON r.oid = c.conrelid
+               JOIN pg_namespace n ON n.oid = r.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+               JOIN pg_class fr ON fr.oid = c.confrelid
+               JOIN pg_namespace fn ON fn.oid = fr.relnamespace
+               JOIN pg_attribute fa ON fa.attrelid = c.confrelid AND fa.attnum = c.confkey[1]
+              WHERE c.contype = 'f' AND c.convalidated AND NOT c.condeferrable
+                AND cardinality(c.conkey) = 1",
+            &[],
+        )
+        .await
+        .map_err(blue_err("reading blue's foreign keys"))?;
+    Ok(rows
+        .iter()
+        .map(|r| crate::transform::remap::ForeignKey {
+            table: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            column: r.get(2),
+            references: QualifiedName::new(r.get::<_, String>(3), r.get::<_, String>(4)),
+            key: r.get(5),
+        })
+        .collect())
+}

@@ -29,6 +29,35 @@ pub struct Remap {
     pub derived: Vec<usize>,
     /// For every source column the derived columns read: the target column storing it.
     pub inputs: Vec<(usize, usize)>,
+    /// Blue enforces a validated, not deferrable foreign key from the reader's column to the
+    /// read table's key: a key blue inserted (it had no such row before) cannot be what an
+    /// earlier reader row holds, so inserted keys re-derive nothing (see [`ForeignKey`]).
+    pub inserted_keys_unread: bool,
+}
+
+/// A validated, not deferrable single-column foreign key on blue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignKey {
+    pub table: super::QualifiedName,
+    pub column: String,
+    pub references: super::QualifiedName,
+    pub key: String,
+}
+
+impl Remap {
+    /// Whether one of `fks` guards this remap of `reader` on `read` (see
+    /// [`Remap::inserted_keys_unread`]).
+    pub fn guarded_by(&self, reader: &TableMap, read: &TableMap, fks: &[ForeignKey]) -> bool {
+        let Some(pk) = read.plain_key else {
+            return false;
+        };
+        fks.iter().any(|fk| {
+            fk.table == reader.source
+                && fk.column == reader.source_columns[self.column].name
+                && fk.references == read.source
+                && fk.key == read.source_columns[pk].name
+        })
+    }
 }
 
 /// A dependency that cannot be re-derived in green: the reader's columns are evaluated once.
@@ -124,6 +153,7 @@ pub fn plan(reader: &TableMap, read: &TableMap) -> Option<Result<Remap, Once>> {
         column: lookup.column,
         derived,
         inputs,
+        inserted_keys_unread: false,
     }))
 }
 
@@ -276,6 +306,7 @@ mod tests {
                 column: 1,
                 derived: vec![2],
                 inputs: vec![(1, 1)],
+                inserted_keys_unread: false,
             }
         );
         assert_eq!(plan(&users, &vms), None, "users reads nothing");

@@ -16,27 +16,31 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Applier, Origin, Params, Plan};
+use crate::apply::batch::KeyedOp;
 use crate::apply::batch::TableOps;
 use crate::decode::Datum;
 use crate::lsn::Lsn;
 use crate::statement::{TextArray, WordArray};
 use crate::transform::TableMap;
-use crate::transform::remap::{self, Remap};
+use crate::transform::remap::{self, ForeignKey, Remap};
 
 /// The mappings green is written with, and the remaps they imply.
 #[derive(Default)]
 pub struct Remaps {
     /// Every mapping, by target label.
     maps: HashMap<String, Arc<TableMap>>,
+    /// Blue's foreign keys (see [`Remap::inserted_keys_unread`]).
+    fks: Vec<ForeignKey>,
     /// Read table (target label) -> its readers' remaps.
     by_read: HashMap<String, Vec<(Arc<TableMap>, Remap)>>,
 }
 
 impl Remaps {
     /// The remaps of `maps` (every mapping of the publication).
-    pub fn new(maps: impl IntoIterator<Item = Arc<TableMap>>) -> Self {
+    pub fn new(maps: impl IntoIterator<Item = Arc<TableMap>>, fks: Vec<ForeignKey>) -> Self {
         let mut r = Remaps {
             maps: maps.into_iter().map(|m| (m.label.clone(), m)).collect(),
+            fks,
             by_read: HashMap::new(),
         };
         r.plan();
@@ -55,7 +59,8 @@ impl Remaps {
         self.by_read.clear();
         for reader in self.maps.values() {
             for read in self.maps.values() {
-                if let Some(Ok(remap)) = remap::plan(reader, read) {
+                if let Some(Ok(mut remap)) = remap::plan(reader, read) {
+                    remap.inserted_keys_unread = remap.guarded_by(reader, read, &self.fks);
                     self.by_read
                         .entry(read.label.clone())
                         .or_default()
@@ -67,10 +72,13 @@ impl Remaps {
 }
 
 /// The keys `ops` changes (blue's text of the plain key), with the commit LSN and time of the
-/// last change of each.
-fn changed_keys(ops: &TableOps, pk: usize) -> Vec<(&[u8], Lsn, i64)> {
+/// last change of each; without the keys blue inserted when `inserted_unread`.
+fn changed_keys(ops: &TableOps, pk: usize, inserted_unread: bool) -> Vec<(&[u8], Lsn, i64)> {
     let mut keys: HashMap<&Bytes, (Lsn, i64)> = HashMap::with_capacity(ops.ops.len());
     for p in ops.ops.values() {
+        if inserted_unread && !p.existed && matches!(p.op, KeyedOp::Upsert(_)) {
+            continue;
+        }
         if let Datum::Text(b) | Datum::Binary(b) = &p.op.tuple().0[pk] {
             let e = keys.entry(b).or_insert((p.commit_lsn, p.commit_time));
             if p.commit_lsn > e.0 {
@@ -97,11 +105,11 @@ impl Applier {
         let Some(pk) = ops.map.plain_key else {
             return Ok(());
         };
-        let keys = changed_keys(ops, pk);
-        if keys.is_empty() {
-            return Ok(());
-        }
         for (reader, remap) in readers {
+            let keys = changed_keys(ops, pk, remap.inserted_keys_unread);
+            if keys.is_empty() {
+                continue;
+            }
             let (text, labelled) = crate::statement::remap::by_keys(&reader, &remap);
             let statement = self.prepared(&reader.label, &text).await?;
             let mut params: Params<'t> = vec![
