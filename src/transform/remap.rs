@@ -297,9 +297,9 @@ mod tests {
             &["id", "owner_id"],
             &[("tenant_id", TENANT, vec![1])],
         );
-        let plan = plan(&vms, &users).unwrap().unwrap();
+        let planned = plan(&vms, &users).unwrap().unwrap();
         assert_eq!(
-            plan,
+            planned,
             Remap {
                 read: "public.users".into(),
                 via: 1,
