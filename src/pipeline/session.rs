@@ -121,6 +121,14 @@ impl Session<'_> {
             }
             .into());
         }
+        // Under the slot's session lock (taken by `connect`): one session holds the origin.
+        crate::origin::mark_session(
+            applier.client(),
+            "green",
+            &config.blue.slot,
+            config.origin.mark,
+        )
+        .await?;
         self.shared.green_connected.store(true, Ordering::Relaxed);
         Ok(applier)
     }
@@ -261,7 +269,8 @@ impl Session<'_> {
             committed_tx,
             self.shared.clone(),
         )
-        .with_copied_at(parts.copied_at);
+        .with_copied_at(parts.copied_at)
+        .with_origins(crate::origin::Filter::of(&config.origin));
         let source = SourceStage::new(
             parts.client,
             self.blue_dsn,
