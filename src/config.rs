@@ -525,7 +525,8 @@ impl Config {
 }
 
 impl ReverseConfig {
-    fn validate(&self, forward_slot: &str) -> Result<(), ConfigError> {
+    /// Errors name the field (`reverse.slot`, ...); `forward_slot` is this config's `blue.slot`.
+    pub fn validate(&self, forward_slot: &str) -> Result<(), ConfigError> {
         check_slot_name(&self.slot, "reverse.slot")?;
         if self.slot == forward_slot {
             return Err(invalid(

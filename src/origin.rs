@@ -173,6 +173,45 @@ pub async fn privilege(client: &Client, side: &'static str) -> Result<Privilege,
     })
 }
 
+/// What `check` says of `[origin]` on the database the stream writes (`side`): a note, or a
+/// problem when `mark = "on"` cannot be honoured. Writes nothing.
+pub async fn check(
+    client: &Client,
+    side: &'static str,
+    config: &OriginConfig,
+    slot: &str,
+) -> Result<Result<String, String>, OriginError> {
+    let skip = if config.skip_shadowsync {
+        "transactions carrying a shadowsync origin are skipped (no echo)"
+    } else {
+        "transactions carrying a shadowsync origin are applied ([origin] skip_shadowsync = false)"
+    };
+    if config.mark == Mark::Off {
+        return Ok(Ok(format!(
+            "origin: writes to {side} are not marked ([origin] mark = \"off\"): a reverse stream would echo them; {skip}"
+        )));
+    }
+    let p = privilege(client, side).await?;
+    let origin = name(slot);
+    Ok(match (p.may_mark, config.mark) {
+        (true, _) => Ok(format!(
+            "origin: writes to {side} are marked with replication origin {origin} (user {} is superuser or may EXECUTE the origin functions); {skip}",
+            p.user
+        )),
+        (false, Mark::On) => Err(OriginError::Privilege {
+            side,
+            grant: grant_sql(&p.user),
+            user: p.user,
+        }
+        .to_string()),
+        (false, _) => Ok(format!(
+            "origin: user {} may not set up replication origins on {side}, so its writes go unmarked and a reverse stream would echo them; to mark them (needed for a rollback stream), PostgreSQL 15 needs superuser or, as a superuser: {}; {skip}",
+            p.user,
+            grant_sql(&p.user)
+        )),
+    })
+}
+
 /// Marks the session's writes with the origin of `slot` as `mode` says (see the module doc);
 /// returns the origin's name when marked. Call on a session that holds the slot's session lock
 /// (one apply session per slot), before it writes.

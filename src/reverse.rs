@@ -65,6 +65,25 @@ pub struct Prepared {
     pub tables: Vec<String>,
 }
 
+/// `--reverse-config F`: the `[reverse]` that F streams from (its `blue.slot` and
+/// `blue.publication`), checked against the forward config.
+pub fn of_config(
+    back: &crate::config::Config,
+    forward: &crate::config::Config,
+) -> Result<ReverseConfig, crate::config::ConfigError> {
+    let reverse = ReverseConfig {
+        slot: back.blue.slot.clone(),
+        publication: back.blue.publication.clone(),
+        tables: forward
+            .reverse
+            .as_ref()
+            .map(|r| r.tables.clone())
+            .unwrap_or_default(),
+    };
+    reverse.validate(&forward.blue.slot)?;
+    Ok(reverse)
+}
+
 /// The publication's tables: `reverse.tables`, else every target of the mappings.
 pub fn tables(
     reverse: &ReverseConfig,
