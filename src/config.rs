@@ -678,10 +678,13 @@ mod tests {
 
     #[test]
     fn reverse_fields_are_checked() {
-        let text = format!("{MINIMAL}\n[reverse]\nslot = \"novacron_migration\"\npublication = \"p\"\n");
+        let text =
+            format!("{MINIMAL}\n[reverse]\nslot = \"novacron_migration\"\npublication = \"p\"\n");
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("reverse.slot"), "{err}");
-        let text = format!("{MINIMAL}\n[reverse]\nslot = \"back\"\npublication = \"p\"\ntables = [\"users\"]\n");
+        let text = format!(
+            "{MINIMAL}\n[reverse]\nslot = \"back\"\npublication = \"p\"\ntables = [\"users\"]\n"
+        );
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("reverse.tables"), "{err}");
         let text = format!("{MINIMAL}\n[origin]\nmark = \"sometimes\"\n");

@@ -492,7 +492,9 @@ async fn fenced_steps(
         report.reverse = Some(prepared);
     }
     let marked = mark(config, opts, blue, green, maps, fence, report).await;
-    if let (Err(_), Some(prepared)) = (&marked, report.reverse.take()) {
+    if marked.is_err()
+        && let Some(prepared) = report.reverse.take()
+    {
         crate::reverse::undo(&*green, &prepared, true).await;
     }
     marked

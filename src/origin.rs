@@ -139,7 +139,10 @@ impl OriginError {
     }
 }
 
-fn db(side: &'static str, context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> OriginError {
+fn db(
+    side: &'static str,
+    context: &'static str,
+) -> impl FnOnce(tokio_postgres::Error) -> OriginError {
     move |e| OriginError::Db {
         side,
         context,

@@ -137,8 +137,13 @@ pub async fn precheck(
         )
         .await
         .map_err(green_err("reading the green user's attributes"))?;
-    let (may_replicate, user, pub_exists, may_create, wal_level): (bool, String, bool, bool, String) =
-        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let (may_replicate, user, pub_exists, may_create, wal_level): (
+        bool,
+        String,
+        bool,
+        bool,
+        String,
+    ) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     let mut missing = Vec::new();
     if wal_level != "logical" {
         missing.push(format!(
@@ -241,7 +246,10 @@ pub async fn prepare(
 async fn create_slot(green: &Client, slot: &str, timeout: Duration) -> Result<Lsn, ReverseError> {
     let ms = timeout.as_millis().max(1) as i64;
     green
-        .execute("SELECT set_config('statement_timeout', $1, false)", &[&ms.to_string()])
+        .execute(
+            "SELECT set_config('statement_timeout', $1, false)",
+            &[&ms.to_string()],
+        )
         .await
         .map_err(green_err("bounding the reverse slot's creation"))?;
     let created = green
@@ -267,10 +275,7 @@ async fn create_slot(green: &Client, slot: &str, timeout: Duration) -> Result<Ls
 pub async fn undo(green: &Client, prepared: &Prepared, slot: bool) {
     if slot
         && let Err(e) = green
-            .execute(
-                "SELECT pg_drop_replication_slot($1)",
-                &[&prepared.slot],
-            )
+            .execute("SELECT pg_drop_replication_slot($1)", &[&prepared.slot])
             .await
     {
         tracing::error!(error = %DbFailure::from_pg(&e), slot = %prepared.slot, "could not drop the reverse slot: drop it on green by hand (SELECT pg_drop_replication_slot(...))");
