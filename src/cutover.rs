@@ -203,6 +203,9 @@ pub struct Aborted {
     /// The sidecar at `metrics.listen`: whether a drain left pending by the killed cutover
     /// was cancelled (else it would stop the sidecar once reached).
     pub sidecar: String,
+    /// With `[reverse]`: the reverse slot a killed cutover left on green, dropped when the
+    /// slot was not cut over.
+    pub reverse: Option<String>,
 }
 
 /// `shadowsync cutover --abort`: removes a fence left by a killed cutover, and cancels the
@@ -215,6 +218,18 @@ pub async fn abort(config: &Config) -> Result<Aborted, CutoverError> {
     let removed = fence::remove(&blue).await;
     conn.abort();
     let removed = removed?;
+    let reverse = match &config.reverse {
+        Some(r) => {
+            let (green, conn) = config
+                .green_dsn()?
+                .connect_to("green", "shadowsync-cutover")
+                .await?;
+            let done = crate::reverse::abandon(&green, r, &config.blue.slot).await;
+            conn.abort();
+            done?
+        }
+        None => None,
+    };
     let endpoint = crate::admin::Endpoint::of(config)?;
     let addr = endpoint.addr;
     let sidecar = match crate::admin::cancel_drain(&endpoint, Duration::from_secs(5)).await {
@@ -230,6 +245,7 @@ pub async fn abort(config: &Config) -> Result<Aborted, CutoverError> {
         aborted: true,
         fence_removed_from: removed,
         sidecar,
+        reverse,
     })
 }
 

@@ -38,7 +38,7 @@ pub fn grant_sql(user: &str) -> String {
     let user = crate::transform::quote_ident(user);
     format!(
         "GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), \
-         pg_replication_origin_oid(text), pg_replication_origin_session_setup(text) TO {user};"
+         pg_replication_origin_oid(text), pg_replication_origin_session_setup(text) TO {user}"
     )
 }
 
@@ -116,7 +116,7 @@ pub enum OriginError {
         failure: DbFailure,
     },
     #[error(
-        "[origin] mark = \"on\", but user {user} may not set up replication origins on {side} (PostgreSQL 15 needs superuser or EXECUTE on the origin functions): run on {side} as a superuser: {grant} (or set [origin] mark = \"auto\" to write unmarked, accepting that a reverse stream would echo these writes)"
+        "[origin] mark = \"on\", but user {user} may not set up replication origins on {side} (PostgreSQL 15 needs superuser or EXECUTE on the origin functions): run on {side} as a superuser: `{grant}` (or set [origin] mark = \"auto\" to write unmarked, accepting that a reverse stream would echo these writes)"
     )]
     Privilege {
         side: &'static str,
@@ -208,7 +208,7 @@ pub async fn check(
         }
         .to_string()),
         (false, _) => Ok(format!(
-            "origin: user {} may not set up replication origins on {side}, so its writes go unmarked and a reverse stream would echo them; to mark them (needed for a rollback stream), PostgreSQL 15 needs superuser or, as a superuser: {}; {skip}",
+            "origin: user {} may not set up replication origins on {side}, so its writes go unmarked and a reverse stream would echo them; to mark them (needed for a rollback stream), PostgreSQL 15 needs superuser or, run by a superuser, `{}`; {skip}",
             p.user,
             grant_sql(&p.user)
         )),
@@ -315,6 +315,6 @@ mod tests {
     #[test]
     fn the_grant_quotes_the_user() {
         let sql = grant_sql("App User");
-        assert!(sql.ends_with("TO \"App User\";"), "{sql}");
+        assert!(sql.ends_with("TO \"App User\""), "{sql}");
     }
 }

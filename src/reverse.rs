@@ -42,6 +42,8 @@ pub enum ReverseError {
         "[reverse] names no table: set reverse.tables, or map at least one table in this config"
     )]
     NoTables,
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 fn green_err(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> ReverseError {
@@ -289,4 +291,37 @@ pub async fn undo(green: &Client, prepared: &Prepared, slot: bool) {
             tracing::error!(error = %DbFailure::from_pg(&e), publication = %prepared.publication, "could not drop the reverse publication: drop it on green by hand");
         }
     }
+}
+
+/// `cutover --abort` of a cutover killed between the reverse slot's creation and green's mark:
+/// drops the reverse slot when the forward slot `forward_slot` is not cut over (the slot's start
+/// would be no cutover's) and nothing reads it. Returns what was done, in words; `None` when
+/// there was nothing to drop. The publication is kept (it holds no WAL).
+pub async fn abandon(
+    green: &Client,
+    reverse: &ReverseConfig,
+    forward_slot: &str,
+) -> Result<Option<String>, ReverseError> {
+    crate::store::migrate(green).await?;
+    if crate::progress::cut_over(green, forward_slot)
+        .await
+        .map_err(green_err("reading the cutover state"))?
+        .is_some()
+    {
+        return Ok(None);
+    }
+    let dropped = green
+        .query_opt(
+            "SELECT pg_drop_replication_slot(slot_name)::text FROM pg_replication_slots
+              WHERE slot_name = $1 AND NOT active",
+            &[&reverse.slot],
+        )
+        .await
+        .map_err(green_err("dropping the reverse slot"))?;
+    Ok(dropped.map(|_| {
+        format!(
+            "reverse slot {} dropped from green (slot {forward_slot} was not cut over)",
+            reverse.slot
+        )
+    }))
 }

@@ -402,6 +402,67 @@ async fn the_reverse_slot_exists_before_green_is_reported_ready() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aborted_cutover_leaves_no_reverse_stream_behind() {
+    init_logging();
+    let pair = Pair::start(SIMPLE);
+    pair.blue
+        .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE items")
+        .unwrap();
+    let config = forward(pair.config());
+    let handle = start_streaming(config.clone()).await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    // Green refuses the cutover mark: the cutover fails after the reverse slot was created.
+    pair.green
+        .psql(
+            DB,
+            "CREATE FUNCTION no_mark() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'no cutover today'; END $$;
+             CREATE TRIGGER no_mark BEFORE INSERT OR UPDATE ON shadowsync.cutover
+               FOR EACH ROW EXECUTE FUNCTION no_mark();",
+        )
+        .unwrap();
+    let e = cutover::run(&config, &opts())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fence was removed"), "{e}");
+    let green = pair.green().await;
+    assert_eq!(slot_confirmed(&green, REVERSE_SLOT).await, None, "{e}");
+    assert_eq!(
+        count(
+            &green,
+            &format!("pg_publication WHERE pubname = '{REVERSE_PUB}'")
+        )
+        .await,
+        0
+    );
+    assert!(
+        shadowsync::fence::fenced_tables(&pair.blue().await)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A killed cutover's slot: `--abort` drops it (the forward slot is not cut over).
+    green
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&REVERSE_SLOT],
+        )
+        .await
+        .unwrap();
+    let refused = cutover::run(&config, &opts())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("exists on green already"), "{refused}");
+    let aborted = cutover::abort(&config).await.unwrap();
+    assert!(aborted.reverse.is_some(), "{aborted:?}");
+    assert_eq!(slot_confirmed(&green, REVERSE_SLOT).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn both_streams_at_once_do_not_loop() {
     init_logging();
     let pair = Pair::start(SIMPLE);
