@@ -674,6 +674,7 @@ impl Supervisor {
                 .as_secs_f64(),
             transactions: applied.transactions,
             batches: applied.batches,
+            echoes_skipped: applied.echoes_skipped,
             rows: applied.rows,
             conflicts: applied.conflicts,
         }
