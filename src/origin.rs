@@ -124,6 +124,15 @@ pub enum OriginError {
         grant: String,
     },
     #[error(
+        "{side} carries the fence of an earlier cutover (it is the old blue of a rollback) on {tables}, which lets through only the writes marked with origin {allowed}; this stream's writes {ours}: set [origin] mark = \"on\" in this config (its blue.slot must be the forward config's reverse.slot), grant the origin functions if needed (see check), and run again"
+    )]
+    Fenced {
+        side: &'static str,
+        tables: String,
+        allowed: String,
+        ours: String,
+    },
+    #[error(
         "replication origin {origin} is still in use by another session on {side} (a predecessor's backend that has not exited yet); retrying"
     )]
     Busy { side: &'static str, origin: String },
@@ -134,7 +143,7 @@ impl OriginError {
         match self {
             OriginError::Db { failure, .. } => failure.is_retryable(),
             OriginError::Busy { .. } => true,
-            OriginError::Privilege { .. } => false,
+            OriginError::Privilege { .. } | OriginError::Fenced { .. } => false,
         }
     }
 }
@@ -261,6 +270,57 @@ pub async fn mark_session(
         .map_err(db(side, "naming the session's origin"))?;
     tracing::info!(side, origin = %origin, "apply session marked with its replication origin");
     Ok(Some(origin))
+}
+
+/// Before a stream writes into a database that carries a cutover fence (trigger `trigger`, the
+/// old blue of a rollback): the fence must let this session's origin `marked` through, or
+/// every write would be refused. No fence: nothing to check.
+pub async fn check_fence(
+    client: &Client,
+    side: &'static str,
+    trigger: &str,
+    marked: Option<&str>,
+) -> Result<(), OriginError> {
+    // tgargs: the trigger's arguments, each ended by a NUL byte.
+    let rows = client
+        .query(
+            "SELECT tgrelid::regclass::text, tgargs FROM pg_trigger
+              WHERE tgname = $1 AND NOT tgisinternal ORDER BY 1",
+            &[&trigger],
+        )
+        .await
+        .map_err(db(side, "looking for a cutover fence"))?;
+    let mut blocked = Vec::new();
+    let mut allowed = std::collections::BTreeSet::new();
+    for row in &rows {
+        let args: Vec<u8> = row.get(1);
+        let names: Vec<String> = args
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !marked.is_some_and(|m| names.iter().any(|n| n == m)) {
+            blocked.push(row.get::<_, String>(0));
+        }
+        allowed.extend(names);
+    }
+    if blocked.is_empty() {
+        return Ok(());
+    }
+    let allowed: Vec<String> = allowed.into_iter().collect();
+    Err(OriginError::Fenced {
+        side,
+        tables: blocked.join(", "),
+        allowed: if allowed.is_empty() {
+            "(none)".to_string()
+        } else {
+            allowed.join(", ")
+        },
+        ours: match marked {
+            Some(m) => format!("are marked with {m}"),
+            None => "are not marked".to_string(),
+        },
+    })
 }
 
 /// `pg_replication_origin_session_setup`, waiting (bounded) for a predecessor's backend that

@@ -388,6 +388,22 @@ async fn the_reverse_slot_exists_before_green_is_reported_ready() {
     assert_eq!(confirmed, prepared.start_lsn);
     assert!(prepared.start_lsn < first);
 
+    // Unmarked, the reverse stream would meet blue's fence on every write: run refuses.
+    let mut unmarked = reverse(&pair, None);
+    unmarked.origin.mark = Mark::Off;
+    let refused = shadowsync::pipeline::start(unmarked, Default::default())
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(60), refused.wait())
+        .await
+        .expect("run gives up")
+        .expect_err("run refuses to write into the fence unmarked");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("carries the fence") && e.contains("shadowsync_rollback_slot"),
+        "{e}"
+    );
+
     let back = start_streaming(reverse(&pair, None)).await;
     let blue = pair.blue().await;
     wait_for(

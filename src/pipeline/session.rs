@@ -122,11 +122,19 @@ impl Session<'_> {
             .into());
         }
         // Under the slot's session lock (taken by `connect`): one session holds the origin.
-        crate::origin::mark_session(
+        let marked = crate::origin::mark_session(
             applier.client(),
             "green",
             &config.blue.slot,
             config.origin.mark,
+        )
+        .await?;
+        // Green the old blue of a rollback: its fence must let this stream through.
+        crate::origin::check_fence(
+            applier.client(),
+            "green",
+            crate::fence::TRIGGER,
+            marked.as_deref(),
         )
         .await?;
         self.shared.green_connected.store(true, Ordering::Relaxed);
