@@ -558,3 +558,62 @@ async fn both_streams_at_once_do_not_loop() {
     there.wait().await.unwrap();
     back.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dry_run_with_reverse_config_runs_the_reverse_prechecks() {
+    init_logging();
+    let pair = Pair::start(SIMPLE);
+    pair.blue
+        .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE items")
+        .unwrap();
+    let dir = TestDir::new("reverse-dry-run");
+    let forward_path = write_config(&pair, &dir, free_addr(), "");
+    let back = shadowsync::cluster::pipeline_config_toml(
+        &pair.green,
+        &pair.blue,
+        DB,
+        REVERSE_SLOT,
+        REVERSE_PUB,
+        &free_addr().to_string(),
+    );
+    let back_path = dir.join("reverse.toml");
+    std::fs::write(
+        &back_path,
+        format!("{back}[snapshot]\nmode = \"never\"\n[origin]\nmark = \"on\"\n"),
+    )
+    .unwrap();
+    let args = [
+        "cutover",
+        "--config",
+        forward_path.to_str().unwrap(),
+        "--dry-run",
+        "--reverse-config",
+        back_path.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = run_bin(&args, Duration::from_secs(120)).await;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "green user may create the reverse slot {REVERSE_SLOT} and create publication {REVERSE_PUB}"
+        )),
+        "{stdout}"
+    );
+    let green = pair.green().await;
+    green
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&REVERSE_SLOT],
+        )
+        .await
+        .unwrap();
+    let (code, stdout, stderr) = run_bin(&args, Duration::from_secs(120)).await;
+    assert_ne!(code, Some(0), "{stdout}");
+    assert!(stderr.contains("exists on green already"), "{stderr}");
+    assert!(
+        shadowsync::fence::fenced_tables(&pair.blue().await)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a dry run fences nothing"
+    );
+}
