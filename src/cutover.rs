@@ -271,41 +271,9 @@ async fn cut_over(
     blue: &Client,
     green: &mut Client,
 ) -> Result<Report, CutoverError> {
-    let mut report = Report {
-        slot: config.blue.slot.clone(),
-        dry_run: opts.dry_run,
-        cut_over: false,
-        checks: Vec::new(),
-        fence_lsn: None,
-        fence_acquire_seconds: None,
-        drain_seconds: None,
-        green_ready_seconds: None,
-        writes_blocked_seconds: None,
-        sequences: Vec::new(),
-        rows: Vec::new(),
-        verify: None,
-        reverse: None,
-        fence_lifted_on_green: Vec::new(),
-        warnings: Vec::new(),
-        next_steps: Vec::new(),
-    };
+    let mut report = Report::new(config, opts);
     let (tables, maps) = mappings(config, blue, green).await?;
-    static_checks(config, opts, blue, green, &tables, &mut report).await?;
-    if let Some(r) = &config.reverse {
-        let reverse_tables = crate::reverse::tables(r, &targets(&maps))?;
-        report
-            .checks
-            .push(crate::reverse::precheck(green, r, &reverse_tables).await?);
-    }
-    if let (true, Some(since)) = (opts.verify, opts.verify_since) {
-        // Refused here rather than behind the fence.
-        let groups = crate::verify::by_target(maps.clone());
-        let base = crate::verify::since::choose(green, &config.blue.slot, since, &groups).await?;
-        report.checks.push(format!(
-            "verify is incremental, from the verify point at {}",
-            base.lsn
-        ));
-    }
+    prechecks(config, opts, blue, green, (&tables, &maps), &mut report).await?;
     let streamer = Streamer::find(config).await?;
     if let Err(e) = wait_streaming(&streamer, opts, &mut report).await {
         streamer.stop().await;
@@ -370,6 +338,58 @@ async fn cut_over(
     report.writes_blocked_seconds = Some(fenced_at.elapsed().as_secs_f64());
     report.next_steps = next_steps(config, report.reverse.as_ref());
     Ok(report)
+}
+
+impl Report {
+    fn new(config: &Config, opts: &Options) -> Report {
+        Report {
+            slot: config.blue.slot.clone(),
+            dry_run: opts.dry_run,
+            cut_over: false,
+            checks: Vec::new(),
+            fence_lsn: None,
+            fence_acquire_seconds: None,
+            drain_seconds: None,
+            green_ready_seconds: None,
+            writes_blocked_seconds: None,
+            sequences: Vec::new(),
+            rows: Vec::new(),
+            verify: None,
+            reverse: None,
+            fence_lifted_on_green: Vec::new(),
+            warnings: Vec::new(),
+            next_steps: Vec::new(),
+        }
+    }
+}
+
+/// Every pre-check that needs no stream: [`static_checks`], the reverse stream's, and an
+/// incremental verify's point (refused here rather than behind the fence).
+async fn prechecks(
+    config: &Config,
+    opts: &Options,
+    blue: &Client,
+    green: &Client,
+    (tables, maps): (&[crate::transform::QualifiedName], &[Arc<TableMap>]),
+    report: &mut Report,
+) -> Result<(), CutoverError> {
+    static_checks(config, opts, blue, green, tables, report).await?;
+    if let Some(r) = &config.reverse {
+        let reverse_tables = crate::reverse::tables(r, &targets(maps))?;
+        report
+            .checks
+            .push(crate::reverse::precheck(green, r, &reverse_tables).await?);
+    }
+    if let (true, Some(since)) = (opts.verify, opts.verify_since) {
+        // Refused here rather than behind the fence.
+        let groups = crate::verify::by_target(maps.to_vec());
+        let base = crate::verify::since::choose(green, &config.blue.slot, since, &groups).await?;
+        report.checks.push(format!(
+            "verify is incremental, from the verify point at {}",
+            base.lsn
+        ));
+    }
+    Ok(())
 }
 
 /// The published tables and their mappings, as `check` sees them (refused unless all pass).

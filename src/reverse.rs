@@ -64,6 +64,8 @@ pub struct Prepared {
     pub start_lsn: Lsn,
     /// Whether the publication was created by this cutover (else it existed).
     pub publication_created: bool,
+    /// Time to create the publication and the slot (part of the write outage), in seconds.
+    pub create_seconds: f64,
     pub tables: Vec<String>,
 }
 
@@ -158,32 +160,7 @@ pub async fn precheck(
         ));
     }
     if !pub_exists {
-        if !may_create {
-            missing.push(format!(
-                "CREATE on the database, to create publication {} (or create it beforehand)",
-                reverse.publication
-            ));
-        }
-        let names: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
-        let not_owned: Vec<String> = green
-            .query(
-                "SELECT t.name FROM unnest($1::text[]) AS t(name)
-                  WHERE to_regclass(t.name) IS NULL
-                     OR NOT pg_has_role(current_user,
-                              (SELECT relowner FROM pg_class WHERE oid = to_regclass(t.name)), 'USAGE')",
-                &[&names],
-            )
-            .await
-            .map_err(green_err("reading the reverse tables' owners"))?
-            .into_iter()
-            .map(|r| r.get(0))
-            .collect();
-        if !not_owned.is_empty() {
-            missing.push(format!(
-                "ownership of {} (missing, or owned by another role), to publish them",
-                not_owned.join(", ")
-            ));
-        }
+        missing.extend(publication_missing(green, reverse, tables, may_create).await?);
     }
     if !missing.is_empty() {
         return Err(ReverseError::Privileges {
@@ -198,6 +175,43 @@ pub async fn precheck(
     ))
 }
 
+/// What green's user lacks to create the reverse publication over `tables`.
+async fn publication_missing(
+    green: &Client,
+    reverse: &ReverseConfig,
+    tables: &[QualifiedName],
+    may_create: bool,
+) -> Result<Vec<String>, ReverseError> {
+    let mut missing = Vec::new();
+    if !may_create {
+        missing.push(format!(
+            "CREATE on the database, to create publication {} (or create it beforehand)",
+            reverse.publication
+        ));
+    }
+    let names: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
+    let not_owned: Vec<String> = green
+        .query(
+            "SELECT t.name FROM unnest($1::text[]) AS t(name)
+              WHERE to_regclass(t.name) IS NULL
+                 OR NOT pg_has_role(current_user,
+                          (SELECT relowner FROM pg_class WHERE oid = to_regclass(t.name)), 'USAGE')",
+            &[&names],
+        )
+        .await
+        .map_err(green_err("reading the reverse tables' owners"))?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !not_owned.is_empty() {
+        missing.push(format!(
+            "ownership of {} (missing, or owned by another role), to publish them",
+            not_owned.join(", ")
+        ));
+    }
+    Ok(missing)
+}
+
 /// Inside the fence, after the drain: the publication (when missing), then the slot. On a
 /// failure, what was created is dropped again.
 pub async fn prepare(
@@ -206,6 +220,7 @@ pub async fn prepare(
     tables: &[QualifiedName],
     timeout: Duration,
 ) -> Result<Prepared, ReverseError> {
+    let started = std::time::Instant::now();
     let names: Vec<String> = tables.iter().map(|t| t.quoted()).collect();
     let exists: bool = green
         .query_one(
@@ -231,10 +246,14 @@ pub async fn prepare(
         publication: reverse.publication.clone(),
         start_lsn: Lsn::ZERO,
         publication_created: !exists,
+        create_seconds: 0.0,
         tables: tables.iter().map(|t| t.to_string()).collect(),
     };
     match create_slot(green, &reverse.slot, timeout).await {
-        Ok(lsn) => prepared.start_lsn = lsn,
+        Ok(lsn) => {
+            prepared.start_lsn = lsn;
+            prepared.create_seconds = started.elapsed().as_secs_f64();
+        }
         Err(e) => {
             undo(green, &prepared, false).await;
             return Err(e);

@@ -381,6 +381,13 @@ async fn the_reverse_slot_exists_before_green_is_reported_ready() {
         .unwrap()
         .get(0);
     let prepared = report.reverse.expect("the report names the reverse slot");
+    eprintln!(
+        "reverse slot created in {:.3} s; fence to green's mark {:.3} s, fence acquired in {:.3} s, drain {:.3} s",
+        prepared.create_seconds,
+        report.green_ready_seconds.unwrap_or_default(),
+        report.fence_acquire_seconds.unwrap_or_default(),
+        report.drain_seconds.unwrap_or_default()
+    );
     let confirmed = slot_confirmed(&green, REVERSE_SLOT)
         .await
         .expect("the reverse slot exists on green")
