@@ -13,6 +13,8 @@
 //!   so complete transactions never wait for a large one behind them. Memory: the batch, the
 //!   held-back changes and one write in flight, each bounded by the limits.
 //! - Transactions whose commit precedes green's progress row are skipped: they are in green.
+//! - Transactions whose `Origin` is a shadowsync one (another stream's writes, see `origin`) are
+//!   skipped too; their end commits with the batch, so the slot moves past them.
 //! - The LSN published on `committed` is the end of a blue commit that green has committed.
 
 use std::collections::HashMap;
