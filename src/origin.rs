@@ -133,6 +133,10 @@ pub enum OriginError {
         ours: String,
     },
     #[error(
+        "{side} has max_replication_slots = 0, which also bounds the replication origins it can track: set it to at least 1 (restart) to mark this stream's writes"
+    )]
+    NoOriginSlots { side: &'static str },
+    #[error(
         "replication origin {origin} is still in use by another session on {side} (a predecessor's backend that has not exited yet); retrying"
     )]
     Busy { side: &'static str, origin: String },
@@ -143,7 +147,9 @@ impl OriginError {
         match self {
             OriginError::Db { failure, .. } => failure.is_retryable(),
             OriginError::Busy { .. } => true,
-            OriginError::Privilege { .. } | OriginError::Fenced { .. } => false,
+            OriginError::Privilege { .. }
+            | OriginError::NoOriginSlots { .. }
+            | OriginError::Fenced { .. } => false,
         }
     }
 }
@@ -163,8 +169,24 @@ fn db(
 #[derive(Debug, Clone)]
 pub struct Privilege {
     pub user: String,
-    /// Superuser, or EXECUTE on both functions marking needs.
+    /// Superuser, or EXECUTE on the functions marking needs.
     pub may_mark: bool,
+    /// `max_replication_slots`, which also bounds the origins a server can track (0: none).
+    pub max_replication_slots: i32,
+}
+
+impl Privilege {
+    /// Why a session of this user may not mark its writes on `side`; `None` when it may.
+    pub fn refusal(&self, side: &'static str) -> Option<OriginError> {
+        if !self.may_mark {
+            return Some(OriginError::Privilege {
+                side,
+                user: self.user.clone(),
+                grant: grant_sql(&self.user),
+            });
+        }
+        (self.max_replication_slots == 0).then_some(OriginError::NoOriginSlots { side })
+    }
 }
 
 /// Whether the session's user may create and set up replication origins. Writes nothing.
@@ -174,7 +196,8 @@ pub async fn privilege(client: &Client, side: &'static str) -> Result<Privilege,
             "SELECT current_user::text,
                     has_function_privilege('pg_replication_origin_create(text)', 'EXECUTE')
                 AND has_function_privilege('pg_replication_origin_oid(text)', 'EXECUTE')
-                AND has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE')",
+                AND has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE'),
+                    current_setting('max_replication_slots')::int",
             &[],
         )
         .await
@@ -182,6 +205,7 @@ pub async fn privilege(client: &Client, side: &'static str) -> Result<Privilege,
     Ok(Privilege {
         user: row.get(0),
         may_mark: row.get(1),
+        max_replication_slots: row.get(2),
     })
 }
 
@@ -205,18 +229,16 @@ pub async fn check(
     }
     let p = privilege(client, side).await?;
     let origin = name(slot);
-    Ok(match (p.may_mark, config.mark) {
-        (true, _) => Ok(format!(
+    Ok(match (p.refusal(side), config.mark) {
+        (None, _) => Ok(format!(
             "origin: writes to {side} are marked with replication origin {origin} (user {} is superuser or may EXECUTE the origin functions); {skip}",
             p.user
         )),
-        (false, Mark::On) => Err(OriginError::Privilege {
-            side,
-            grant: grant_sql(&p.user),
-            user: p.user,
-        }
-        .to_string()),
-        (false, _) => Ok(format!(
+        (Some(refusal), Mark::On) => Err(refusal.to_string()),
+        (Some(OriginError::NoOriginSlots { .. }), _) => Ok(format!(
+            "origin: {side} has max_replication_slots = 0, which leaves no replication origin to mark with, so writes go unmarked and a reverse stream would echo them; set it to at least 1 (restart) to mark them; {skip}"
+        )),
+        (Some(_), _) => Ok(format!(
             "origin: user {} may not set up replication origins on {side}, so its writes go unmarked and a reverse stream would echo them; to mark them (needed for a rollback stream), PostgreSQL 15 needs superuser or, run by a superuser, `{}`; {skip}",
             p.user,
             grant_sql(&p.user)
@@ -237,18 +259,15 @@ pub async fn mark_session(
         return Ok(None);
     }
     let p = privilege(client, side).await?;
-    if !p.may_mark {
+    if let Some(refusal) = p.refusal(side) {
         if mode == Mark::On {
-            return Err(OriginError::Privilege {
-                side,
-                grant: grant_sql(&p.user),
-                user: p.user,
-            });
+            return Err(refusal);
         }
         tracing::warn!(
             side,
             user = %p.user,
-            "writes are not marked with a replication origin (the user may not set one up): a reverse stream would echo them; see [origin] in the README"
+            why = %refusal,
+            "writes are not marked with a replication origin: a reverse stream would echo them; see [origin] in the README"
         );
         return Ok(None);
     }

@@ -102,3 +102,48 @@ async fn marking_needs_the_origin_privilege_and_check_names_the_grant() {
     handle.shutdown();
     handle.wait().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_green_without_replication_slots_cannot_mark() {
+    init_logging();
+    let mut pair = Pair::start(SCHEMA);
+    pair.blue
+        .psql(DB, "CREATE PUBLICATION test_pub FOR TABLE items")
+        .unwrap();
+    pair.green
+        .reconfigure("max_replication_slots = 0\nmax_wal_senders = 0\nwal_level = replica")
+        .unwrap();
+    let mut config = pair.config();
+    // auto: a note, and the stream runs unmarked.
+    let report = shadowsync::check::command(&config).await.unwrap();
+    assert!(report.ok(), "{}", report.problems_text());
+    assert!(
+        report
+            .notes
+            .join("\n")
+            .contains("max_replication_slots = 0"),
+        "{:?}",
+        report.notes
+    );
+    let handle = start_streaming(config.clone()).await;
+    pair.blue()
+        .await
+        .execute("INSERT INTO items VALUES (1, 'a')", &[])
+        .await
+        .unwrap();
+    let green = pair.green().await;
+    wait_for("the row on green", Duration::from_secs(30), || async {
+        count(&green, "items").await == 1
+    })
+    .await;
+    handle.shutdown();
+    handle.wait().await.unwrap();
+    // on: refused, saying what to set.
+    config.origin.mark = Mark::On;
+    let report = shadowsync::check::command(&config).await.unwrap();
+    assert!(
+        report.problems_text().contains("max_replication_slots = 0"),
+        "{}",
+        report.problems_text()
+    );
+}
