@@ -135,7 +135,10 @@ pub async fn precheck(
             "SELECT r.rolsuper OR r.rolreplication, current_user::text,
                     EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1),
                     has_database_privilege(current_database(), 'CREATE'),
-                    current_setting('wal_level')
+                    current_setting('wal_level'),
+                    current_setting('max_replication_slots')::int
+                      - (SELECT count(*) FROM pg_replication_slots)::int,
+                    current_setting('max_wal_senders')::int
                FROM pg_roles r WHERE r.rolname = current_user",
             &[&reverse.publication],
         )
@@ -148,7 +151,18 @@ pub async fn precheck(
         bool,
         String,
     ) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let (free_slots, wal_senders): (i32, i32) = (row.get(5), row.get(6));
     let mut missing = Vec::new();
+    if free_slots < 1 {
+        missing.push(
+            "a free replication slot (max_replication_slots is reached: raise it, restart)".into(),
+        );
+    }
+    if wal_senders < 1 {
+        missing.push(
+            "a WAL sender for the reverse stream (max_wal_senders = 0: raise it, restart)".into(),
+        );
+    }
     if wal_level != "logical" {
         missing.push(format!(
             "green's wal_level is {wal_level}: set wal_level = logical (restart) for the reverse slot"
