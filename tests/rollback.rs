@@ -277,6 +277,18 @@ async fn novacron_rolls_back_with_every_green_write_and_no_echo() {
     let green = pair.green().await;
     let app_txns = application_on_green(&green).await;
     let reverse_config = reverse(&pair, Some("transforms/novacron-reverse.toml"));
+    // The inverse rules pass `check` against the live schemas, and say how writes are marked.
+    let checked = shadowsync::check::command(&reverse_config).await.unwrap();
+    assert!(checked.ok(), "{}", checked.problems_text());
+    assert_eq!(checked.mappings.len(), 4);
+    assert!(
+        checked
+            .notes
+            .join("\n")
+            .contains("marked with replication origin shadowsync_rollback_slot"),
+        "{:?}",
+        checked.notes
+    );
     let back = start_streaming(reverse_config.clone()).await;
     wait_applied(&back, "the reverse stream", app_txns).await;
     let applied = back.shared.applied();
