@@ -14,8 +14,9 @@
 //! every row, per table) and its history sequence past blue's ids.
 //!
 //! Run: `cargo bench --bench cutover -- [--repeat N] [--smoke] [--scale S] [--rate TPS]
-//! [--clients C] [--warm SECONDS]` (`--rate 0`: unthrottled). Prints each run, then the median
-//! and range of every measure.
+//! [--clients C] [--warm SECONDS] [--reverse]` (`--rate 0`: unthrottled; `--reverse`: the
+//! cutover also creates a rollback stream's publication and slot on green, see `reverse`).
+//! Prints each run, then the median and range of every measure.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -50,6 +51,8 @@ struct Params {
     rate: u32,
     /// Least time under load before the fence.
     warm: Duration,
+    /// The cutover prepares a reverse stream (`[reverse]`, writes marked with an origin).
+    reverse: bool,
 }
 
 /// One run's measures (seconds unless named otherwise).
@@ -91,6 +94,7 @@ fn main() {
         clients: value("--clients").unwrap_or(4) as u32,
         rate: value("--rate").unwrap_or(if smoke { 300 } else { 1500 }) as u32,
         warm: Duration::from_secs(value("--warm").unwrap_or(if smoke { 3 } else { 15 })),
+        reverse: args.iter().any(|a| a == "--reverse"),
     };
     let repeat = value("--repeat")
         .unwrap_or(if smoke { 1 } else { 3 })
@@ -119,6 +123,14 @@ async fn run(p: Params) -> Outcome {
         .await
         .expect("setup task");
     let mut config = pipeline_config(&blue, &green, DB, SLOT, PUBLICATION);
+    if p.reverse {
+        config.origin.mark = shadowsync::origin::Mark::On;
+        config.reverse = Some(shadowsync::config::ReverseConfig {
+            slot: "bench_rollback".into(),
+            publication: "bench_rollback".into(),
+            tables: Vec::new(),
+        });
+    }
     let handle = pipeline::start(config.clone(), RunOptions::default())
         .await
         .expect("starting the sidecar");
@@ -475,6 +487,10 @@ fn measures(o: &Outcome) -> Vec<(&'static str, f64)> {
         (
             "  of which after the drain (sequences, mark)",
             o.fence_to_mark - r.drain_seconds.unwrap_or(f64::NAN),
+        ),
+        (
+            "  of which the reverse publication and slot (--reverse)",
+            r.reverse.as_ref().map_or(f64::NAN, |r| r.create_seconds),
         ),
         (
             "green's mark commit -> report (row counts)",

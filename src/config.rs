@@ -107,6 +107,12 @@ pub struct Config {
     /// Initial copy of blue's existing rows.
     #[serde(default)]
     pub snapshot: SnapshotConfig,
+    /// Replication origins: marking this stream's writes, skipping other streams' (no echo).
+    #[serde(default)]
+    pub origin: crate::origin::OriginConfig,
+    /// The rollback stream `cutover` prepares on green (absent: none).
+    #[serde(default)]
+    pub reverse: Option<ReverseConfig>,
     /// Directory the config file is in: rule file paths are relative to it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -114,6 +120,22 @@ pub struct Config {
     /// inside the pipeline's tasks, never block on the file system.
     #[serde(skip)]
     pgpass: Option<String>,
+}
+
+/// `[reverse]`: the rollback stream green -> blue, made ready by `cutover` inside the fence.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReverseConfig {
+    /// Logical slot (pgoutput) created on green before green is reported ready; the reverse
+    /// config's `blue.slot`. Lower-case letters, digits, `_`.
+    pub slot: String,
+    /// Publication on green the reverse stream reads; created by `cutover` when missing
+    /// (the reverse config's `blue.publication`).
+    pub publication: String,
+    /// Green tables (schema-qualified) of the publication when `cutover` creates it; default:
+    /// every target table of this config's mappings.
+    #[serde(default)]
+    pub tables: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -370,18 +392,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.blue_dsn()?;
         self.green_dsn()?;
-        check_identifier(&self.blue.slot, "blue.slot")?;
-        if !self
-            .blue
-            .slot
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        {
-            return Err(invalid(
-                "blue.slot",
-                "slot names may contain only lower-case letters, digits and underscores",
-            ));
-        }
+        check_slot_name(&self.blue.slot, "blue.slot")?;
         check_identifier(&self.blue.publication, "blue.publication")?;
         let listen = self.listen_addr()?;
         if !listen.ip().is_loopback() && self.admin_token()?.is_none() {
@@ -434,6 +445,9 @@ impl Config {
             &self.conflicts.commit_time_column,
             "conflicts.commit_time_column",
         )?;
+        if let Some(r) = &self.reverse {
+            r.validate(&self.blue.slot)?;
+        }
         Ok(())
     }
 
@@ -508,6 +522,44 @@ impl Config {
         Ok(Dsn::parse(&self.green.dsn, "green.dsn")?
             .with_password("SHADOWSYNC_GREEN_PASSWORD", self.pgpass.as_deref()))
     }
+}
+
+impl ReverseConfig {
+    /// Errors name the field (`reverse.slot`, ...); `forward_slot` is this config's `blue.slot`.
+    pub fn validate(&self, forward_slot: &str) -> Result<(), ConfigError> {
+        check_slot_name(&self.slot, "reverse.slot")?;
+        if self.slot == forward_slot {
+            return Err(invalid(
+                "reverse.slot",
+                "must differ from blue.slot (each stream has its own slot, progress and origin)",
+            ));
+        }
+        check_identifier(&self.publication, "reverse.publication")?;
+        for t in &self.tables {
+            if crate::transform::rules::qualified(t).is_none() {
+                return Err(invalid(
+                    "reverse.tables",
+                    format!("{t:?}: write schema-qualified table names such as \"public.users\""),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A slot name PostgreSQL accepts: 1 to 63 lower-case letters, digits and underscores.
+fn check_slot_name(value: &str, field: &'static str) -> Result<(), ConfigError> {
+    check_identifier(value, field)?;
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(invalid(
+            field,
+            "slot names may contain only lower-case letters, digits and underscores",
+        ));
+    }
+    Ok(())
 }
 
 /// A secret file must not be readable by group or others (libpq's rule for pgpass and keys).
@@ -607,11 +659,35 @@ mod tests {
     #[test]
     fn the_example_configs_and_rules_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-        for name in ["example.toml", "novacron.toml"] {
+        for name in ["example.toml", "novacron.toml", "novacron-reverse.toml"] {
             let c = Config::load(&dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             c.rules().unwrap_or_else(|e| panic!("{name} rules: {e}"));
         }
         let novacron = Config::load(&dir.join("novacron.toml")).unwrap();
         assert_eq!(novacron.rules().unwrap().rules.len(), 3 + 1);
+        let reverse = novacron.reverse.as_ref().expect("[reverse]");
+        let back = Config::load(&dir.join("novacron-reverse.toml")).unwrap();
+        assert_eq!(
+            (back.blue.slot.as_str(), back.blue.publication.as_str()),
+            (reverse.slot.as_str(), reverse.publication.as_str()),
+            "the reverse config streams from the slot the forward cutover creates"
+        );
+        assert_eq!(back.snapshot.mode, SnapshotMode::Never);
+        assert_eq!(back.origin.mark, crate::origin::Mark::On);
+    }
+
+    #[test]
+    fn reverse_fields_are_checked() {
+        let text =
+            format!("{MINIMAL}\n[reverse]\nslot = \"novacron_migration\"\npublication = \"p\"\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("reverse.slot"), "{err}");
+        let text = format!(
+            "{MINIMAL}\n[reverse]\nslot = \"back\"\npublication = \"p\"\ntables = [\"users\"]\n"
+        );
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("reverse.tables"), "{err}");
+        let text = format!("{MINIMAL}\n[origin]\nmark = \"sometimes\"\n");
+        assert!(Config::parse(&text).is_err());
     }
 }

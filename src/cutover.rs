@@ -10,6 +10,12 @@
 //!   all); the error says which step failed.
 //! - The sequences are read from blue after the fence, so no blue id can be handed out after
 //!   the value green continues from.
+//! - With `[reverse]`, the rollback stream's publication and slot are created on green after the
+//!   drain and before green's commit (see `reverse`); an abort drops them with the fence. The
+//!   fence then lets the reverse stream's origin through, so it can write into blue.
+//! - A rollback is a cutover of the reverse config: its green (the old blue) carries the forward
+//!   cutover's fence, which is lifted in the transaction that marks the cutover, so the old
+//!   blue takes the application's writes exactly once it is ready.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -117,6 +123,8 @@ pub enum CutoverError {
     Source(#[from] crate::source::SourceError),
     #[error(transparent)]
     Sequence(#[from] crate::sequence::SequenceError),
+    #[error(transparent)]
+    Reverse(#[from] crate::reverse::ReverseError),
     #[error(
         "cutover aborted while {step}: {error}. The fence was removed from blue (writes resume) and green was left as it was; fix the cause and run cutover again"
     )]
@@ -175,6 +183,12 @@ pub struct Report {
     pub rows: Vec<Rows>,
     /// With `--verify`: the comparison behind the fence.
     pub verify: Option<crate::verify::Report>,
+    /// With `[reverse]`: the rollback stream's slot on green and its start LSN, created before
+    /// green was marked.
+    pub reverse: Option<crate::reverse::Prepared>,
+    /// Tables of green whose fence (an earlier cutover's, green being the old blue of a
+    /// rollback) was lifted in the transaction that marked this cutover.
+    pub fence_lifted_on_green: Vec<String>,
     /// What the operator must know that did not stop the cutover.
     pub warnings: Vec<String>,
     pub next_steps: Vec<String>,
@@ -189,6 +203,9 @@ pub struct Aborted {
     /// The sidecar at `metrics.listen`: whether a drain left pending by the killed cutover
     /// was cancelled (else it would stop the sidecar once reached).
     pub sidecar: String,
+    /// With `[reverse]`: the reverse slot a killed cutover left on green, dropped when the
+    /// slot was not cut over.
+    pub reverse: Option<String>,
 }
 
 /// `shadowsync cutover --abort`: removes a fence left by a killed cutover, and cancels the
@@ -201,6 +218,18 @@ pub async fn abort(config: &Config) -> Result<Aborted, CutoverError> {
     let removed = fence::remove(&blue).await;
     conn.abort();
     let removed = removed?;
+    let reverse = match &config.reverse {
+        Some(r) => {
+            let (green, conn) = config
+                .green_dsn()?
+                .connect_to("green", "shadowsync-cutover")
+                .await?;
+            let done = crate::reverse::abandon(&green, r, &config.blue.slot).await;
+            conn.abort();
+            done?
+        }
+        None => None,
+    };
     let endpoint = crate::admin::Endpoint::of(config)?;
     let addr = endpoint.addr;
     let sidecar = match crate::admin::cancel_drain(&endpoint, Duration::from_secs(5)).await {
@@ -216,6 +245,7 @@ pub async fn abort(config: &Config) -> Result<Aborted, CutoverError> {
         aborted: true,
         fence_removed_from: removed,
         sidecar,
+        reverse,
     })
 }
 
@@ -241,33 +271,9 @@ async fn cut_over(
     blue: &Client,
     green: &mut Client,
 ) -> Result<Report, CutoverError> {
-    let mut report = Report {
-        slot: config.blue.slot.clone(),
-        dry_run: opts.dry_run,
-        cut_over: false,
-        checks: Vec::new(),
-        fence_lsn: None,
-        fence_acquire_seconds: None,
-        drain_seconds: None,
-        green_ready_seconds: None,
-        writes_blocked_seconds: None,
-        sequences: Vec::new(),
-        rows: Vec::new(),
-        verify: None,
-        warnings: Vec::new(),
-        next_steps: Vec::new(),
-    };
+    let mut report = Report::new(config, opts);
     let (tables, maps) = mappings(config, blue, green).await?;
-    static_checks(config, opts, blue, green, &tables, &mut report).await?;
-    if let (true, Some(since)) = (opts.verify, opts.verify_since) {
-        // Refused here rather than behind the fence.
-        let groups = crate::verify::by_target(maps.clone());
-        let base = crate::verify::since::choose(green, &config.blue.slot, since, &groups).await?;
-        report.checks.push(format!(
-            "verify is incremental, from the verify point at {}",
-            base.lsn
-        ));
-    }
+    prechecks(config, opts, blue, green, (&tables, &maps), &mut report).await?;
     let streamer = Streamer::find(config).await?;
     if let Err(e) = wait_streaming(&streamer, opts, &mut report).await {
         streamer.stop().await;
@@ -280,7 +286,13 @@ async fn cut_over(
             .push("run cutover without --dry-run".into());
         return Ok(report);
     }
-    let fence = match fence::raise(blue, &tables, opts.fence_lock_timeout).await {
+    // The reverse stream's apply session may write through the fence (see `fence`).
+    let allow: Vec<String> = config
+        .reverse
+        .iter()
+        .map(|r| crate::origin::name(&r.slot))
+        .collect();
+    let fence = match fence::raise_allowing(blue, &tables, opts.fence_lock_timeout, &allow).await {
         Ok(f) => f,
         Err(e) => {
             streamer.stop().await;
@@ -324,8 +336,60 @@ async fn cut_over(
         )),
     }
     report.writes_blocked_seconds = Some(fenced_at.elapsed().as_secs_f64());
-    report.next_steps = next_steps(config);
+    report.next_steps = next_steps(config, report.reverse.as_ref());
     Ok(report)
+}
+
+impl Report {
+    fn new(config: &Config, opts: &Options) -> Report {
+        Report {
+            slot: config.blue.slot.clone(),
+            dry_run: opts.dry_run,
+            cut_over: false,
+            checks: Vec::new(),
+            fence_lsn: None,
+            fence_acquire_seconds: None,
+            drain_seconds: None,
+            green_ready_seconds: None,
+            writes_blocked_seconds: None,
+            sequences: Vec::new(),
+            rows: Vec::new(),
+            verify: None,
+            reverse: None,
+            fence_lifted_on_green: Vec::new(),
+            warnings: Vec::new(),
+            next_steps: Vec::new(),
+        }
+    }
+}
+
+/// Every pre-check that needs no stream: [`static_checks`], the reverse stream's, and an
+/// incremental verify's point (refused here rather than behind the fence).
+async fn prechecks(
+    config: &Config,
+    opts: &Options,
+    blue: &Client,
+    green: &Client,
+    (tables, maps): (&[crate::transform::QualifiedName], &[Arc<TableMap>]),
+    report: &mut Report,
+) -> Result<(), CutoverError> {
+    static_checks(config, opts, blue, green, tables, report).await?;
+    if let Some(r) = &config.reverse {
+        let reverse_tables = crate::reverse::tables(r, &targets(maps))?;
+        report
+            .checks
+            .push(crate::reverse::precheck(green, r, &reverse_tables).await?);
+    }
+    if let (true, Some(since)) = (opts.verify, opts.verify_since) {
+        // Refused here rather than behind the fence.
+        let groups = crate::verify::by_target(maps.to_vec());
+        let base = crate::verify::since::choose(green, &config.blue.slot, since, &groups).await?;
+        report.checks.push(format!(
+            "verify is incremental, from the verify point at {}",
+            base.lsn
+        ));
+    }
+    Ok(())
 }
 
 /// The published tables and their mappings, as `check` sees them (refused unless all pass).
@@ -455,6 +519,34 @@ async fn fenced_steps(
             .await
             .map_err(|e| ("verifying green behind the fence", e))?;
     }
+    if let Some(r) = &config.reverse {
+        let step = "creating the reverse stream's slot on green";
+        let tables = crate::reverse::tables(r, &targets(maps)).map_err(|e| (step, e.into()))?;
+        let prepared = crate::reverse::prepare(&*green, r, &tables, opts.timeout)
+            .await
+            .map_err(|e| (step, e.into()))?;
+        report.reverse = Some(prepared);
+    }
+    let marked = mark(config, opts, blue, green, maps, fence, report).await;
+    if marked.is_err()
+        && let Some(prepared) = report.reverse.take()
+    {
+        crate::reverse::undo(&*green, &prepared, true).await;
+    }
+    marked
+}
+
+/// Green's sequences, the cutover mark and (on a rollback) the lifting of green's own fence,
+/// in one green transaction.
+async fn mark(
+    config: &Config,
+    opts: &Options,
+    blue: &Client,
+    green: &mut Client,
+    maps: &[Arc<TableMap>],
+    fence: &Fence,
+    report: &mut Report,
+) -> Result<(), (&'static str, CutoverError)> {
     let step = "setting green's sequences and marking the cutover";
     let rules = config.rules().map_err(|e| (step, e.into()))?;
     let plans = crate::sequence::plan(blue, &*green, maps, &rules, opts.headroom)
@@ -482,6 +574,13 @@ async fn fenced_steps(
             },
         })
         .collect();
+    // Green the old blue of a rollback: its fence comes off as green becomes the application's.
+    report.fence_lifted_on_green = fence::lift_in(&tx).await.map_err(|e| {
+        (
+            step,
+            crate::failure::on("green", "lifting green's fence")(e).into(),
+        )
+    })?;
     let json = serde_json::to_value(&*report).unwrap_or_default();
     crate::progress::mark_cut_over(&tx, &config.blue.slot, fence.lsn, &json)
         .await
@@ -498,6 +597,11 @@ async fn fenced_steps(
         )
     })?;
     Ok(())
+}
+
+/// The green tables the mappings write.
+fn targets(maps: &[Arc<TableMap>]) -> Vec<crate::transform::QualifiedName> {
+    maps.iter().map(|m| m.target.clone()).collect()
 }
 
 /// `--verify`: green compared with the transform of blue, both still (fenced and drained).
@@ -574,14 +678,22 @@ async fn count(client: &Client, table: &str, side: &'static str) -> Result<i64, 
         .map_err(|e| crate::failure::on(side, "counting rows")(e).into())
 }
 
-fn next_steps(config: &Config) -> Vec<String> {
+fn next_steps(config: &Config, reverse: Option<&crate::reverse::Prepared>) -> Vec<String> {
     let slot = &config.blue.slot;
-    vec![
+    let mut steps = Vec::new();
+    if let Some(r) = reverse {
+        steps.push(format!(
+            "start the rollback stream now (shadowsync run --config <reverse config>, blue.slot = \"{}\", [snapshot] mode = \"never\"): green's writes from {} on are held in slot {} on green until it reads them",
+            r.slot, r.start_lsn, r.slot
+        ));
+    }
+    steps.extend([
         "switch the application's traffic to green now: blue refuses writes to the published tables".into(),
         format!(
             "once a rollback to blue is off the table, on blue: SELECT pg_drop_replication_slot('{slot}'); DROP SCHEMA {} CASCADE; (the slot holds WAL on blue until dropped)",
             fence::SCHEMA
         ),
-        "to go back to blue before that: shadowsync cutover --config F --abort removes the fence".into(),
-    ]
+        "to go back to blue before that: shadowsync cutover --config F --abort removes the fence (writes made on green since are not on blue: with a rollback stream, follow the README's rollback runbook instead)".into(),
+    ]);
+    steps
 }

@@ -49,6 +49,9 @@ pub struct Report {
     pub duration_seconds: f64,
     pub transactions: u64,
     pub batches: u64,
+    /// Source transactions skipped because another shadowsync stream wrote them (see
+    /// `origin`): not in `transactions`.
+    pub echoes_skipped: u64,
     /// target table -> operation -> rows.
     pub rows: BTreeMap<String, BTreeMap<String, u64>>,
     /// target table -> conflict kind -> conflicts recorded in `shadowsync.conflicts`.

@@ -19,6 +19,11 @@
 //! fence that fails part way is removed. It is recorded in blue's catalog (the function's
 //! schema `shadowsync_fence`), so `remove` finds and drops it from any process, including
 //! after the one that raised it was killed.
+//!
+//! One exception, for a rollback stream: a fence raised with allowed origins (the cutover's
+//! `[reverse]`) lets through the writes of a session whose `shadowsync.origin` names one of them
+//! (the reverse stream's apply session, see `origin`), so the rollback stream can write into
+//! blue while the application is kept out. No other session sets that variable.
 
 use std::time::Duration;
 
@@ -125,19 +130,31 @@ fn function_sql() -> String {
         "CREATE SCHEMA IF NOT EXISTS {SCHEMA};
          CREATE OR REPLACE FUNCTION {SCHEMA}.refuse() RETURNS trigger LANGUAGE plpgsql AS $f$
          BEGIN
+           -- The trigger's arguments: the origins let through (a rollback stream's apply).
+           IF current_setting('{}', true) = ANY (TG_ARGV) THEN
+             RETURN NULL;
+           END IF;
            RAISE EXCEPTION 'table %.% is being migrated by shadowsync: writes are fenced on blue for the cutover; write to the new database, or ask the operator to run shadowsync cutover --abort', TG_TABLE_SCHEMA, TG_TABLE_NAME
              USING ERRCODE = 'read_only_sql_transaction';
          END $f$;
-         COMMENT ON SCHEMA {SCHEMA} IS 'shadowsync: the cutover fence; removed by shadowsync cutover --abort, or by hand with DROP SCHEMA {SCHEMA} CASCADE';"
+         COMMENT ON SCHEMA {SCHEMA} IS 'shadowsync: the cutover fence; removed by shadowsync cutover --abort, or by hand with DROP SCHEMA {SCHEMA} CASCADE';",
+        crate::origin::SESSION_VARIABLE
     )
 }
 
 /// The fence's trigger on one table.
-fn trigger_sql(table: &QualifiedName) -> String {
+fn trigger_sql(table: &QualifiedName, allow: &[String]) -> String {
     let table = table.quoted();
+    // Trigger arguments are literals of the DDL: origin names (a prefix and a slot name of
+    // lower-case letters, digits and underscores), quoted all the same.
+    let args: Vec<String> = allow
+        .iter()
+        .map(|o| crate::transform::quote_literal(o))
+        .collect();
+    let args = args.join(", ");
     format!(
         "CREATE TRIGGER {TRIGGER} BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}
-           FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse();
+           FOR EACH STATEMENT EXECUTE FUNCTION {SCHEMA}.refuse({args});
          ALTER TABLE {table} ENABLE ALWAYS TRIGGER {TRIGGER};"
     )
 }
@@ -156,13 +173,24 @@ pub async fn raise(
     tables: &[QualifiedName],
     lock_timeout: Duration,
 ) -> Result<Fence, FenceError> {
+    raise_allowing(blue, tables, lock_timeout, &[]).await
+}
+
+/// [`raise`], letting through the sessions marked with one of the origins `allow` (see the
+/// module doc).
+pub async fn raise_allowing(
+    blue: &Client,
+    tables: &[QualifiedName],
+    lock_timeout: Duration,
+    allow: &[String],
+) -> Result<Fence, FenceError> {
     let started = std::time::Instant::now();
     blue.batch_execute(&format!("BEGIN; {}; COMMIT", function_sql()))
         .await
         .map_err(blue_err("creating the fence's function"))?;
     for table in tables {
         let left = lock_timeout.saturating_sub(started.elapsed());
-        if let Err(e) = fence_table(blue, table, left.max(Duration::from_millis(1))).await {
+        if let Err(e) = fence_table(blue, table, left.max(Duration::from_millis(1)), allow).await {
             // Best effort: a failure here leaves the fence for `cutover --abort`, and says so.
             if let Err(removal) = remove(blue).await {
                 tracing::error!(error = %removal, "removing a partly raised fence failed: run shadowsync cutover --abort");
@@ -189,12 +217,13 @@ async fn fence_table(
     blue: &Client,
     table: &QualifiedName,
     lock_timeout: Duration,
+    allow: &[String],
 ) -> Result<(), FenceError> {
     let timeout_ms = lock_timeout.as_millis() as u64;
     let sql = format!(
         "BEGIN READ WRITE; SET LOCAL lock_timeout = {timeout_ms}; SET LOCAL synchronous_commit = local;
          {}",
-        trigger_sql(table)
+        trigger_sql(table, allow)
     );
     if let Err(e) = blue.batch_execute(&sql).await {
         let _ = blue.batch_execute("ROLLBACK").await;
@@ -251,5 +280,34 @@ pub async fn remove(blue: &Client) -> Result<Vec<String>, FenceError> {
             "fence removed from blue: writes resume"
         );
     }
+    Ok(tables)
+}
+
+/// Inside the caller's transaction on a database that carries a fence (the old blue, at a
+/// rollback's cutover): drops it, so the application may write there once the transaction
+/// commits. Returns the tables it was on (empty: there was none; nothing done).
+pub async fn lift_in(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let tables: Vec<String> = tx
+        .query(
+            "SELECT t.tgrelid::regclass::text FROM pg_trigger t
+              WHERE t.tgname = $1 AND NOT t.tgisinternal ORDER BY 1",
+            &[&TRIGGER],
+        )
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    if tables.is_empty() {
+        return Ok(tables);
+    }
+    let mut sql = String::new();
+    for t in &tables {
+        // `t` is regclass output: already quoted as needed.
+        sql.push_str(&format!("DROP TRIGGER IF EXISTS {TRIGGER} ON {t};\n"));
+    }
+    sql.push_str(&format!("DROP SCHEMA IF EXISTS {SCHEMA} CASCADE;"));
+    tx.batch_execute(&sql).await?;
     Ok(tables)
 }

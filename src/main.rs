@@ -150,6 +150,10 @@ enum Command {
         /// Remove a fence left on blue by a killed cutover (blue's writes resume).
         #[arg(long)]
         abort: bool,
+        /// The rollback stream's config: its blue.slot and blue.publication are created on
+        /// green inside the fence, as `[reverse]` does (overrides it).
+        #[arg(long)]
+        reverse_config: Option<PathBuf>,
     },
     /// Start over after a failed or rehearsal run: clears shadowsync's bookkeeping for the slot
     /// on green (progress, copy state, cutover mark); conflicts are kept.
@@ -288,6 +292,9 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             for p in &report.problems {
                 println!("FAIL {p}");
             }
+            for n in &report.notes {
+                println!("note: {n}");
+            }
             anyhow::ensure!(report.ok(), "the configuration has problems (listed above)");
             anyhow::ensure!(
                 trip.is_none_or(|t| t.ok()),
@@ -370,8 +377,13 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             accept_differences,
             since_lsn,
             abort,
+            reverse_config,
         } => {
-            let cfg = shadowsync::config::Config::load(&config)?;
+            let mut cfg = shadowsync::config::Config::load(&config)?;
+            if let Some(path) = reverse_config {
+                let back = shadowsync::config::Config::load(&path)?;
+                cfg.reverse = Some(shadowsync::reverse::of_config(&back, &cfg)?);
+            }
             if abort {
                 let report = shadowsync::cutover::abort(&cfg).await?;
                 println!("{}", serde_json::to_string_pretty(&report)?);

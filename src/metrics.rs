@@ -132,6 +132,8 @@ impl State {
 pub struct Applied {
     pub transactions: u64,
     pub batches: u64,
+    /// Transactions skipped because another shadowsync stream wrote them (see `origin`).
+    pub echoes_skipped: u64,
     /// table -> operation -> rows.
     pub rows: BTreeMap<String, BTreeMap<String, u64>>,
     /// table -> conflict kind -> conflicts recorded.
@@ -153,6 +155,7 @@ pub struct Shared {
     snapshot_rows: Family<TableLabels, Counter>,
     snapshot_remaining: Gauge,
     transactions: Counter,
+    echoes: Counter,
     batches: Counter,
     batch_rows: Histogram,
     apply_seconds: Histogram,
@@ -277,6 +280,12 @@ impl Shared {
             "Blue transactions committed in green",
             transactions.clone(),
         );
+        let echoes = Counter::default();
+        registry.register(
+            "echoes_skipped",
+            "Source transactions not applied because another shadowsync stream wrote them (their replication origin is a shadowsync one)",
+            echoes.clone(),
+        );
         let batches = Counter::default();
         registry.register(
             "batches_applied",
@@ -354,6 +363,7 @@ impl Shared {
             snapshot_rows,
             snapshot_remaining,
             transactions,
+            echoes,
             batches,
             batch_rows,
             apply_seconds,
@@ -558,6 +568,12 @@ impl Shared {
             self.last_applied_commit.fetch_max(t, Ordering::Relaxed);
             q.pop_front();
         }
+    }
+
+    /// A transaction carrying a shadowsync origin was skipped (see `origin`).
+    pub fn echo_skipped(&self) {
+        self.echoes.inc();
+        self.applied.lock().expect("report lock").echoes_skipped += 1;
     }
 
     pub fn applied(&self) -> Applied {

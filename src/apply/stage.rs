@@ -13,6 +13,8 @@
 //!   so complete transactions never wait for a large one behind them. Memory: the batch, the
 //!   held-back changes and one write in flight, each bounded by the limits.
 //! - Transactions whose commit precedes green's progress row are skipped: they are in green.
+//! - Transactions whose `Origin` is a shadowsync one (another stream's writes, see `origin`) are
+//!   skipped too; their end commits with the batch, so the slot moves past them.
 //! - The LSN published on `committed` is the end of a blue commit that green has committed.
 
 use std::collections::HashMap;
@@ -86,6 +88,10 @@ pub struct ApplyStage {
     /// Green's progress at session start: commits that start before it are already applied.
     skip_before: Lsn,
     skipping: bool,
+    /// Which origins mark another shadowsync stream's writes (see `origin`).
+    origins: crate::origin::Filter,
+    /// The transaction being received is skipped for its origin: an echo.
+    echo: bool,
     in_txn: bool,
     /// Last blue commit whose changes are in the batch but not yet committed in green.
     last_commit: Option<Commit>,
@@ -148,6 +154,8 @@ impl ApplyStage {
             limits,
             skip_before,
             skipping: false,
+            origins: crate::origin::Filter::default(),
+            echo: false,
             in_txn: false,
             last_commit: None,
             txns: 0,
@@ -172,6 +180,12 @@ impl ApplyStage {
     /// Tables whose initial copy holds their changes up to a snapshot (see `snapshot`).
     pub fn with_copied_at(mut self, copied_at: HashMap<String, Lsn>) -> Self {
         self.copied_at = copied_at;
+        self
+    }
+
+    /// Skips the transactions another shadowsync stream wrote (see `origin`).
+    pub fn with_origins(mut self, origins: crate::origin::Filter) -> Self {
+        self.origins = origins;
         self
     }
 
@@ -365,6 +379,12 @@ impl ApplyStage {
                 prefix,
                 ..
             } if prefix.as_ref() == DRAIN_MESSAGE_PREFIX.as_bytes() => self.drain_marker = true,
+            // Right after Begin: the whole transaction is another shadowsync stream's write.
+            Message::Origin { name, .. } if !self.skipping && self.origins.skips(&name) => {
+                debug!(final_lsn = %self.txn_final_lsn, origin = %String::from_utf8_lossy(&name), "skipping a transaction written by another shadowsync stream");
+                self.skipping = true;
+                self.echo = true;
+            }
             Message::Origin { .. } | Message::Message { .. } => {}
             // A truncate of a transaction green already has.
             Message::Truncate { .. } => {}
@@ -501,6 +521,7 @@ impl ApplyStage {
 
     fn begin(&mut self, b: Begin) {
         self.drain_marker = false;
+        self.echo = false;
         self.skipping = b.final_lsn < self.skip_before;
         self.txn_final_lsn = b.final_lsn;
         self.batch.begin_txn(b.final_lsn, b.commit_time);
@@ -516,6 +537,12 @@ impl ApplyStage {
     fn end(&mut self, c: Commit) {
         self.in_txn = false;
         if std::mem::take(&mut self.skipping) {
+            if std::mem::take(&mut self.echo) {
+                // Nothing to write, but its end is passed: it commits with the batch (alone, it
+                // is published without a green transaction), so the slot moves past it.
+                self.last_commit = Some(c);
+                self.shared.echo_skipped();
+            }
             return;
         }
         self.last_commit = Some(c);

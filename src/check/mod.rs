@@ -63,6 +63,8 @@ impl MappingCheck {
 pub struct Report {
     pub mappings: Vec<MappingCheck>,
     pub problems: Vec<String>,
+    /// Things worth knowing outside any one table (replication origins).
+    pub notes: Vec<String>,
 }
 
 impl Report {
@@ -108,7 +110,11 @@ pub async fn check(
             )
         })
         .collect();
-    Ok(Report { mappings, problems })
+    Ok(Report {
+        mappings,
+        problems,
+        notes: Vec::new(),
+    })
 }
 
 async fn check_table(
@@ -541,6 +547,8 @@ pub enum CheckError {
     Source(#[from] crate::source::SourceError),
     #[error(transparent)]
     Apply(#[from] crate::apply::ApplyError),
+    #[error(transparent)]
+    Origin(#[from] crate::origin::OriginError),
 }
 
 /// `shadowsync check`: everything `run` verifies before streaming, writing nothing (the slot
@@ -566,14 +574,19 @@ pub async fn command(config: &crate::config::Config) -> Result<Report, CheckErro
     let result = async {
         let tables = crate::source::catalog::check_blue(&blue, &config.blue.publication).await?;
         crate::source::slot::refuse_lost(&blue, &config.blue.slot).await?;
-        check(&blue, &green, &tables, &config.blue.publication, &rules)
+        let mut report = check(&blue, &green, &tables, &config.blue.publication, &rules)
             .await
             .map_err(|source| {
                 CheckError::Source(crate::source::SourceError::Blue {
                     context: "checking the mappings",
                     failure: crate::failure::DbFailure::from_pg(&source),
                 })
-            })
+            })?;
+        match crate::origin::check(&green, "green", &config.origin, &config.blue.slot).await? {
+            Ok(note) => report.notes.push(note),
+            Err(problem) => report.problems.push(problem),
+        }
+        Ok(report)
     }
     .await;
     blue_conn.abort();

@@ -38,6 +38,8 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Origin(#[from] crate::origin::OriginError),
     /// Not a `#[source]`: the message already holds it, and `main` prints the source chain too
     /// (it read "initial copy: X: X").
     #[error("initial copy: {0}")]
@@ -82,6 +84,7 @@ impl PipelineError {
         match self {
             PipelineError::Source(e) => e.is_retryable(),
             PipelineError::Apply(e) => e.is_retryable(),
+            PipelineError::Origin(e) => e.is_retryable(),
             PipelineError::Snapshot(e) => e.is_retryable(),
             PipelineError::SlotLeft { error, .. } => error.is_retryable(),
             PipelineError::Stalled { .. } => true,
@@ -98,6 +101,7 @@ impl PipelineError {
         match self {
             PipelineError::Source(e) => e.is_slot_busy(),
             PipelineError::Apply(e) => matches!(e, ApplyError::SessionBusy { .. }),
+            PipelineError::Origin(e) => matches!(e, crate::origin::OriginError::Busy { .. }),
             _ => false,
         }
     }
@@ -105,7 +109,7 @@ impl PipelineError {
     fn stage(&self) -> &'static str {
         match self {
             PipelineError::Source(_) => "source",
-            PipelineError::Apply(_) => "apply",
+            PipelineError::Apply(_) | PipelineError::Origin(_) => "apply",
             PipelineError::Snapshot(_) => "snapshot",
             PipelineError::SlotLeft { error, .. } => error.stage(),
             PipelineError::Stalled { side, .. } => side,
@@ -670,6 +674,7 @@ impl Supervisor {
                 .as_secs_f64(),
             transactions: applied.transactions,
             batches: applied.batches,
+            echoes_skipped: applied.echoes_skipped,
             rows: applied.rows,
             conflicts: applied.conflicts,
         }

@@ -126,6 +126,22 @@ impl Session<'_> {
             }
             .into());
         }
+        // Under the slot's session lock (taken by `connect`): one session holds the origin.
+        let marked = crate::origin::mark_session(
+            applier.client(),
+            "green",
+            &config.blue.slot,
+            config.origin.mark,
+        )
+        .await?;
+        // Green the old blue of a rollback: its fence must let this stream through.
+        crate::origin::check_fence(
+            applier.client(),
+            "green",
+            crate::fence::TRIGGER,
+            marked.as_deref(),
+        )
+        .await?;
         self.shared.green_connected.store(true, Ordering::Relaxed);
         Ok(applier)
     }
@@ -266,7 +282,8 @@ impl Session<'_> {
             committed_tx,
             self.shared.clone(),
         )
-        .with_copied_at(parts.copied_at);
+        .with_copied_at(parts.copied_at)
+        .with_origins(crate::origin::Filter::of(&config.origin));
         let source = SourceStage::new(
             parts.client,
             self.blue_dsn,

@@ -277,7 +277,7 @@ pub fn parse_file(file: &Path, text: &str) -> Result<(Vec<Rule>, Vec<SequenceRul
 }
 
 /// `schema.table` (each part may be double-quoted) into its unquoted parts.
-fn qualified(text: &str) -> Option<QualifiedName> {
+pub(crate) fn qualified(text: &str) -> Option<QualifiedName> {
     let parts = split_ident_path(text.trim())?;
     match parts.as_slice() {
         [schema, name] if !schema.is_empty() && !name.is_empty() => {
