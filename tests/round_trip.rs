@@ -43,27 +43,8 @@ ANALYZE;
 /// Once the `reverse` branch is merged, `include_str!("../transforms/novacron-reverse.toml")`
 /// replaces them: every assertion below holds for those rules too (checked on a merge of both
 /// branches), and the edits of the failing cases apply to their text as well.
-const INVERSE: &str = r#"
-[[table]]
-source = "public.users"
-
-[[table]]
-source = "public.compute_nodes"
-target = "public.hypervisors"
-[table.columns]
-status = "CASE status WHEN 'online' THEN 'active' WHEN 'offline' THEN 'inactive' ELSE status END"
-type = "hypervisor_type"
-capacity = "jsonb_build_object('cpu_cores', cpu_cores, 'memory_mb', memory_total)"
-
-[[table]]
-source = "public.vms"
-target = "public.virtual_machines"
-[table.columns]
-status = "state"
-hypervisor_id = "node_id"
-resources = "jsonb_build_object('cpu_cores', cpu_cores, 'memory_mb', memory_mb, 'disk_gb', disk_size_gb)"
-network_config = "CASE WHEN ip_address IS NULL THEN NULL ELSE jsonb_build_object('ip_address', host(ip_address)) END"
-"#;
+/// The shipped inverse rules (the rollback stream's).
+const INVERSE: &str = include_str!("../transforms/novacron-reverse.toml");
 
 /// The forward config (the example rules) and a reverse config with `inverse` as its rules,
 /// written to `dir`.
