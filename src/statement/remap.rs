@@ -60,6 +60,31 @@ fn names(map: &TableMap, cols: &[usize], alias: &str) -> Vec<String> {
         .collect()
 }
 
+/// `CAST((expr) AS type) AS "col"` for each derived column, over `src`.
+fn derived_exprs(map: &TableMap, derived: &[usize]) -> Vec<String> {
+    derived
+        .iter()
+        .map(|&d| {
+            format!(
+                "{} AS {}",
+                target_expr(map, d, Cast::Write),
+                quote_ident(&map.columns[d].name)
+            )
+        })
+        .collect()
+}
+
+/// `"col" = n."col"` for each derived column.
+fn derived_sets(map: &TableMap, derived: &[usize]) -> Vec<String> {
+    derived
+        .iter()
+        .map(|&d| {
+            let c = quote_ident(&map.columns[d].name);
+            format!("{c} = n.{c}")
+        })
+        .collect()
+}
+
 /// The last-writer-wins guard of a re-derived row and the assignment that goes with it: a
 /// re-derivation carries only blue's commit time, so only a time decides (as for a delete).
 fn lww(map: &TableMap) -> (Option<String>, Option<String>) {
@@ -99,16 +124,7 @@ pub fn by_keys(map: &TableMap, remap: &Remap) -> (String, bool) {
             map.columns[remap.via].sql_type
         )
     };
-    let exprs: Vec<String> = derived
-        .iter()
-        .map(|&d| {
-            format!(
-                "{} AS {}",
-                target_expr(map, d, Cast::Write),
-                quote_ident(&map.columns[d].name)
-            )
-        })
-        .collect();
+    let exprs = derived_exprs(map, derived);
     let n = format!(
         "SELECT {keys}, \"~d\".*, \"~k\".\"~commit_lsn\", \"~k\".\"~commit_time\" \
          FROM unnest($1::text[], $2::pg_lsn[], $3::timestamptz[]) AS \"~k\"(v, \"~commit_lsn\", \"~commit_time\") \
@@ -124,13 +140,7 @@ pub fn by_keys(map: &TableMap, remap: &Remap) -> (String, bool) {
     );
     let detect = map.conflicts.detects();
     let (guard, stamp) = if detect { lww(map) } else { (None, None) };
-    let mut sets: Vec<String> = derived
-        .iter()
-        .map(|&d| {
-            let c = quote_ident(&map.columns[d].name);
-            format!("{c} = n.{c}")
-        })
-        .collect();
+    let mut sets = derived_sets(map, derived);
     sets.extend(stamp);
     let changed = format!(
         "{} IS DISTINCT FROM {}",
@@ -201,23 +211,8 @@ pub fn chunk(map: &TableMap, derived: &[usize], inputs: &[(usize, usize)]) -> St
     let target = map.target.quoted();
     let key = quote_ident(&map.columns[map.key[0]].name);
     let key_type = &map.columns[map.key[0]].sql_type;
-    let exprs: Vec<String> = derived
-        .iter()
-        .map(|&d| {
-            format!(
-                "{} AS {}",
-                target_expr(map, d, Cast::Write),
-                quote_ident(&map.columns[d].name)
-            )
-        })
-        .collect();
-    let sets: Vec<String> = derived
-        .iter()
-        .map(|&d| {
-            let c = quote_ident(&map.columns[d].name);
-            format!("{c} = n.{c}")
-        })
-        .collect();
+    let exprs = derived_exprs(map, derived);
+    let sets = derived_sets(map, derived);
     let changed = format!(
         "{} IS DISTINCT FROM {}",
         row_text(map, derived, "t"),
