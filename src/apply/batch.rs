@@ -698,13 +698,13 @@ fn order_segment(mut pending: Vec<TableOps>) -> Vec<TableOps> {
     ordered
 }
 
-/// `(id)=(5)`: a key's columns and values, as PostgreSQL writes keys in its messages.
 /// Memory a row image is counted for against `[batch] max_bytes`: its column payload plus a
 /// per-column overhead.
 pub fn tuple_bytes(t: &Tuple) -> usize {
     t.payload_bytes() + 16 * t.0.len()
 }
 
+/// `(id)=(5)`: a key's columns and values, as PostgreSQL writes keys in its messages.
 pub fn key_text(map: &TableMap, key: &Key) -> String {
     let names: Vec<&str> = map
         .row_key

@@ -39,7 +39,7 @@ pub async fn mappings(
     }
     for m in &report.mappings {
         for w in &m.warnings {
-            tracing::warn!(table = %m.source, warning = %w, "a green column may reject blue's values");
+            tracing::warn!(table = %m.source, warning = %w, "check warns about this mapping");
         }
     }
     let maps = report

@@ -48,13 +48,12 @@ pub async fn run(
         recovery,
         blue_dsn: &blue_dsn,
     };
-    let applier = session.connect_green(&green_dsn).await?;
+    let mut applier = session.connect_green(&green_dsn).await?;
     let (blue, _abort_blue) = session.connect_blue().await?;
     let (progress, state) = session.preflight(&blue, &applier, &rules).await?;
     shared.known_tables(state.maps.iter().map(|m| m.label.as_str()));
     // Every mapping, before the stream describes any: a change of a looked-up table re-derives
     // its readers whether or not they have changed in this session.
-    let mut applier = applier;
     let fks = crate::source::catalog::foreign_keys(&blue).await?;
     applier.remaps = crate::apply::Remaps::new(state.maps.iter().cloned(), fks);
     let Some(prepared) = session

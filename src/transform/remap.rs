@@ -119,34 +119,16 @@ pub fn plan(reader: &TableMap, read: &TableMap) -> Option<Result<Remap, Once>> {
     if !reader.is_keyed() || derived.iter().any(|d| reader.key.contains(d)) {
         return once("the reader has no key, or its key is derived from the lookup".into());
     }
-    let stored = |source: usize| {
-        (0..reader.columns.len()).find(|&t| {
-            reader.columns[t].copied_from(&source_names(reader)) == Some(source)
-                && reader.columns[t].sql_type == reader.source_columns[source].sql_type
-        })
-    };
-    let Some(via) = stored(lookup.column) else {
+    let Some(via) = stored(reader, lookup.column) else {
         return once(format!(
             "green does not store src.{} as it is (copy it into a column of {})",
             reader.source_columns[lookup.column].name, reader.label
         ));
     };
-    let mut inputs = Vec::new();
-    for &d in &derived {
-        for &i in &reader.columns[d].inputs {
-            match stored(i) {
-                Some(t) => inputs.push((i, t)),
-                None => {
-                    return once(format!(
-                        "{} also reads src.{}, which green does not store as it is",
-                        reader.columns[d].name, reader.source_columns[i].name
-                    ));
-                }
-            }
-        }
-    }
-    inputs.sort_unstable();
-    inputs.dedup();
+    let inputs = match stored_inputs(reader, &derived) {
+        Ok(inputs) => inputs,
+        Err(why) => return once(why),
+    };
     Some(Ok(Remap {
         read: read.label.clone(),
         via,
@@ -164,18 +146,13 @@ pub fn derived_columns(map: &TableMap) -> Vec<usize> {
         .collect()
 }
 
-/// For `remap --table`: each source column `derived` reads, with the target column storing it
-/// verbatim; `Err` names the first one green does not store.
+/// Each source column `derived` reads, with the target column storing it verbatim; `Err`
+/// names the first one green does not store.
 pub fn stored_inputs(map: &TableMap, derived: &[usize]) -> Result<Vec<(usize, usize)>, String> {
-    let names = source_names(map);
     let mut inputs = Vec::new();
     for &d in derived {
         for &i in &map.columns[d].inputs {
-            let t = (0..map.columns.len()).find(|&t| {
-                map.columns[t].copied_from(&names) == Some(i)
-                    && map.columns[t].sql_type == map.source_columns[i].sql_type
-            });
-            match t {
+            match stored(map, i) {
                 Some(t) => inputs.push((i, t)),
                 None => {
                     return Err(format!(
@@ -191,8 +168,13 @@ pub fn stored_inputs(map: &TableMap, derived: &[usize]) -> Result<Vec<(usize, us
     Ok(inputs)
 }
 
-fn source_names(map: &TableMap) -> Vec<&str> {
-    map.source_columns.iter().map(|c| c.name.as_str()).collect()
+/// The target column of `map` that stores source column `source` as it is, of its type.
+fn stored(map: &TableMap, source: usize) -> Option<usize> {
+    let names: Vec<&str> = map.source_columns.iter().map(|c| c.name.as_str()).collect();
+    (0..map.columns.len()).find(|&t| {
+        map.columns[t].copied_from(&names) == Some(source)
+            && map.columns[t].sql_type == map.source_columns[source].sql_type
+    })
 }
 
 /// Whether `expr` reads the table `label` (after FROM or JOIN).
